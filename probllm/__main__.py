@@ -1,0 +1,3 @@
+from probllm.cli import main
+
+main()

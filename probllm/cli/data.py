@@ -1,0 +1,3 @@
+"""Commands of the data family (see probllm/data)."""
+
+from probllm.cli.app import app  # noqa: F401

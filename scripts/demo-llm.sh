@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Demo steps of the llm family; filled in with its commands.
+set -euo pipefail

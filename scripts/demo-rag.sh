@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Demo steps of the rag family; filled in with its commands.
+set -euo pipefail
