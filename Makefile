@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag bench clean
+.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag experiment ablation bench clean
 
 setup: $(VENV)/.ready
 
@@ -50,6 +50,14 @@ demo-eval: setup demo-data
 
 demo-rag: setup
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-rag.sh
+
+# The report's Table 1 (student-only vs all-data DPO): on a GPU, `make experiment MODEL=deepseek-ai/deepseek-math-7b-rl`.
+experiment: setup demo-data
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/experiment.sh
+
+# The ablation table (base, +DPO, 8-bit, 4-bit, +RAG) from `eval` summaries.
+ablation: setup
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/ablation.sh
 
 bench: setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
