@@ -1,0 +1,90 @@
+"""LLM backends behind one interface: `openai` (any OpenAI-compatible endpoint), `hf` (a local transformers
+model) and `rules` (no model; `corrupt` only). See base.py for the interface, cache.py for the response cache.
+
+    config = BackendConfig(backend="openai", model="gpt-4o-mini", concurrency=32)
+    backend = make_backend(config)
+    for out in run_ordered(records, per_record_coroutine, window=config.window, backend=backend): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from probllm.io import UsageError
+from probllm.llm.base import (Backend, FatalBackendError, GenParams, RequestFailed, RetryPolicy,  # noqa: F401
+                              TransientError, run_ordered)
+
+BACKENDS = ("openai", "hf", "rules")
+
+
+@dataclass
+class BackendConfig:
+    """Everything the CLI options say about the backend; commands pass it to `make_backend`."""
+
+    backend: str = "hf"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    adapter: str | None = None
+    concurrency: int = 8
+    batch_size: int = 8
+    tries: int = 5
+    retry_base: float = 1.0
+    timeout: float = 120.0
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    cache: Path | None = None
+    no_cache: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @property
+    def window(self) -> int:
+        """Records in flight: several per request slot, so a slow or retrying record does not idle the others,
+        and bounded, so memory does not grow with the input."""
+        slots = self.batch_size if self.backend == "hf" else self.concurrency
+        return max(16, 4 * slots)
+
+    def gen_params(self, seed: int | None = None) -> GenParams:
+        return GenParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                         seed=self.seed if seed is None else seed)
+
+    def model_label(self) -> str:
+        if self.backend == "rules":
+            return "rules"
+        if self.backend == "hf":
+            from probllm.models import model_label
+
+            return model_label(self.model)
+        return self.model or ""
+
+
+def make_backend(config: BackendConfig, allow_rules: bool = False) -> Backend | None:
+    """The backend the options describe; None for `rules` (callers handle it without a model)."""
+    if config.backend not in BACKENDS:
+        raise UsageError(f"--backend {config.backend}: choose one of {', '.join(BACKENDS)}")
+    if config.backend == "rules":
+        if not allow_rules:
+            raise UsageError("--backend rules only works with `corrupt`: use openai or hf")
+        return None
+    if config.concurrency < 1 or config.tries < 1 or config.max_tokens < 1:
+        raise UsageError("--concurrency, --tries and --max-tokens must be at least 1")
+    from probllm.llm.cache import ResponseCache, default_cache_path
+
+    cache = None if config.no_cache else ResponseCache(config.cache or default_cache_path())
+    common = dict(cache=cache, retry=RetryPolicy(tries=config.tries, base=config.retry_base),
+                  concurrency=config.concurrency, seed=config.seed)
+    if config.backend == "openai":
+        from probllm.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(config.model or "", base_url=config.base_url, api_key_env=config.api_key_env,
+                             timeout=config.timeout, **common)
+    from probllm.llm.hf_backend import HFBackend
+
+    if config.base_url:
+        raise UsageError("--base-url is for --backend openai")
+    return HFBackend(config.model, adapter=config.adapter, batch_size=config.batch_size, device=config.device,
+                     dtype=config.dtype, **common)
