@@ -1,0 +1,479 @@
+"""DPO with LoRA through TRL and PEFT, with the report's hyperparameters as defaults (method.md section 4).
+
+TRL's DPOConfig has defaults of its own (lr 1e-6, beta 0.1, gradient checkpointing, max_length 1024, ...), so every
+setting the report fixes is set explicitly here from `Settings`. An output folder holds the LoRA adapter
+(safetensors), the tokenizer, `config.json` (the exact resolved settings), `metrics.jsonl` (one line per logging
+or evaluation step, written as it happens) and `checkpoints/` (for `--resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from probllm.io import RecordError, Stats, UsageError, log, map_records, write_json
+from probllm.train.pairs import normalize_pair, to_trl
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Settings:
+    """Every training setting, with the report's values as defaults; names match the CLI flags and YAML keys."""
+
+    seed: int = 0
+    bf16: bool = True
+    optim: str = "paged_adamw_32bit"
+    max_steps: int = 2000
+    epochs: float | None = None  # used only when max_steps is not given (max_steps wins, as in transformers)
+    lr: float = 5e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    beta: float = 0.05
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = "all-linear"
+    batch_size: int = 8
+    eval_batch_size: int | None = None  # default: batch_size
+    grad_accum: int = 1
+    eval_steps: int = 100
+    # Not fixed by the report: ours, each a flag.
+    max_length: int = 1024
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 3
+    gradient_checkpointing: bool | None = None  # None: on with CUDA (7B fits), off on CPU (it only slows)
+    loss_type: str = "sigmoid"
+    precompute_ref: bool = False  # reference log-probs once, cached on disk (see RefLogpCache)
+    model: str | None = None
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A YAML (or JSON) file of settings with the CLI's names (dashes or underscores)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror})")
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of setting names to values")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in Settings.names():
+            raise UsageError(f"--config {path}: unknown setting '{key}' (known: {', '.join(sorted(Settings.names()))})")
+        out[name] = value
+    return out
+
+
+def resolve_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Defaults, then the YAML file, then CLI flags (those not None): the last one given wins."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "epochs" in values and "max_steps" not in values:
+        values["max_steps"] = -1
+    try:
+        settings = Settings(**values)
+    except TypeError as e:
+        raise UsageError(str(e))
+    for name in ("batch_size", "grad_accum", "eval_steps", "logging_steps", "save_steps", "lora_r", "max_length"):
+        if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if settings.max_steps == 0 or (settings.max_steps < 0 and not settings.epochs):
+        raise UsageError("--max-steps must be positive (or give --epochs)")
+    return settings
+
+
+# -------------------------------------------------------------------------------------------------------- pairs
+
+
+def read_pairs(records: Iterable[dict], stats: Stats, has_chat_template: bool, skip_invalid: bool) -> list[dict]:
+    """Input records -> TRL-ready pairs (prompt/chosen/rejected only: the trainer needs nothing else)."""
+
+    def one(rec: dict) -> dict:
+        return to_trl(normalize_pair(rec), has_chat_template)
+
+    return list(map_records(records, one, stats, skip_invalid=skip_invalid))
+
+
+def to_dataset(pairs: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(pairs)
+
+
+# ------------------------------------------------------------------------------------------------ machine checks
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def machine_fallbacks(settings: Settings) -> tuple[Settings, list[str]]:
+    """Replace what this machine cannot run with the nearest option that it can; say what changed."""
+    import torch
+
+    from probllm.models import bf16_supported
+
+    notes = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = dataclasses.replace(settings)
+    if s.bf16 and not bf16_supported(device):
+        s.bf16 = False
+        notes.append(f"bf16 is not supported on this {device}: training in float32")
+    if "paged" in s.optim and device != "cuda":
+        fallback = "adamw_torch"
+        notes.append(f"optimizer {s.optim} needs CUDA: using {fallback} (same Adam update, unpaged)")
+        s.optim = fallback
+    if s.gradient_checkpointing is None:
+        s.gradient_checkpointing = device == "cuda"
+    return s, notes
+
+
+# --------------------------------------------------------------------------------------------- metrics callback
+
+
+def _metrics_callback():
+    from transformers import TrainerCallback
+
+    class MetricsWriter(TrainerCallback):
+        """Append one JSON line per `log` event to metrics.jsonl as it happens, with measured samples/s.
+
+        On resume, lines after the checkpoint's step are dropped first, so the file matches an uninterrupted run."""
+
+        def __init__(self, path: Path, samples_per_step: int, resume_step: int | None):
+            self.path = path
+            self.samples_per_step = samples_per_step
+            self.resume_step = resume_step
+            self.last_time = None
+            self.last_step = 0
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if self.resume_step is not None and self.path.exists():
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    if line.strip() and json.loads(line).get("step", 0) <= self.resume_step:
+                        kept.append(line)
+            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            self.start = self.last_time = time.perf_counter()
+            self.last_step = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or logs is None:
+                return
+            now = time.perf_counter()
+            rec: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
+            is_eval = any(k.startswith("eval_") for k in logs)
+            is_train_step = "loss" in logs
+            if is_train_step and state.global_step > self.last_step and self.last_time is not None:
+                dt = now - self.last_time
+                steps = state.global_step - self.last_step
+                rec["steps_per_second"] = round(steps / dt, 4)
+                rec["samples_per_second"] = round(steps * self.samples_per_step / dt, 4)
+                self.last_time, self.last_step = now, state.global_step
+            rec.update({k: v for k, v in logs.items()})
+            rec["time"] = round(now - (self.start or now), 3)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if is_eval or is_train_step:
+                shown = {k: round(v, 4) for k, v in logs.items()
+                         if k in ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies",
+                                  "rewards/margins", "eval_rewards/margins")}
+                log(f"probllm dpo: step {state.global_step}/{state.max_steps} " +
+                    " ".join(f"{k}={v}" for k, v in shown.items()))
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            # Evaluation time is not training time: restart the clock so samples/s measures training only.
+            self.last_time = time.perf_counter()
+
+    return MetricsWriter
+
+
+# ------------------------------------------------------------------------------------- reference log-prob cache
+
+
+class RefLogpCache:
+    """Reference log-probs on disk, keyed by model, tokenised data and the settings they depend on.
+
+    TRL's `precompute_ref_log_probs` computes the reference model's log-probs once per run; its own cache lives in
+    the datasets cache of one process and is keyed by a hash of every weight, adapter included (so a new seed or
+    LoRA rank misses it). The reference does not depend on the LoRA settings, the learning rate or beta: only on
+    the base model, the tokens and the truncation. Keyed that way, a second run with other hyperparameters reads
+    them back from `~/.cache/probllm/ref-logps/` and skips the pass."""
+
+    def __init__(self, model_key: str, settings: Settings, root: Path | None = None):
+        from probllm.models import cache_dir
+
+        self.root = root or (cache_dir() / "ref-logps")
+        self.base = {"model": model_key, "max_length": settings.max_length, "bf16": settings.bf16,
+                     "truncation": "keep_start", "version": 1}
+
+    def key(self, dataset) -> str:
+        h = hashlib.sha256(json.dumps(self.base, sort_keys=True).encode())
+        for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            for ids in dataset[col]:
+                h.update(b"|" + ",".join(map(str, ids)).encode())
+            h.update(b"#")
+        return h.hexdigest()[:32]
+
+    def load(self, key: str):
+        path = self.root / f"{key}.safetensors"
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return t["ref_chosen_logps"], t["ref_rejected_logps"]
+
+    def save(self, key: str, chosen, rejected) -> None:
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.{os.getpid()}.tmp"
+        save_file({"ref_chosen_logps": chosen.contiguous(), "ref_rejected_logps": rejected.contiguous()}, str(tmp))
+        os.replace(tmp, self.root / f"{key}.safetensors")
+
+
+def model_identity(path: str) -> str:
+    """A cheap, stable identity for a model: hub id, or folder path plus the size and mtime of its weight files
+    (hashing 14 GB of a 7B model would cost more than the reference pass it saves)."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    parts = [str(p.resolve())]
+    for f in sorted(p.glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return "|".join(parts)
+
+
+def _trainer_class(ref_cache: RefLogpCache | None):
+    from trl import DPOTrainer
+
+    if ref_cache is None:
+        return DPOTrainer
+
+    class CachedRefDPOTrainer(DPOTrainer):
+        """DPOTrainer whose precomputed reference log-probs persist across runs (see RefLogpCache)."""
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            import torch
+            from accelerate.utils import broadcast_object_list
+
+            key = [ref_cache.key(dataset)]
+            broadcast_object_list(key, from_process=0)
+            hit = ref_cache.load(key[0])
+            if hit is None:
+                dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+                if self.accelerator.is_main_process:
+                    ref_cache.save(key[0], torch.tensor(dataset["ref_chosen_logps"]),
+                                   torch.tensor(dataset["ref_rejected_logps"]))
+                self.accelerator.wait_for_everyone()
+                self.ref_cache_hits = getattr(self, "ref_cache_hits", {}) | {name: False}
+                return dataset
+            chosen, rejected = hit
+            self.ref_cache_hits = getattr(self, "ref_cache_hits", {}) | {name: True}
+            return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
+                "ref_rejected_logps", rejected.tolist())
+
+    return CachedRefDPOTrainer
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = out / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(
+    train_records: Iterable[dict],
+    settings: Settings,
+    out: str | os.PathLike,
+    stats: Stats,
+    eval_records: Iterable[dict] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_invalid: bool = False,
+    eval_stats: Stats | None = None,
+) -> dict:
+    """Train a LoRA adapter with DPO; returns the summary record (also written to OUT/summary.json)."""
+    import shutil
+    import warnings
+
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from probllm.models import load_tokenizer, model_label, resolve_model, set_threads
+
+    # transformers 5 renames gradient_checkpointing and warns on every use; the name is still the working one.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    out = Path(out)
+    if out.exists() and (out / CHECKPOINTS).exists() and not resume:
+        if not overwrite:
+            raise UsageError(f"--out {out}: holds checkpoints of an earlier run; pass --resume to continue it "
+                             "or --overwrite to start again")
+        if is_main_process():
+            shutil.rmtree(out / CHECKPOINTS)
+    resolved, notes = machine_fallbacks(settings)
+    if is_main_process():
+        for note in notes:
+            log(f"probllm dpo: {note}")
+    set_threads()
+
+    model_path = resolve_model(settings.model)
+    tokenizer = load_tokenizer(settings.model, padding_side="right")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    pairs = read_pairs(train_records, stats, has_template, skip_invalid)
+    if not pairs:
+        raise RecordError("no usable training pairs", source="input")
+    eval_pairs = None
+    if eval_records is not None:
+        eval_pairs = read_pairs(eval_records, eval_stats or Stats(command="probllm dpo --eval"), has_template,
+                                skip_invalid)
+        if not eval_pairs:
+            raise RecordError("no usable evaluation pairs", source="--eval")
+
+    checkpoint = _last_checkpoint(out) if resume else None
+    if resume and checkpoint is None and is_main_process():
+        log(f"probllm dpo: no checkpoint in {out / CHECKPOINTS}: starting from the beginning")
+    resume_step = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    config = _make_config(DPOConfig, resolved, out, eval_pairs is not None, world, cuda)
+
+    if is_main_process():
+        write_json(out / CONFIG_FILE, {**dataclasses.asdict(resolved), "model": model_label(settings.model),
+                                       "model_path": model_path, "requested": dataclasses.asdict(settings),
+                                       "fallbacks": notes, "trl": config.to_dict()})
+
+    dtype = torch.bfloat16 if resolved.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
+    peft_config = LoraConfig(r=resolved.lora_r, lora_alpha=resolved.lora_alpha, lora_dropout=resolved.lora_dropout,
+                             target_modules=resolved.lora_target, task_type="CAUSAL_LM")
+    ref_cache = RefLogpCache(model_identity(model_path), resolved) if resolved.precompute_ref else None
+    Trainer = _trainer_class(ref_cache)
+    samples_per_step = resolved.batch_size * resolved.grad_accum * world
+    trainer = Trainer(
+        model=model,
+        args=config,
+        train_dataset=to_dataset(pairs),
+        eval_dataset=to_dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_metrics_callback()(out / METRICS_FILE, samples_per_step, resume_step)],
+    )
+    # Trainer prints every log dict to stdout when tqdm is off; stdout carries only our summary record.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    eval_metrics = {}
+    if eval_pairs:
+        last_eval_step = next((h["step"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        if last_eval_step == trainer.state.global_step:
+            eval_metrics = next(h for h in reversed(trainer.state.log_history) if "eval_loss" in h)
+        else:
+            eval_metrics = trainer.evaluate()
+    if is_main_process():
+        trainer.model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+    train_logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
+    summary = {
+        "out": str(out),
+        "model": model_label(settings.model),
+        "pairs": len(pairs),
+        "eval_pairs": len(eval_pairs or []),
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss": result.training_loss,
+        "last": {k: v for k, v in (train_logs[-1] if train_logs else {}).items()},
+        "eval": {k: v for k, v in eval_metrics.items()},
+        "seconds": round(seconds, 2),
+        "resumed_from": checkpoint,
+        "fallbacks": notes,
+    }
+    if ref_cache is not None:
+        summary["ref_cache_hits"] = getattr(trainer, "ref_cache_hits", {})
+    if is_main_process():
+        write_json(out / "summary.json", summary)
+    stats.notes["steps"] = trainer.state.global_step
+    return summary
+
+
+def _make_config(DPOConfig, s: Settings, out: Path, has_eval: bool, world: int, cuda: bool):
+    return DPOConfig(
+        output_dir=str(out / CHECKPOINTS),
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=s.bf16,
+        fp16=False,
+        use_cpu=not cuda,
+        optim=s.optim,
+        max_steps=s.max_steps,
+        num_train_epochs=s.epochs or 1.0,
+        learning_rate=s.lr,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_steps,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        adam_beta1=s.adam_beta1,
+        adam_beta2=s.adam_beta2,
+        adam_epsilon=s.adam_epsilon,
+        beta=s.beta,
+        loss_type=[s.loss_type],
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.eval_batch_size or s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        gradient_checkpointing=bool(s.gradient_checkpointing),
+        max_length=s.max_length,
+        truncation_mode="keep_start",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=s.eval_steps,
+        logging_steps=s.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=s.save_total_limit,
+        precompute_ref_log_probs=s.precompute_ref,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world > 1 else None,
+    )

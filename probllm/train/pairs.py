@@ -1,0 +1,167 @@
+"""Preference pairs in every shape users bring, normalised to what TRL's DPOTrainer takes.
+
+Accepted input forms (detected per record):
+- TRL string form: `{"prompt": str, "chosen": str, "rejected": str}`;
+- TRL conversational form: the same keys holding lists of `{"role", "content"}` messages;
+- implicit prompt: `chosen`/`rejected` only (strings or message lists) that share their prompt as a prefix;
+- LLaMA-Factory ShareGPT form: `{"conversations": [{"from", "value"}], "chosen": {"from", "value"},
+  "rejected": {"from", "value"}}` (optionally with a `system` string).
+
+Output: `{"prompt", "chosen", "rejected"}` either as strings (models without a chat template) or as message
+lists, which TRL renders with the model's chat template. Both trainer and `reward-eval` go through `to_trl`, so they see the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from probllm.io import RecordError, Skip
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    """A message list with string roles and contents, or a RecordError naming the field."""
+    if not isinstance(value, list) or not value:
+        raise RecordError("expected a non-empty list of messages", field=field)
+    out = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise RecordError("expected a message object", field=where)
+        if not isinstance(m.get("role"), str):
+            raise RecordError("missing or non-string 'role'", field=where)
+        if not isinstance(m.get("content"), str):
+            raise RecordError("missing or non-string 'content'", field=where)
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _sharegpt_message(value: Any, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise RecordError("expected a {from, value} object", field=field)
+    role = value.get("from")
+    if not isinstance(role, str) or role not in SHAREGPT_ROLES:
+        raise RecordError(f"unknown 'from' {role!r} (expected one of {', '.join(sorted(SHAREGPT_ROLES))})",
+                          field=field)
+    if not isinstance(value.get("value"), str):
+        raise RecordError("missing or non-string 'value'", field=field)
+    return {"role": SHAREGPT_ROLES[role], "content": value["value"]}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def pair_form(record: dict) -> str:
+    """Which of the accepted forms a record is in: sharegpt, conversational, string, implicit-conversational,
+    implicit-string. Raises RecordError when it is none of them."""
+    if "chosen" not in record:
+        raise RecordError("missing", field="chosen")
+    if "rejected" not in record:
+        raise RecordError("missing", field="rejected")
+    chosen = record["chosen"]
+    if "conversations" in record or isinstance(chosen, dict):
+        return "sharegpt"
+    if isinstance(chosen, list):
+        return "conversational" if "prompt" in record else "implicit-conversational"
+    if isinstance(chosen, str):
+        return "string" if "prompt" in record else "implicit-string"
+    raise RecordError("expected a string, a message list or a {from, value} object", field="chosen")
+
+
+def normalize_pair(record: dict) -> dict:
+    """One input record to `{"prompt", "chosen", "rejected", "form"}`; strings stay strings, messages stay messages.
+
+    Raises RecordError (with the field) for malformed records and Skip for pairs that teach nothing
+    (chosen identical to rejected)."""
+    form = pair_form(record)
+    if form == "sharegpt":
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise RecordError("expected a non-empty list of {from, value} turns", field="conversations")
+        prompt = [_sharegpt_message(t, f"conversations[{i}]") for i, t in enumerate(turns)]
+        system = record.get("system")
+        if isinstance(system, str) and system and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": system})
+        chosen = [_sharegpt_message(record["chosen"], "chosen")]
+        rejected = [_sharegpt_message(record["rejected"], "rejected")]
+    elif form == "conversational":
+        prompt_value = record["prompt"]
+        # A string prompt with message completions is a common hybrid: treat the prompt as one user turn.
+        if isinstance(prompt_value, str):
+            if not prompt_value:
+                raise RecordError("is empty", field="prompt")
+            prompt = [{"role": "user", "content": prompt_value}]
+        else:
+            prompt = _messages(prompt_value, "prompt")
+        chosen = _messages(record["chosen"], "chosen")
+        rejected = _messages(record["rejected"], "rejected")
+    elif form == "implicit-conversational":
+        full_chosen = _messages(record["chosen"], "chosen")
+        full_rejected = _messages(record["rejected"], "rejected")
+        k = 0
+        while k < min(len(full_chosen), len(full_rejected)) - 1 and full_chosen[k] == full_rejected[k]:
+            k += 1
+        if k == 0:
+            raise RecordError("chosen and rejected share no prompt messages (implicit-prompt form)", field="chosen")
+        prompt, chosen, rejected = full_chosen[:k], full_chosen[k:], full_rejected[k:]
+    elif form == "string":
+        prompt = record["prompt"]
+        if not isinstance(prompt, str):
+            raise RecordError("expected a string (chosen is a string)", field="prompt")
+        if not prompt.strip():
+            raise RecordError("is empty", field="prompt")
+        chosen, rejected = record["chosen"], record["rejected"]
+        if not isinstance(rejected, str):
+            raise RecordError("expected a string (chosen is a string)", field="rejected")
+    else:  # implicit-string
+        full_chosen, full_rejected = record["chosen"], record["rejected"]
+        if not isinstance(full_rejected, str):
+            raise RecordError("expected a string (chosen is a string)", field="rejected")
+        cut = _common_prefix(full_chosen, full_rejected)
+        # Back up to a whitespace boundary so that a shared first word of the answers stays in the answers.
+        while cut > 0 and not full_chosen[cut - 1].isspace():
+            cut -= 1
+        if cut == 0:
+            raise RecordError("chosen and rejected share no prompt prefix (implicit-prompt form)", field="chosen")
+        prompt, chosen, rejected = full_chosen[:cut], full_chosen[cut:], full_rejected[cut:]
+    _check_completion(chosen, "chosen")
+    _check_completion(rejected, "rejected")
+    if chosen == rejected:
+        raise Skip("chosen identical to rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "form": form}
+
+
+def _check_completion(value: Any, field: str) -> None:
+    text = value if isinstance(value, str) else "".join(m["content"] for m in value)
+    if not text.strip():
+        raise RecordError("is empty", field=field)
+
+
+def _flatten(messages: list[dict]) -> str:
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+
+
+def to_trl(pair: dict, has_chat_template: bool) -> dict:
+    """A normalised pair in the form TRL tokenises: messages when the model has a chat template (explicit string
+    prompts become one user turn), plain text otherwise (messages flattened as `Role: content`)."""
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    if has_chat_template:
+        # Every pair becomes messages (one dataset cannot mix strings and message lists): string prompts,
+        # implicit ones included, become one user turn.
+        if isinstance(prompt, str):
+            return {"prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]}
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if isinstance(prompt, list):
+        return {"prompt": _flatten(prompt) + "Assistant: ",
+                "chosen": "".join(m["content"] for m in chosen),
+                "rejected": "".join(m["content"] for m in rejected)}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
