@@ -1,0 +1,209 @@
+"""`load`: anything the `datasets` library reads, out as JSON records; plus header-less CSVs such as MMLU's.
+
+- Hub names go through `datasets.load_dataset(name, config, split=..., streaming=...)`. Without `--split`,
+  every split is written, each record tagged with `split`.
+- Local json/jsonl/csv/parquet files go through the same library with `streaming=True`: records come out as
+  they are read, without an Arrow cache on disk.
+- Header-less CSVs (the original MMLU files: question, A, B, C, D, answer) are read with the standard `csv`
+  module, one row at a time (RFC 4180 quoting: commas and newlines inside quoted fields), with `--columns` or
+  `--format mmlu-csv`; the subject comes from the file name (`anatomy_dev.csv` -> anatomy).
+
+Values that JSON cannot hold (dates, bytes, images) are written as strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import gzip
+import io as _io
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from probllm.data.mcq import subject_from_filename
+from probllm.io import Record, RecordError, Stats, UsageError
+
+MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+FORMATS = ("auto", "json", "csv", "parquet", "mmlu-csv")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet",
+             ".tsv": "csv"}
+
+
+def _builder_for(path: str) -> str | None:
+    name = path.lower().removesuffix(".gz")
+    return next((b for ext, b in _BUILDERS.items() if name.endswith(ext)), None)
+
+
+def local_files(source: str, fmt: str) -> list[str] | None:
+    """The local files a SOURCE names (a file, a folder, a glob), or None when it is not local (a hub name)."""
+    p = Path(source)
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        wanted = {"mmlu-csv": "csv"}.get(fmt, fmt)
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _builder_for(str(f)) and
+                       (wanted == "auto" or _builder_for(str(f)) == wanted))
+        if not files:
+            raise UsageError(f"{source}: folder holds no json/jsonl/csv/parquet files")
+        return files
+    if any(ch in source for ch in "*?["):
+        files = sorted(str(f) for f in Path().glob(source) if f.is_file())
+        if not files:
+            raise UsageError(f"{source}: no file matches")
+        return files
+    if source.startswith((".", "/")) or os.path.splitext(source)[1] in _BUILDERS:
+        raise UsageError(f"{source}: no such file")
+    return None
+
+
+def to_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return to_json_value(value.tolist())
+    return str(value)
+
+
+def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject: bool) -> Iterator[Record]:
+    """Rows of a header-less CSV as records named by `columns`, streamed (one row in memory)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        fh = opener(path, "rt", encoding="utf-8", errors="strict", newline="")
+    except OSError as e:
+        raise UsageError(f"{path}: {e}")
+    subject = subject_from_filename(path)
+    with fh:
+        reader = csv.reader(fh)
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise RecordError("not UTF-8 text (is this a binary file?)", source=path, line=line)
+            except csv.Error as e:
+                raise RecordError(f"invalid CSV ({e})", source=path, line=line)
+            if not row or all(not c.strip() for c in row):
+                continue
+            stats.read += 1
+            if any("\x00" in c for c in row):
+                raise RecordError("not UTF-8 text (is this a binary file?)", source=path, line=line)
+            if len(row) != len(columns):
+                err = RecordError(f"expected {len(columns)} columns ({','.join(columns)}), got {len(row)}",
+                                  source=path, line=line)
+                yield err  # type: ignore[misc]  (the caller decides: stop or skip)
+                continue
+            rec = Record(zip(columns, row), source=path, line=line)
+            if add_subject and "subject" not in rec:
+                rec["subject"] = subject
+            yield rec
+
+
+def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | None = None,
+                 split: str | None = None, streaming: bool = False, columns: list[str] | None = None,
+                 data_dir: str | None = None, limit: int | None = None) -> Iterator[dict | RecordError]:
+    """Records of SOURCE (hub name, file, folder or glob). Header-less CSV rows with the wrong number of
+    columns come back as RecordError items so the caller can stop or skip them."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+    if fmt == "mmlu-csv" and not columns:
+        columns = list(MMLU_COLUMNS)
+    files = local_files(source, fmt)
+    n = 0
+    if columns:
+        if files is None:
+            raise UsageError("--columns / --format mmlu-csv need local CSV files")
+        for path in files:
+            for rec in read_headerless_csv(path, columns, stats, add_subject=fmt == "mmlu-csv"):
+                yield rec
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+        return
+    import datasets  # heavy: imported only when this path runs
+
+    try:
+        if files is not None:
+            builders = {_builder_for(f) for f in files} if fmt == "auto" else {fmt}
+            if None in builders or len(builders) != 1:
+                raise UsageError(f"{source}: cannot tell one format for these files; pass --format")
+            builder = builders.pop()
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+            splits = [(None, ds)]
+        else:
+            ds = datasets.load_dataset(source, config, split=split, streaming=streaming, data_dir=data_dir)
+            splits = list(ds.items()) if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)) \
+                else [(None, ds)]
+    except UsageError:
+        raise
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # type: ignore[attr-defined]
+        raise UsageError(f"cannot load {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:
+        for split_name, part in splits:
+            for row in part:
+                stats.read += 1
+                rec = to_json_value(dict(row))
+                if split_name is not None:
+                    rec.setdefault("split", split_name)
+                yield rec
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+    except (ValueError, TypeError, _io.UnsupportedOperation, UnicodeDecodeError) as e:
+        # pyarrow/json parse errors surface as ValueError subclasses with the file in the message
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecordError(f"cannot read: {msg[:200]}", source=source)
+    except Exception as e:  # pyarrow.lib.ArrowInvalid and friends: bad data, not a bug of ours
+        if type(e).__module__.startswith(("pyarrow", "datasets")):
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RecordError(f"cannot read: {msg[:200]}", source=source)
+        raise
+
+
+def _csv_files(path: str) -> list[str] | None:
+    """The CSV files a path names for MMLU input (a .csv file or a folder of them), else None."""
+    if path.lower().endswith((".csv", ".csv.gz")):
+        return [path]
+    if os.path.isdir(path):
+        found = sorted(str(f) for f in Path(path).rglob("*") if str(f).lower().endswith((".csv", ".csv.gz")))
+        return found or None
+    return None
+
+
+def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = False) -> Iterator[Record]:
+    """Like io.read_records, but header-less MMLU CSV files (or folders of them) are read directly too, so
+    `mcqify --source mmlu data/dev/` works without a `load` step."""
+    from probllm.io import log, read_records
+
+    paths = list(paths or [])
+    if not any(_csv_files(p) for p in paths):
+        yield from read_records(paths, stats, skip_invalid)
+        return
+    before = stats.read
+    for p in paths:
+        csvs = _csv_files(p)
+        if csvs is None:
+            yield from read_records([p], stats, skip_invalid, allow_empty=True)
+            continue
+        for f in csvs:
+            for item in read_headerless_csv(f, list(MMLU_COLUMNS), stats, add_subject=True):
+                if isinstance(item, RecordError):
+                    if not skip_invalid:
+                        raise item
+                    stats.invalid[item.reason.split(" (")[0]] += 1
+                    log(f"{stats.command}: skipped {item}")
+                    continue
+                yield item
+    if stats.read == before:
+        raise RecordError("no input records (empty input)", source=", ".join(paths))
