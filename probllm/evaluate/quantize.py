@@ -1,0 +1,277 @@
+"""`quantize`: write a quantized model folder that every `--model FOLDER` loads, and measure what it costs/saves.
+
+A quantized folder is an ordinary model folder (config, tokenizer, weights) plus `QUANT_MARKER`
+(probllm_quantization.json), which routes `probllm.models.load_model` to `load_quantized` here. What each method
+saves, and how it loads (never unpickling anything):
+
+| method | saved | loaded by |
+| --- | --- | --- |
+| bnb-int8, bnb-nf4, bnb-fp4 | bitsandbytes' packed weights + quantization_config, safetensors | transformers `from_pretrained` |
+| quanto-int8, quanto-int4 | optimum-quanto's weight data/scales, safetensors + quanto_qmap.json (JSON) | `QuantizedModelForCausalLM.from_pretrained` |
+| torch-int8 | the float weights, safetensors | `from_pretrained`, then `torch.ao.quantization.quantize_dynamic` (deterministic: per-tensor min/max) |
+
+torch's dynamic int8 packs its weights in objects that only pickle can store; re-quantizing the float weights at
+load gives the same int8 weights every time, so the folder stays safetensors-only (at float size on disk).
+An adapter (`--adapter`) is merged into the float weights before quantizing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from probllm.io import UsageError, log
+
+METHODS = {
+    "bnb-int8": {"bits": 8, "library": "bitsandbytes"},
+    "bnb-nf4": {"bits": 4, "library": "bitsandbytes"},
+    "bnb-fp4": {"bits": 4, "library": "bitsandbytes"},
+    "quanto-int8": {"bits": 8, "library": "optimum-quanto"},
+    "quanto-int4": {"bits": 4, "library": "optimum-quanto"},
+    "torch-int8": {"bits": 8, "library": "torch"},
+}
+MEASURE_PROMPT = "Question: Why does the moon have phases?\nAnswer:"
+MEASURE_TOKENS = 32
+
+
+def _marker_path(folder: str | Path) -> Path:
+    from probllm.models import QUANT_MARKER
+
+    return Path(folder) / QUANT_MARKER
+
+
+def _lib_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # pragma: no cover
+        return "?"
+
+
+def quantize_to_folder(model: str | None, method: str, output: str, adapter: str | None = None,
+                       double_quant: bool = True) -> dict:
+    """Quantize `model` (+ merged `adapter`) with `method` into `output`; returns the marker's metadata."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from probllm.models import is_quantized_folder, load_model, load_tokenizer, model_label, resolve_model
+
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    source = resolve_model(model)
+    if is_quantized_folder(source):
+        raise UsageError(f"--model {model}: already quantized; quantize the full-precision model")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        if not _marker_path(out).exists():
+            raise UsageError(f"--output {output}: folder exists and is not a quantize output; refusing to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    merged_dir = None
+    try:
+        tok = load_tokenizer(model)
+        if adapter:
+            # bitsandbytes and quanto quantize while loading/after loading a plain folder: merge LoRA into the
+            # float weights and save them first, so every method starts from the same merged model.
+            merged_dir = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
+            merged = load_model(model, adapter=adapter, dtype="float32", device="cpu", merge_adapter=True)
+            merged.save_pretrained(merged_dir, safe_serialization=True)
+            del merged
+            source = str(merged_dir)
+        info = METHODS[method]
+        if info["library"] == "bitsandbytes":
+            from transformers import BitsAndBytesConfig
+
+            if method == "bnb-int8":
+                config = BitsAndBytesConfig(load_in_8bit=True)
+            else:
+                config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.split("-")[1],
+                                            bnb_4bit_use_double_quant=double_quant,
+                                            bnb_4bit_compute_dtype=torch.float32)
+            qmodel = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu",
+                                                          use_safetensors=True)
+            qmodel.save_pretrained(tmp_out, safe_serialization=True)
+        elif info["library"] == "optimum-quanto":
+            from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
+
+            float_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+            qmodel = QuantizedModelForCausalLM.quantize(float_model, weights=qint8 if method == "quanto-int8"
+                                                        else qint4, exclude="lm_head")
+            qmodel.save_pretrained(tmp_out)
+        else:  # torch-int8: float weights on disk, quantize_dynamic at load (see module docstring)
+            float_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+            float_model.save_pretrained(tmp_out, safe_serialization=True)
+        tok.save_pretrained(tmp_out)
+        meta = {
+            "method": method,
+            "bits": info["bits"],
+            "library": info["library"],
+            "library_version": _lib_version(info["library"]),
+            "base_model": model_label(model),
+            "adapter": adapter,
+            "double_quant": double_quant if method in ("bnb-nf4", "bnb-fp4") else None,
+            "format": {
+                "bitsandbytes": "bitsandbytes packed weights in safetensors; quantization_config in config.json",
+                "optimum-quanto": "optimum-quanto weights in safetensors; quanto_qmap.json",
+                "torch": "float32 weights in safetensors; torch.ao.quantization.quantize_dynamic(qint8) on Linear "
+                         "layers at load",
+            }[info["library"]],
+            "created_by": "probllm quantize",
+        }
+        _marker_path(tmp_out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp_out, out)
+        return meta
+    finally:
+        for d in (tmp_out, merged_dir):
+            if d is not None and Path(d).exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def load_quantized(path: str, device: str = "cpu"):
+    """Load a `quantize` output folder (called by probllm.models.load_model for folders with the marker)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    meta = json.loads(_marker_path(path).read_text(encoding="utf-8"))
+    method = meta.get("method")
+    if method not in METHODS:
+        raise UsageError(f"--model {path}: unknown quantization method {method!r} in its marker file")
+    library = METHODS[method]["library"]
+    if library == "bitsandbytes":
+        model = AutoModelForCausalLM.from_pretrained(path, device_map=device, use_safetensors=True)
+    elif library == "optimum-quanto":
+        from optimum.quanto import QuantizedModelForCausalLM
+
+        # The wrapper reads safetensors + a JSON map; keep the transformers model inside it (generate, config...).
+        model = QuantizedModelForCausalLM.from_pretrained(path)._wrapped
+        model.to(device)
+    else:
+        if device != "cpu":
+            raise UsageError(f"--model {path}: torch dynamic int8 runs on CPU only (got --device {device})")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+def weights_size(folder: str) -> int:
+    """Bytes of weight files (safetensors) in a model folder."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def measure(model: str | None, adapter: str | None = None, eval_file: str | None = None,
+            eval_limit: int | None = None, batch_size: int = 16) -> dict:
+    """In THIS process (call it in a fresh one): resident memory added by loading, greedy tokens/s, accuracy."""
+    import psutil
+    import torch
+
+    from probllm.models import load_model, load_tokenizer, set_threads
+
+    set_threads()
+    # Import every library a method may load before the first reading: the RSS delta is then the model alone.
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    for lib in ("bitsandbytes", "optimum.quanto", "peft"):
+        try:
+            __import__(lib)
+        except ImportError:  # pragma: no cover
+            pass
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    t0 = time.perf_counter()
+    lm = load_model(model, adapter=adapter, device="cpu")
+    tok = load_tokenizer(model)
+    load_s = time.perf_counter() - t0
+    rss = proc.memory_info().rss - rss0
+    ids = tok(MEASURE_PROMPT, return_tensors="pt")
+    pad = tok.pad_token_id
+    with torch.no_grad():  # not inference_mode: optimum-quanto int4 fails under it
+        lm.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
+        t1 = time.perf_counter()
+        out = lm.generate(**ids, max_new_tokens=MEASURE_TOKENS, min_new_tokens=MEASURE_TOKENS, do_sample=False,
+                          pad_token_id=pad)
+        gen_s = time.perf_counter() - t1
+    n_new = out.shape[1] - ids["input_ids"].shape[1]
+    result = {"rss_mb": round(rss / 2**20, 1), "load_s": round(load_s, 2),
+              "tokens_per_s": round(n_new / gen_s, 2)}
+    if eval_file:
+        from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+        from probllm.io import Stats, read_records
+
+        summary = Summary()
+        stats = Stats(command="probllm quantize --eval")
+        for _ in evaluate_records(read_records([eval_file], stats), Scorer(lm, tok),
+                                  EvalOptions(batch_size=batch_size, limit=eval_limit), stats, summary):
+            pass
+        overall = summary.as_dict()["overall"]
+        result.update({"accuracy": overall.get("acc"), "acc_norm": overall.get("acc_norm"),
+                       "eval_items": overall.get("items"), "eval_items_per_s": summary.as_dict()["items_per_s"]})
+    return result
+
+
+def measure_in_subprocess(model: str | None, adapter: str | None, eval_file: str | None, eval_limit: int | None,
+                          batch_size: int) -> dict:
+    """Resident memory only means something in a fresh process: run `measure` in one and read its JSON."""
+    args = [sys.executable, "-m", "probllm.evaluate.quantize", "measure", json.dumps(
+        {"model": model, "adapter": adapter, "eval_file": eval_file, "eval_limit": eval_limit,
+         "batch_size": batch_size})]
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"measuring {model or 'the default model'} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_quantize(stats, *, output: str, method: str, model: str | None = None, adapter: str | None = None,
+                 double_quant: bool = True, eval_file: str | None = None, eval_limit: int | None = None,
+                 batch_size: int = 16, measure: bool = True) -> dict:
+    """The `quantize` command: write the folder, measure it and the full-precision model, print one record."""
+    from probllm.io import write_records
+    from probllm.models import model_label, resolve_model
+
+    if eval_file and not os.path.exists(eval_file):
+        raise UsageError(f"--eval {eval_file}: no such file")
+    t0 = time.perf_counter()
+    meta = quantize_to_folder(model, method, output, adapter=adapter, double_quant=double_quant)
+    quantize_s = time.perf_counter() - t0
+    base_dir = resolve_model(model)
+    record = {
+        "method": method, "bits": meta["bits"], "model": model_label(model), "adapter": adapter, "output": output,
+        "size_mb": round(weights_size(output) / 2**20, 1),
+        "base_size_mb": round(weights_size(base_dir) / 2**20, 1) if os.path.isdir(base_dir) else None,
+        "quantize_s": round(quantize_s, 2),
+    }
+    if measure:
+        log(f"probllm quantize: measuring {output} and the full-precision model (fresh processes)")
+        q = measure_in_subprocess(output, None, eval_file, eval_limit, batch_size)
+        base = measure_in_subprocess(model, adapter, eval_file, eval_limit, batch_size)
+        record.update({"rss_mb": q["rss_mb"], "base_rss_mb": base["rss_mb"],
+                       "tokens_per_s": q["tokens_per_s"], "base_tokens_per_s": base["tokens_per_s"]})
+        if eval_file:
+            record.update({"accuracy": q["accuracy"], "base_accuracy": base["accuracy"],
+                           "acc_norm": q["acc_norm"], "base_acc_norm": base["acc_norm"],
+                           "eval_items": q["eval_items"]})
+    write_records([record], stats)
+    return record
+
+
+if __name__ == "__main__":  # `python -m probllm.evaluate.quantize measure JSON`: used by measure_in_subprocess
+    if len(sys.argv) == 3 and sys.argv[1] == "measure":
+        opts = json.loads(sys.argv[2])
+        print(json.dumps(measure(opts["model"], opts["adapter"], opts["eval_file"], opts["eval_limit"],
+                                 opts["batch_size"])))
+    else:
+        sys.exit("usage: python -m probllm.evaluate.quantize measure JSON")
