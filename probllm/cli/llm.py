@@ -124,3 +124,73 @@ def corrupt(
     if stats.skipped.get("request failed"):
         # Work is incomplete: say so in the exit code. A re-run resends only what failed (the rest is cached).
         raise typer.Exit(EXIT_FAILURE)
+
+
+# ------------------------------------------------------------------------------------------------------ judge
+
+
+@app.command()
+def judge(
+    files: InputFiles = None,
+    a: Annotated[Optional[list[str]], typer.Option("--a", help="Answer set A (JSONL with --key and "
+                                                    "--answer-field).")] = None,
+    b: Annotated[Optional[str], typer.Option("--b", help="Answer set B, joined to A on --key.")] = None,
+    key: Annotated[str, typer.Option("--key", help="Join field of --a and --b.")] = "id",
+    mode: Annotated[str, typer.Option("--mode", help="pairwise (both orders; A vs B) or single (grade 1-10).")] =
+        "pairwise",
+    question_field: Annotated[str, typer.Option("--question-field")] = "question",
+    answer_field: Annotated[str, typer.Option("--answer-field", help="Answer field in --a / --b files.")] =
+        "answer",
+    a_field: Annotated[str, typer.Option("--a-field", help="Answer A in records holding both.")] = "answer_a",
+    b_field: Annotated[str, typer.Option("--b-field", help="Answer B in records holding both.")] = "answer_b",
+    reference_field: Annotated[str, typer.Option("--reference-field", help="Reference answer; when present the "
+                                                 "reference-guided prompts are used.")] = "reference",
+    judge_tries: Annotated[int, typer.Option("--judge-tries", help="Attempts when the judge's text holds no "
+                                             "verdict.")] = 3,
+    backend: Backend = "hf",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    adapter: Adapter = None,
+    concurrency: Concurrency = 16,
+    batch_size: BatchSize = 8,
+    tries: Tries = 5,
+    retry_base: RetryBase = 1.0,
+    timeout: Timeout = 120.0,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    cache: CacheFile = None,
+    no_cache: NoCache = False,
+    seed: Seed = 0,
+    skip_invalid: SkipInvalid = False,
+    summary: SummaryFile = None,
+) -> None:
+    """Compare two answer sets with an LLM judge (MT-Bench style), or grade answers from 1 to 10.
+
+    Pairwise judging asks twice with the answers swapped; disagreement counts as a tie (`inconsistent`). Writes
+    one verdict record per question (raw judge text kept) and a summary: wins/ties/losses, A's win rate with a
+    95% Wilson interval, inconsistency rate, mean answer lengths.
+
+        probllm judge --a examples/answers-a.jsonl --b examples/answers-b.jsonl --key id \\
+            --backend openai --base-url http://localhost:8000/v1 --model judge --summary judge.json > verdicts.jsonl
+    """
+    from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
+
+    result = JudgeSummary(mode=mode)
+    with _llm_command("judge") as stats:
+        config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
+                         concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
+                         timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,
+                         no_cache=no_cache, seed=seed)
+        opts = JudgeOptions(mode=mode, key=key, question_field=question_field, answer_field=answer_field,
+                            a_field=a_field, b_field=b_field, reference_field=reference_field, tries=judge_tries,
+                            seed=seed)
+        opts.check()
+        records = judge_input(a, b, files, opts, stats, skip_invalid)
+        write_records(judge_records(records, config, opts, stats, result, skip_invalid), stats)
+        log(f"probllm judge: {result.text()}")
+    if summary is not None:
+        write_json(summary, {**result.as_dict(), "counts": stats.as_dict()})
+    if result.failed:
+        raise typer.Exit(EXIT_FAILURE)

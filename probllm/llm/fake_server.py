@@ -39,11 +39,33 @@ def last_user_text(body: dict) -> str:
     return ""
 
 
+def _between(text: str, start: str, end: str) -> str:
+    i = text.find(start)
+    j = text.find(end, i + len(start))
+    return text[i + len(start): j].strip() if i >= 0 and j >= 0 else ""
+
+
 def echo_responder(body: dict) -> str:
-    """Deterministic, content-dependent and never equal to the input: good enough for corrupt and plumbing."""
+    """Deterministic answers that depend on the content.
+
+    A pairwise judge prompt gets a verdict for the longer answer ([[C]] when equally long), so it is consistent
+    under swapping; a grading prompt gets a rating growing with the answer's length; anything else (corrupt)
+    gets a changed version of the answer it was given, never equal to it."""
     text = last_user_text(body)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"Altered answer {digest}: " + " ".join(text.split()[-12:])
+    system = " ".join(str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "system")
+    if '"[[A]]"' in system:
+        a = _between(text, "[The Start of Assistant A's Answer]", "[The End of Assistant A's Answer]")
+        b = _between(text, "[The Start of Assistant B's Answer]", "[The End of Assistant B's Answer]")
+        verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"
+        return f"The {'first' if verdict == 'A' else 'second' if verdict == 'B' else 'two'} answer(s) " \
+               f"cover more. [[{verdict}]]"
+    if "[[rating]]" in system:
+        answer = _between(text, "[The Start of Assistant's Answer]", "[The End of Assistant's Answer]")
+        return f"Length-based rating. Rating: [[{min(10, 1 + len(answer.split()) // 5)}]]"
+    answer = _between(text + "\n\nCorrupted answer:", "Correct answer:", "Corrupted answer:") or text
+    digest = hashlib.sha256(answer.encode()).hexdigest()[:8]
+    words = answer.split()
+    return " ".join(words[: max(1, len(words) // 2)]) + f" (version {digest})"
 
 
 class ChatServer:
