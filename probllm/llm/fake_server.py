@@ -18,13 +18,14 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
 Responder = Callable[[dict], str]
 # A fault plan gets the request body and how many times this exact body has been seen (1 = first time) and
-# returns None (answer normally) or one of: "429", "429:SECONDS", "500", "timeout", "malformed", "nochoices",
-# "drop".
+# returns None (answer normally) or one of: "429", "429:SECONDS", any other status code ("500", "401"...),
+# "timeout", "malformed", "nochoices", "drop".
 FaultPlan = Callable[[dict, int], "str | None"]
 
 
@@ -71,7 +72,8 @@ def echo_responder(body: dict) -> str:
 class ChatServer:
     """Start with `with ChatServer(...) as server:`; `server.base_url` is what `--base-url` takes."""
 
-    def __init__(self, responder: Responder | None = None, faults: FaultPlan | None = None, delay: float = 0.0,
+    def __init__(self, responder: Responder | None = None, faults: FaultPlan | None = None,
+                 delay: "float | Callable[[dict], float]" = 0.0,
                  hang: float = 30.0, host: str = "127.0.0.1", port: int = 0):
         self.responder = responder or echo_responder
         self.faults = faults
@@ -83,6 +85,8 @@ class ChatServer:
         self.succeeded: Counter = Counter()   # body hash -> 200 answers with a valid completion sent
         self.bodies: dict[str, dict] = {}
         self.statuses: Counter = Counter()
+        self.times: dict[str, list[float]] = {}  # body hash -> arrival times (monotonic), to check backoff waits
+        self.authorizations: set[str] = set()
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -115,6 +119,15 @@ class ChatServer:
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.seen.clear()
+            self.succeeded.clear()
+            self.bodies.clear()
+            self.statuses.clear()
+            self.times.clear()
+            self.max_in_flight = 0
 
     def stop(self) -> None:
         if self._loop is None:
@@ -169,6 +182,8 @@ class ChatServer:
                     name, _, value = line.decode("latin-1").partition(":")
                     headers[name.strip().lower()] = value.strip()
                 body_bytes = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                if "authorization" in headers:
+                    self.authorizations.add(headers["authorization"])
                 keep = await self._respond(method, path, body_bytes, writer)
                 if not keep:
                     return
@@ -185,8 +200,8 @@ class ChatServer:
 
     @staticmethod
     async def _send(writer, status: int, payload: bytes, extra: dict | None = None) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
-                  500: "Internal Server Error"}.get(status, "Status")
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+                  500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Status")
         head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
                 f"Content-Length: {len(payload)}", "Connection: keep-alive"]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
@@ -206,13 +221,15 @@ class ChatServer:
         with self._lock:
             self.seen[h] += 1
             n = self.seen[h]
+            self.times.setdefault(h, []).append(time.monotonic())
             self.bodies[h] = body
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             fault = self.faults(body, n) if self.faults else None
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            delay = self.delay(body) if callable(self.delay) else self.delay
+            if delay:
+                await asyncio.sleep(delay)
             if fault is None:
                 text = self.responder(body)
                 payload = json.dumps(completion(body, text)).encode()
@@ -227,8 +244,8 @@ class ChatServer:
             if kind == "429":
                 await self._send(writer, 429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
                                  {"Retry-After": arg or "1"})
-            elif kind == "500":
-                await self._send(writer, 500, b'{"error": {"message": "internal error"}}')
+            elif kind.isdigit():  # any other status, e.g. "500", "503", "400", "401"
+                await self._send(writer, int(kind), b'{"error": {"message": "injected error %s"}}' % kind.encode())
             elif kind == "timeout":
                 try:  # hang past the client's timeout, but end at once when the server stops
                     await asyncio.wait_for(self._closing.wait(), self.hang)

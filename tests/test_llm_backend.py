@@ -1,0 +1,145 @@
+"""The openai backend against a real chat-completions server on 127.0.0.1 (probllm.llm.fake_server), with faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from probllm.llm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
+from probllm.llm.base import RetryPolicy
+from probllm.llm.cache import ResponseCache, request_key
+from probllm.llm.fake_server import ChatServer, body_hash, last_user_text
+from probllm.llm.openai_backend import OpenAIBackend
+
+PARAMS = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def backend_for(server: ChatServer, tries: int = 4, timeout: float = 5.0, concurrency: int = 8, cache=None,
+                **kw) -> OpenAIBackend:
+    return OpenAIBackend("fake-model", base_url=server.base_url, timeout=timeout, cache=cache,
+                         retry=RetryPolicy(tries=tries, base=0.01, cap=0.05), concurrency=concurrency, **kw)
+
+
+def run_all(backend, prompts: list[str]) -> list:
+    async def one(p):
+        try:
+            return await backend.chat(user(p), PARAMS)
+        except (RequestFailed, FatalBackendError) as e:
+            return e
+
+    return list(run_ordered(prompts, one, window=16, backend=backend))
+
+
+def fault_on_first(kind: str):
+    return lambda body, n: kind if n == 1 else None
+
+
+@pytest.mark.parametrize("kind", ["500", "503", "malformed", "nochoices", "drop", "timeout"])
+def test_transient_fault_is_retried_then_answered(kind):
+    with ChatServer(faults=fault_on_first(kind), hang=3) as server:
+        backend = backend_for(server, timeout=0.5)
+        [answer] = run_all(backend, ["What is 2 + 2?"])
+        assert isinstance(answer, str) and answer
+        assert sum(server.seen.values()) == 2 and sum(server.succeeded.values()) == 1
+        assert backend.retries == 1 and backend.requests == 2 and backend.failures == 0
+
+
+def test_retry_after_is_honoured():
+    with ChatServer(faults=fault_on_first("429:0.4")) as server:
+        backend = backend_for(server)
+        [answer] = run_all(backend, ["rate limited question"])
+        assert isinstance(answer, str)
+        [times] = server.times.values()
+        # The backoff alone would wait at most 0.05 s: a gap of 0.4 s can only come from Retry-After.
+        assert len(times) == 2 and times[1] - times[0] >= 0.4
+
+
+def test_gives_up_after_n_tries_and_reports():
+    with ChatServer(faults=lambda body, n: "500") as server:
+        backend = backend_for(server, tries=3)
+        [answer] = run_all(backend, ["always failing"])
+        assert isinstance(answer, RequestFailed) and "3 tries" in str(answer) and "HTTP 500" in str(answer)
+        assert sum(server.seen.values()) == 3 and backend.failures == 1
+
+
+def test_client_errors_are_not_retried():
+    with ChatServer(faults=lambda body, n: "400") as server:
+        [answer] = run_all(backend_for(server), ["bad request"])
+        assert isinstance(answer, RequestFailed) and "HTTP 400" in str(answer)
+        assert sum(server.seen.values()) == 1
+    with ChatServer(faults=lambda body, n: "401") as server:
+        [answer] = run_all(backend_for(server), ["bad key"])
+        assert isinstance(answer, FatalBackendError)
+
+
+def test_output_keeps_input_order_under_concurrency():
+    # Later prompts answer faster, so completions arrive out of order.
+    prompts = [f"question {i}" for i in range(40)]
+
+    def later_is_faster(body):
+        return 0.002 * (40 - int(last_user_text(body).split()[-1]))
+
+    with ChatServer(responder=lambda body: "answer to " + last_user_text(body), delay=later_is_faster) as server:
+        backend = backend_for(server, concurrency=8)
+        answers = run_all(backend, prompts)
+        assert answers == [f"answer to {p}" for p in prompts]
+        assert 1 < server.max_in_flight <= 8
+
+
+def test_cache_hit_sends_nothing_and_identical_requests_share_one_call(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    with ChatServer() as server:
+        first = run_all(backend_for(server, cache=ResponseCache(path)), ["a", "b", "a", "a"])
+        assert first[0] == first[2] == first[3]
+        assert sum(server.seen.values()) == 2  # the three "a" in flight together were one request
+        server.reset_counts()
+        again = run_all(backend_for(server, cache=ResponseCache(path)), ["a", "b", "a", "a"])
+        assert again == first and sum(server.seen.values()) == 0
+        # A change in a generation parameter is a different request.
+        key_a = request_key("openai", "fake-model", user("a"), PARAMS)
+        assert key_a in ResponseCache(path).keys()
+        assert request_key("openai", "fake-model", user("a"), {**PARAMS, "seed": 1}) != key_a
+
+
+def test_failures_are_not_cached(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    with ChatServer(faults=lambda body, n: "500" if n <= 2 else None) as server:
+        [failed] = run_all(backend_for(server, tries=2, cache=ResponseCache(path)), ["flaky"])
+        assert isinstance(failed, RequestFailed)
+        [ok] = run_all(backend_for(server, tries=2, cache=ResponseCache(path)), ["flaky"])
+        assert isinstance(ok, str) and sum(server.succeeded.values()) == 1
+
+
+def test_api_key_from_named_env_is_sent_and_never_printed(cli, tmp_path):
+    secret = "sk-test-" + hashlib.sha256(b"x").hexdigest()[:20]
+    rec = {"id": 1, "question": "What is 1 + 1?", "answer": "It is 2, since one plus one makes two."}
+    with ChatServer(faults=lambda body, n: "401") as server:
+        r = cli("corrupt", "--backend", "openai", "--model", "m", "--base-url", server.base_url, "--api-key-env",
+                "MY_KEY", "--no-cache", input=json.dumps(rec) + "\n", env={"MY_KEY": secret})
+        assert r.code == 1 and "refused the API key" in r.stderr
+        assert secret not in r.stderr and secret not in r.stdout
+        assert server.authorizations == {f"Bearer {secret}"}
+
+
+def test_make_backend_rejects_bad_options(monkeypatch):
+    from probllm.io import UsageError
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UsageError, match="OPENAI_API_KEY"):
+        make_backend(BackendConfig(backend="openai", model="gpt-x", no_cache=True))
+    with pytest.raises(UsageError, match="--model"):
+        make_backend(BackendConfig(backend="openai", base_url="http://127.0.0.1:1/v1", no_cache=True))
+    with pytest.raises(UsageError, match="corrupt"):
+        make_backend(BackendConfig(backend="rules"))
+    with pytest.raises(UsageError, match="choose one"):
+        make_backend(BackendConfig(backend="nope"))
+
+
+def test_body_hash_is_order_independent():
+    assert body_hash({"a": 1, "b": [1, 2]}) == body_hash({"b": [1, 2], "a": 1})
