@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,10 @@ def train(
         for note in notes:
             log(f"probllm dpo: {note}")
     set_threads()
+    if not sys.stderr.isatty():  # datasets' per-map progress bars are noise in logs and pipes
+        import datasets
+
+        datasets.disable_progress_bars()
 
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(settings.model, padding_side="right")

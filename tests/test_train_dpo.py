@@ -1,0 +1,191 @@
+"""Real DPO training on the tiny 2-layer Llama: metrics move, the adapter loads back, resume matches an
+uninterrupted run, reward-eval agrees with the trainer's eval, plots are drawn, the CLI and accelerate work."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from probllm.io import Stats
+from probllm.train.dpo import resolve_settings, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(max_steps=8, batch_size=4, warmup_steps=2, eval_steps=4, logging_steps=2, save_steps=4, lr=1e-2,
+            max_length=64, bf16=False)
+
+
+def make_pairs(n: int, seed: int, swapped: int = 0) -> list[dict]:
+    """Arithmetic pairs: chosen is short and right, rejected long and wrong. The first `swapped` pairs have
+    chosen and rejected exchanged, so a model that learned the pattern gets them wrong (accuracy below 1)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        good, bad = f"The answer is {a + b}.", f"I think it is {a + b + rng.randint(1, 5)} or so, maybe not."
+        if i < swapped:
+            good, bad = bad, good
+        out.append({"prompt": f"What is {a} + {b}?", "chosen": good, "rejected": bad, "source": "test", "id": i})
+    return out
+
+
+def write_jsonl(path: Path, recs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return {"train": write_jsonl(d / "train.jsonl", make_pairs(32, 0)),
+            "test": write_jsonl(d / "test.jsonl", make_pairs(8, 1, swapped=3))}
+
+
+def run_train(model, data, out, resume=False, **over):
+    settings = resolve_settings(model=model, **{**FAST, **over})
+    recs = [json.loads(line) for line in Path(data["train"]).read_text().splitlines()]
+    evals = [json.loads(line) for line in Path(data["test"]).read_text().splitlines()]
+    return train(iter(recs), settings, out, Stats(command="t"), eval_records=iter(evals), resume=resume,
+                 overwrite=not resume)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "a"
+    summary = run_train(tiny_model_dir, data, out)
+    return out, summary
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_and_rewards_move_after_real_steps(trained):
+    out, summary = trained
+    train_logs = [m for m in read_metrics(out) if "loss" in m]
+    evals = [m for m in read_metrics(out) if "eval_loss" in m]
+    assert [m["step"] for m in train_logs] == [1, 2, 4, 6, 8] and [m["step"] for m in evals] == [4, 8]
+    assert train_logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the adapter starts at zero
+    assert train_logs[-1]["loss"] < train_logs[0]["loss"] - 0.05
+    assert train_logs[-1]["rewards/margins"] > 0.05 and train_logs[-1]["rewards/chosen"] != 0
+    for key in ("rewards/rejected", "rewards/accuracies", "learning_rate", "grad_norm", "epoch",
+                "samples_per_second"):
+        assert key in train_logs[-1], key
+    assert evals[-1]["eval_rewards/margins"] != evals[0]["eval_rewards/margins"]
+    assert summary["steps"] == 8 and summary["eval"]["eval_rewards/accuracies"] < 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["beta"] == 0.05 and config["lora_r"] == 8 and config["trl"]["learning_rate"] == 1e-2
+
+
+def test_adapter_is_safetensors_and_loads_back(trained, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = trained
+    assert (out / "adapter_model.safetensors").stat().st_size > 0 and not list(out.glob("*.bin"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(out))
+    assert not torch.allclose(model(ids).logits, before)
+    with model.disable_adapter():
+        assert torch.allclose(model(ids).logits, before)
+
+
+def test_resume_gives_the_uninterrupted_result(trained, tiny_model_dir, data, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out, summary = trained
+    crashed = tmp_path / "b"
+    shutil.copytree(out, crashed)
+    # What a crash after the step-4 checkpoint leaves: no later checkpoint, no final adapter.
+    shutil.rmtree(crashed / "checkpoints" / "checkpoint-8")
+    (crashed / "adapter_model.safetensors").unlink()
+    resumed = run_train(tiny_model_dir, data, crashed, resume=True)
+    assert resumed["resumed_from"].endswith("checkpoint-4")
+    for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
+        assert resumed["last"][key] == pytest.approx(summary["last"][key], rel=1e-5, abs=1e-7), key
+    assert resumed["eval"]["eval_loss"] == pytest.approx(summary["eval"]["eval_loss"], rel=1e-5)
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(crashed / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # metrics.jsonl was cut back to the checkpoint and continued: same steps as the uninterrupted run.
+    assert [m["step"] for m in read_metrics(crashed)] == [m["step"] for m in read_metrics(out)]
+
+
+def test_reward_eval_agrees_with_trainer_eval(trained, data):
+    from probllm.train.reward import RewardScorer, reward_eval
+
+    out, summary = trained
+    stats = Stats(command="t")
+    recs = [json.loads(line) for line in Path(data["test"]).read_text().splitlines()]
+    scored = list(reward_eval(iter(recs), RewardScorer(adapter=str(out)), stats))
+    assert [r["id"] for r in scored] == [r["id"] for r in recs] and all(r["source"] == "test" for r in scored)
+    accuracy = sum(r["correct"] for r in scored) / len(scored)
+    assert 0 < accuracy < 1
+    assert accuracy == summary["eval"]["eval_rewards/accuracies"] == stats.notes["reward_accuracy"]
+    margin = sum(r["margin"] for r in scored) / len(scored)
+    assert margin == pytest.approx(summary["eval"]["eval_rewards/margins"], rel=0.02)
+    assert all(r["margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"]) for r in scored)
+
+
+def test_plot_writes_the_17_curves(trained, tmp_path):
+    from probllm.train.plot import CURVES, plot_runs
+
+    out, _ = trained
+    pngs = plot_runs([str(out), str(out / "metrics.jsonl")], tmp_path / "plots", labels=["a", "a-again"])
+    assert len(pngs) == len(CURVES) == 17
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+    index = (tmp_path / "plots" / "index.md").read_text()
+    assert "eval-rewards-accuracies.png" in index and "(no data)" not in index
+    assert (tmp_path / "plots" / "index.html").exists()
+
+
+def test_cli_pipe_contract_and_bad_input(cli, tiny_model_dir, data, tmp_path):
+    run = cli("dpo", str(data["train"]), "--model", tiny_model_dir, "--out", str(tmp_path / "c"), "--max-steps",
+              "2", "--batch-size", "4", "--logging-steps", "1", "--no-bf16", "--max-length", "64")
+    assert run.code == 0, run.stderr
+    assert len(run.records) == 1 and run.records[0]["steps"] == 2
+    assert "step 2/2" in run.stderr and "32 in, 1 out" in run.stderr
+    again = cli("dpo", str(data["train"]), "--model", tiny_model_dir, "--out", str(tmp_path / "c"))
+    assert again.code == 2 and "--resume" in again.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 5, "rejected": "b"}\n')
+    run = cli("dpo", str(bad), "--model", tiny_model_dir, "--out", str(tmp_path / "d"))
+    assert run.code == 65 and f"{bad}:2: field 'chosen'" in run.stderr and "Traceback" not in run.stderr
+    run = cli("reward-eval", str(data["test"]), "--adapter", str(tmp_path / "c"), "--summary",
+              str(tmp_path / "s.json"))
+    assert run.code == 0, run.stderr
+    assert len(run.records) == 8 and "reward_accuracy" in json.loads((tmp_path / "s.json").read_text())
+    run = cli("plot", str(tmp_path / "c"), "--out", str(tmp_path / "p"))
+    assert run.code == 0 and len(list((tmp_path / "p").glob("*.png"))) == 17
+
+
+def test_accelerate_two_processes(tiny_model_dir, data, tmp_path):
+    # On CPU, `accelerate launch --cpu` starts one process; `--multi_gpu` without GPUs starts 2 over gloo.
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate CLI not installed")
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "probllm", "dpo", str(data["train"]),
+         "--model", tiny_model_dir, "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+         "--logging-steps", "1", "--no-bf16", "--max-length", "64"],
+        capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(records) == 1  # only the main process writes
+    # 2 steps x 2 pairs x 2 processes = 8 of 32 pairs: a quarter epoch (one process would make it an eighth).
+    assert records[0]["epochs"] == pytest.approx(0.25)
+    assert (out / "adapter_model.safetensors").exists()
+    assert len([m for m in read_metrics(out) if "loss" in m]) == 2
