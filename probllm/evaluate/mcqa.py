@@ -28,7 +28,8 @@ from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, map_records, require
-from probllm.evaluate.templates import LETTERS, TEMPLATES, Item, Prompt, answer_kind, build_prompt, cot_prompt
+from probllm.evaluate.templates import (LETTERS, TEMPLATES, Item, Prompt, answer_kind, build_prompt, cot_prompt,
+                                       resolve_template)
 
 METHODS = ("loglik", "letter", "generate")
 WINDOW_BATCHES = 8  # how many batches of records are read ahead, sorted by length and scored together
@@ -442,7 +443,7 @@ def evaluate_records(
             return {"record": rec, "item": item, "text": text, "size": len(text)}
         template = options.template
         if options.method == "letter":  # the letters must be in the prompt: MMLU's template or our lettered one
-            template = "mmlu" if template == "mmlu" else "letter"
+            template = "mmlu" if resolve_template(template, item) == "mmlu" else "letter"
         prompt = build_prompt(item, template, shots, chat)
         return {"record": rec, "item": item, "prompt": prompt,
                 "size": len(prompt.context) + max(len(c) for c in prompt.continuations)}

@@ -1,0 +1,81 @@
+"""quantize: every method round-trips through a folder that load_model reads, close to the float model, and
+eval runs on it; an adapter is merged before quantizing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from probllm.evaluate.quantize import METHODS, quantize_to_folder, weights_size
+from probllm.io import UsageError
+from probllm.models import QUANT_MARKER, load_model, load_tokenizer
+
+PROMPT = "Question: What is 2 + 2?\nAnswer: The answer is B. Newton's second law says force"
+
+
+def logits(model, tok, text=PROMPT):
+    import torch
+
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():  # not inference_mode: optimum-quanto int4 fails under it
+        return model(**ids).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def float_logits(tiny_model_dir):
+    return logits(load_model(tiny_model_dir, dtype="float32", device="cpu"), load_tokenizer(tiny_model_dir))
+
+
+# Relative error bound of the quantized logits vs float (random tiny weights: a loose but failing-able bound).
+TOLERANCE = {8: 0.1, 4: 0.5}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_round_trips_and_evaluates(method, tiny_model_dir, float_logits, tmp_path):
+    from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+    from probllm.io import Record, Stats
+
+    folder = tmp_path / method
+    meta = quantize_to_folder(tiny_model_dir, method, str(folder))
+    assert meta["method"] == method and meta["bits"] == METHODS[method]["bits"]
+    assert json.loads((folder / QUANT_MARKER).read_text())["method"] == method
+    files = {p.name for p in folder.iterdir()}
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files), files  # no pickle on disk
+    assert any(f.endswith(".safetensors") for f in files)
+    model = load_model(str(folder), device="cpu")
+    tok = load_tokenizer(str(folder))
+    first = logits(model, tok)
+    assert first.shape == float_logits.shape and bool(first.isfinite().all())
+    rel = float((first - float_logits).abs().max() / float_logits.abs().max())
+    assert rel < TOLERANCE[meta["bits"]], rel
+    if method != "torch-int8":
+        assert weights_size(str(folder)) < weights_size(tiny_model_dir)
+    again = logits(load_model(str(folder), device="cpu"), tok)  # loading is deterministic
+    assert float((again - first).abs().max()) < 1e-3
+    records = [Record({"id": "q", "question": "2 + 2 =", "choices": ["3", "4"], "answer": "B", "source": "arc-easy"})]
+    preds = list(evaluate_records(records, Scorer(model, tok), EvalOptions(), Stats(), Summary()))
+    assert preds[0]["pred"] in ("A", "B") and len(preds[0]["scores"]) == 2
+
+
+def test_adapter_is_merged_before_quantizing(tiny_model_dir, float_logits, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tok = load_tokenizer(tiny_model_dir)
+    with_adapter = logits(load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"), device="cpu"), tok)
+    assert float((with_adapter - float_logits).abs().max()) > 0.01  # the adapter changes the model
+    quantize_to_folder(tiny_model_dir, "torch-int8", str(tmp_path / "q"), adapter=str(tmp_path / "adapter"))
+    q = logits(load_model(str(tmp_path / "q"), device="cpu"), tok)
+    assert float((q - with_adapter).abs().max()) < float((q - float_logits).abs().max())
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tiny_model_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError):
+        quantize_to_folder(tiny_model_dir, "torch-int8", str(tmp_path))
+    with pytest.raises(UsageError):
+        quantize_to_folder(tiny_model_dir, "gptq-3bit", str(tmp_path / "x"))
