@@ -1,0 +1,50 @@
+"""The hf backend for real: a tiny transformers model, batched generation, greedy determinism, cache."""
+
+from __future__ import annotations
+
+import json
+
+from probllm.io import Stats, read_records
+from probllm.judge import JudgeOptions, JudgeSummary, judge_records
+from probllm.llm import BackendConfig, make_backend, run_ordered
+
+PARAMS = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def chats(backend, prompts, params=PARAMS):
+    async def one(p):
+        return await backend.chat([{"role": "user", "content": p}], params)
+
+    return list(run_ordered(prompts, one, window=32, backend=backend))
+
+
+def test_batched_greedy_generation_is_deterministic_and_cached(tiny_model_dir, tmp_path):
+    prompts = [f"The derivative of x squared is {i}" for i in range(6)]
+    config = BackendConfig(backend="hf", model=tiny_model_dir, batch_size=4, cache=tmp_path / "c.sqlite")
+    backend = make_backend(config)
+    first = chats(backend, prompts)
+    assert len(first) == 6 and all(isinstance(t, str) for t in first)
+    assert backend.batches == 2 and backend.requests == 6          # 6 prompts in batches of 4 + 2
+    # Batched (padded) and one-by-one greedy generation agree.
+    solo = make_backend(BackendConfig(backend="hf", model=tiny_model_dir, batch_size=1, no_cache=True))
+    assert chats(solo, prompts) == first
+    again = make_backend(config)
+    assert chats(again, prompts) == first and again.requests == 0 and again.cache_hits == 6
+
+
+def test_sampling_is_seeded(tiny_model_dir):
+    sampled = {**PARAMS, "temperature": 1.0, "max_tokens": 12, "seed": 5}
+    b1 = make_backend(BackendConfig(backend="hf", model=tiny_model_dir, no_cache=True))
+    b2 = make_backend(BackendConfig(backend="hf", model=tiny_model_dir, no_cache=True))
+    assert chats(b1, ["Heapsort runs in"], sampled) == chats(b2, ["Heapsort runs in"], sampled)
+
+
+def test_judge_through_hf_reports_unparseable(tiny_model_dir, tmp_path):
+    # A random tiny model never writes [[A]]: every record must come out with its raw text and an error.
+    path = tmp_path / "both.jsonl"
+    path.write_text(json.dumps({"id": 1, "question": "Q?", "answer_a": "a", "answer_b": "b"}) + "\n")
+    stats, summary = Stats(), JudgeSummary()
+    config = BackendConfig(backend="hf", model=tiny_model_dir, max_tokens=6, no_cache=True)
+    [v] = judge_records(read_records([str(path)], stats), config, JudgeOptions(tries=2), stats, summary)
+    assert v["verdict"] is None and len(v["judgments"]) == 2 and all("raw" in j for j in v["judgments"])
+    assert summary.unparsed == 1 and stats.notes["requests"] == 4
