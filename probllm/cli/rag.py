@@ -1,3 +1,181 @@
-"""Commands of the rag family (see probllm/rag)."""
+"""Commands of the rag family: `index`, `retrieve`, `ask` (logic in probllm/rag)."""
 
-from probllm.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from probllm.cli.app import InputFiles, Seed, SkipInvalid, SummaryFile, app, command
+
+IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
+EmbedderOpt = Annotated[Optional[str], typer.Option(
+    "--embedder", help="sentence-transformers model (hub id or folder); default: the index's own, or the offline "
+                       "all-MiniLM-L6-v2 for a new index.")]
+EfOpt = Annotated[Optional[int], typer.Option("--ef", help="hnswlib search breadth (higher: better recall, "
+                                                           "slower); default: the index's.")]
+KOpt = Annotated[int, typer.Option("-k", "--top-k", help="Passages per question.")]
+
+
+@app.command("index")
+def index_command(
+    paths: Annotated[list[str], typer.Argument(help="Notes: markdown/text files, folders of them, or JSONL/JSON "
+                                                    "records with a text field.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder (created, or updated in place).")],
+    embedder: EmbedderOpt = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option("--chunk-tokens", help="Chunk budget in embedder tokens "
+                                                        "[default: 200, or the index's].")] = None,
+    overlap: Annotated[Optional[int], typer.Option("--overlap", help="Tokens shared by consecutive chunks of a "
+                                                   "section [default: 40, or the index's].")] = None,
+    M: Annotated[Optional[int], typer.Option("--M", help="hnswlib graph degree [default: 16].")] = None,
+    ef_construction: Annotated[Optional[int], typer.Option("--ef-construction", help="hnswlib build breadth "
+                                                           "[default: 200].")] = None,
+    ef: EfOpt = None,
+    text_field: Annotated[str, typer.Option("--text-field", help="JSONL input: the field holding the text.")] = "text",
+    id_field: Annotated[str, typer.Option("--id-field", help="JSONL input: the field naming a record (else its "
+                                          "line number).")] = "id",
+    seed: Seed = 0,
+    summary: SummaryFile = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Build or update a vector index of course notes (hnswlib + SQLite sidecar).
+
+    The index mirrors PATHS: run it again with the same paths and only new or changed documents are embedded,
+    documents no longer there are removed; an interrupted run leaves the previous index usable. Front matter,
+    HTML and Liquid markup are cleaned; chunks follow headings and paragraphs, never splitting code or math.
+    PDF is not read (no PDF library is installed): convert it to text first.
+
+        probllm index examples/notes --out runs/demo/notes.idx
+        probllm index lecture-notes.jsonl --text-field body --out notes.idx --chunk-tokens 128 --overlap 24
+    """
+    from probllm.rag.index import build_index
+
+    with command("index", summary_file=summary) as stats:
+        build_index(paths, str(out), stats, embedder=embedder, chunk_tokens=chunk_tokens, overlap=overlap, M=M,
+                    ef_construction=ef_construction, ef=ef, text_field=text_field, id_field=id_field,
+                    skip_invalid=skip_invalid, seed=seed)
+
+
+@app.command("retrieve")
+def retrieve_command(
+    query: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are read from "
+                                                        "--input files or stdin.", show_default=False)] = None,
+    index: Annotated[str, typer.Option("--index", help="Index folder built by `probllm index`.")] = ...,
+    files: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="JSONL files of records (default: "
+                                                       "stdin).")] = None,
+    k: KOpt = 5,
+    field: Annotated[str, typer.Option("--field", help="Record field holding the question.")] = "question",
+    attach: Annotated[bool, typer.Option("--attach", help="Write the input records with a `context` list "
+                                         "instead of one record per passage.")] = False,
+    context_field: Annotated[str, typer.Option("--context-field", help="Name of the attached field.")] = "context",
+    with_choices: Annotated[bool, typer.Option("--with-choices", help="MCQ records: query with the question "
+                                               "and its options.")] = False,
+    embedder: EmbedderOpt = None,
+    ef: EfOpt = None,
+    summary: SummaryFile = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Find the passages of an index closest to a question (cosine similarity), as JSONL.
+
+    One record per passage (`id`, `score`, `text`, `source`, `heading`, `rank`, offsets), or with `--attach`
+    the input records with a `context` list, which `eval --context context` and `ask` read.
+
+        probllm retrieve --index runs/demo/notes.idx "What is the worst case of heapsort?" -k 3
+        probllm retrieve --index notes.idx --attach --with-choices -i mcq.jsonl | probllm eval --context context
+    """
+    from probllm.io import read_records, write_records
+    from probllm.rag.retrieve import Retriever, retrieve_records, retrieve_text
+
+    with command("retrieve", summary_file=summary) as stats:
+        retriever = Retriever(index, embedder=embedder, ef=ef)
+        if query is not None:
+            if files:
+                from probllm.io import UsageError
+
+                raise UsageError("give either a QUERY or --input records, not both")
+            stats.read = 1
+            write_records(retrieve_text(retriever, query, k), stats)
+        else:
+            records = read_records(files, stats=stats, skip_invalid=skip_invalid)
+            write_records(retrieve_records(records, retriever, stats, k=k, field=field, attach=attach,
+                                           context_field=context_field, with_choices=with_choices,
+                                           skip_invalid=skip_invalid), stats)
+
+
+@app.command("ask")
+def ask_command(
+    question: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are answered "
+                                                           "(--input files or stdin).", show_default=False)] = None,
+    index: IndexOpt = None,
+    choice: Annotated[Optional[list[str]], typer.Option("--choice", "-c", help="An option of a multiple-choice "
+                                                        "question (repeat: A, B, C...).")] = None,
+    files: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="JSONL files of records (default: "
+                                                       "stdin).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, folder (also a `quantize` output) or "
+                                                 "nothing for the offline SmolLM2-135M-Instruct.")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder (a `dpo` output).")] = None,
+    k: KOpt = 4,
+    field: Annotated[str, typer.Option("--field", help="Record field holding the question.")] = "question",
+    context_field: Annotated[str, typer.Option("--context", help="Without --index: record field with passages "
+                                               "(from `retrieve --attach`) to quote.")] = "context",
+    letter: Annotated[str, typer.Option("--letter", help="Options: pick the letter by each option's likelihood "
+                                        "(loglik; reliable for small models) or let the model write it "
+                                        "(generate).")] = "loglik",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples, "
+                                               "seeded by --seed.")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per generate call.")] = 4,
+    embedder: EmbedderOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU), float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
+    seed: Seed = 0,
+    summary: SummaryFile = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Answer questions about the course, grounded in the notes index when `--index` is given.
+
+    With a QUESTION, the sources used are listed on stderr and the answer streams to stdout as it is
+    generated. Without one, JSONL records are read and written back with `answer` and `context_ids` (an input
+    `answer` is kept as `reference_answer`), for `judge`. Greedy decoding unless --temperature.
+
+        probllm ask "What is the worst-case running time of heapsort?" --index runs/demo/notes.idx
+        probllm ask "Unit of force?" -c joule -c newton -c watt -c pascal
+        probllm retrieve --index notes.idx --attach -i questions.jsonl | probllm ask > answers.rag.jsonl
+    """
+    from probllm.io import read_records, write_records
+    from probllm.rag.ask import Generator, ask_one, ask_records, check_options, show_sources
+
+    with command("ask", summary_file=summary, quiet_summary=question is not None) as stats:
+        check_options(letter, k, max_new_tokens, batch_size)
+        retriever = None
+        if index:
+            from probllm.rag.retrieve import Retriever
+
+            retriever = Retriever(index, embedder=embedder)
+        if question is not None:
+            if files:
+                from probllm.io import UsageError
+
+                raise UsageError("give either a QUESTION or --input records, not both")
+            generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
+                                  temperature=temperature)
+
+            def write(text: str) -> None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            stats.read = 1
+            ask_one(question, generator, retriever, choices=choice, k=k, max_new_tokens=max_new_tokens,
+                    letter_method=letter, on_text=write, on_sources=show_sources)
+            sys.stdout.write("\n")
+            stats.written = 1
+        else:
+            records = read_records(files, stats=stats, skip_invalid=skip_invalid)
+            generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
+                                  temperature=temperature)
+            write_records(ask_records(records, generator, stats, retriever=retriever, field=field,
+                                      context_field=context_field, k=k, max_new_tokens=max_new_tokens,
+                                      letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid),
+                          stats)
