@@ -106,6 +106,8 @@ def pair_stackexchange_command(
                                                  "`stackoverflow,math,physics` or full hosts).")] = None,
     site: Annotated[Optional[str], typer.Option("--site", help="Posts.xml: the dump's site (default: its "
                                                 "folder name, e.g. math.stackexchange.com).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (Posts.xml by the .xml/.xml.gz name, else HF JSONL), "
+                                     "hf, or posts-xml (e.g. a dump piped on stdin).")] = "auto",
     html: Annotated[bool, typer.Option("--html", help="Keep the HTML instead of converting to markdown.")]
     = False,
     seed: Seed = 0,
@@ -121,18 +123,21 @@ def pair_stackexchange_command(
 
         probllm pair-stackexchange --sites stackoverflow,math examples/stackexchange.jsonl
         probllm pair-stackexchange --chosen-min 3 --rejected-min 0 --rejected-max 2 examples/Posts.xml
+        gzip -dc Posts.xml.gz | probllm pair-stackexchange --format posts-xml --site physics.stackexchange.com
     """
     from probllm.data.stackexchange import PairRule, is_posts_xml, pair_from_hf, pairs_from_posts_xml, \
         parse_sites
-    from probllm.io import map_records, read_records, write_records
+    from probllm.io import UsageError, map_records, read_records, write_records
 
     with command("pair-stackexchange", summary) as stats:
+        if fmt not in ("auto", "hf", "posts-xml"):
+            raise UsageError("--format must be auto, hf or posts-xml")
         rule = PairRule(chosen_min=chosen_min, rejected_min=rejected_min, rejected_max=rejected_max,
                         sites=parse_sites(sites), markdown=not html)
         rng = random.Random(seed)
         paths = list(files or ["-"])
         for path in paths:
-            if is_posts_xml(path):
+            if fmt == "posts-xml" or (fmt == "auto" and is_posts_xml(path)):
                 write_records(pairs_from_posts_xml(path, rule, rng, stats, site=site, skip_invalid=skip_invalid),
                               stats)
             else:

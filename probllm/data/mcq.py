@@ -252,7 +252,7 @@ def arc_to_mcq(record: dict, arc_set: str | None = None) -> dict:
             raise RecordError(f"{len(texts)} texts but {len(labels)} labels", field="choices")
         if not all(isinstance(t, str) for t in texts):
             raise RecordError("expected strings", field="choices.text")
-    if not 2 <= len(texts) <= 5:
+    if not 3 <= len(texts) <= 5:
         raise RecordError(f"expected 3 to 5 choices, got {len(texts)}", field="choices")
     key = str(require(record, "answerKey", (str, int))).strip()
     if key not in labels:
