@@ -68,6 +68,24 @@ def test_binary_file_is_a_clear_error(cli, tmp_path):
     one_error_line(cli("load", str(csv_blob), "--format", "mmlu-csv"), str(csv_blob), "binary")
 
 
+def test_load_bad_local_files_and_unreachable_hub_name(cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n')
+    one_error_line(cli("load", str(bad)), f"{bad}:2:", "invalid JSON")
+    run = cli("load", "--skip-invalid", str(bad))
+    assert run.code == 0 and run.records == [{"a": 1}] and "1 invalid" in run.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    one_error_line(cli("load", str(empty)), "empty input")
+    short = tmp_path / "short_dev.csv"
+    short.write_text("q,1,2,3,4,A\nq2,1,2\n")
+    one_error_line(cli("load", "--format", "mmlu-csv", str(short)), f"{short}:2:", "expected 6 columns")
+    # the hub path is the same code; offline it must fail with one line, not a traceback
+    run = cli("load", "probllm-no-such/dataset", "--split", "test", env={"HF_HUB_OFFLINE": "1",
+                                                                        "HF_DATASETS_OFFLINE": "1"})
+    assert run.code == 1 and "Traceback" not in run.stderr and "cannot load probllm-no-such/dataset" in run.stderr
+
+
 def test_skip_invalid_goes_on_and_counts(cli):
     text = "\n".join([GOOD_GSM, '{"question": "q", "answer"', '{"question": "q", "answer": "no final"}',
                       '{"question": "q"}', GOOD_GSM]) + "\n"

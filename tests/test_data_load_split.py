@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
 
 
-def test_load_local_jsonl_csv_and_parquet_through_datasets(tmp_path):
+def test_load_local_jsonl_and_csv_parquet_through_datasets(tmp_path):
     rows = [{"question": f"q{i}", "n": i, "tags": ["a", "b"]} for i in range(5)]
     jl = tmp_path / "d.jsonl"
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows))

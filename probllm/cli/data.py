@@ -35,7 +35,8 @@ def load_command(
         probllm load examples/gsm8k.jsonl --limit 5
         probllm load allenai/ai2_arc --config ARC-Easy --split test --streaming
     """
-    from probllm.data.load import load_records
+    from probllm.cli.app import fail
+    from probllm.data.load import LoadError, load_records
     from probllm.io import RecordError, log, write_records
 
     with command("load", summary) as stats:
@@ -43,7 +44,8 @@ def load_command(
 
         def checked():
             for item in load_records(source, stats, fmt=fmt, config=config, split=split, streaming=streaming,
-                                     columns=cols, data_dir=data_dir, limit=limit):
+                                     columns=cols, data_dir=data_dir, limit=limit,
+                                     skip_invalid=skip_invalid):
                 if isinstance(item, RecordError):
                     if not skip_invalid:
                         raise item
@@ -52,7 +54,10 @@ def load_command(
                     continue
                 yield item
 
-        write_records(checked(), stats)
+        try:
+            write_records(checked(), stats)
+        except LoadError as e:
+            fail(str(e))
         if stats.read == 0:
             raise RecordError("no input records (empty input)", source=source)
 

@@ -2,8 +2,9 @@
 
 - Hub names go through `datasets.load_dataset(name, config, split=..., streaming=...)`. Without `--split`,
   every split is written, each record tagged with `split`.
-- Local json/jsonl/csv/parquet files go through the same library with `streaming=True`: records come out as
-  they are read, without an Arrow cache on disk.
+- Local csv/parquet files go through the same library with `streaming=True`: records come out as they are
+  read, without an Arrow cache on disk. Local json/jsonl files go through probllm's own reader (the same
+  records, but bad lines are named by file:line, which block-wise Arrow parsing cannot do).
 - Header-less CSVs (the original MMLU files: question, A, B, C, D, answer) are read with the standard `csv`
   module, one row at a time (RFC 4180 quoting: commas and newlines inside quoted fields), with `--columns` or
   `--format mmlu-csv`; the subject comes from the file name (`anatomy_dev.csv` -> anatomy).
@@ -23,12 +24,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from probllm.data.mcq import subject_from_filename
-from probllm.io import Record, RecordError, Stats, UsageError
+from probllm.io import Record, RecordError, Stats, UsageError, read_records
 
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 FORMATS = ("auto", "json", "csv", "parquet", "mmlu-csv")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet",
              ".tsv": "csv"}
+
+
+class LoadError(Exception):
+    """The datasets library could not open a source (offline, unknown name or config): exit 1, one line."""
 
 
 def _builder_for(path: str) -> str | None:
@@ -112,7 +117,8 @@ def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject
 
 def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | None = None,
                  split: str | None = None, streaming: bool = False, columns: list[str] | None = None,
-                 data_dir: str | None = None, limit: int | None = None) -> Iterator[dict | RecordError]:
+                 data_dir: str | None = None, limit: int | None = None,
+                 skip_invalid: bool = False) -> Iterator[dict | RecordError]:
     """Records of SOURCE (hub name, file, folder or glob). Header-less CSV rows with the wrong number of
     columns come back as RecordError items so the caller can stop or skip them."""
     if fmt not in FORMATS:
@@ -131,6 +137,19 @@ def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | 
                 if limit is not None and n >= limit:
                     return
         return
+    if files is not None and fmt in ("auto", "json") and all(_builder_for(f) == "json" for f in files):
+        # Local JSON/JSONL: probllm's own reader streams the same records and names file:line on bad input,
+        # which the datasets library (block-wise Arrow parsing) cannot.
+        for rec in read_records(files, stats, skip_invalid):
+            yield rec
+            n += 1
+            if limit is not None and n >= limit:
+                return
+        return
+    if files is not None:
+        for f in files:
+            if os.path.getsize(f) == 0:
+                raise RecordError("no input records (empty input)", source=f)
     import datasets  # heavy: imported only when this path runs
 
     try:
@@ -147,8 +166,8 @@ def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | 
                 else [(None, ds)]
     except UsageError:
         raise
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # type: ignore[attr-defined]
-        raise UsageError(f"cannot load {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception as e:  # offline, unknown dataset or config, bad data_files: the library's message, one line
+        raise LoadError(f"cannot load {source}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
     try:
         for split_name, part in splits:
             for row in part:
@@ -184,7 +203,7 @@ def _csv_files(path: str) -> list[str] | None:
 def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = False) -> Iterator[Record]:
     """Like io.read_records, but header-less MMLU CSV files (or folders of them) are read directly too, so
     `mcqify --source mmlu data/dev/` works without a `load` step."""
-    from probllm.io import log, read_records
+    from probllm.io import log
 
     paths = list(paths or [])
     if not any(_csv_files(p) for p in paths):
