@@ -1,0 +1,184 @@
+"""Throughput and peak memory of the data commands on generated inputs of 10x different sizes.
+
+Each measurement runs the real CLI (`python -m probllm ...`, stdout to /dev/null) in its own process and reads
+that process's peak resident memory (ru_maxrss from wait4), so the numbers include the interpreter and are not
+mixed between runs. If memory stays flat while the input grows 100x, the command streams.
+
+Measured:
+- `pair-stackexchange` on HuggingFaceH4-format JSONL (HTML -> markdown on every kept pair),
+- `pair-stackexchange` on a Posts.xml dump (two passes with on-disk state; answers of some questions come far
+  after them, as in real dumps),
+- `mcqify --source gsm8k`,
+- a reference: a plain Python loop that parses and re-serialises each JSONL line (`json.loads`/`json.dumps`), the
+  floor any JSONL command pays, so the ratio says what the command's own work costs.
+
+    python bench/bench_data.py                      # 2k / 20k / 200k records
+    python bench/bench_data.py --sizes 1000,10000   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "data.md"
+
+WORDS = ("gradient entropy momentum tensor kernel lattice photon vector matrix proof lemma integral series "
+         "theorem stack heap queue graph tree node edge energy force field charge spin").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def body(rng: random.Random) -> str:
+    """An HTML post body with a paragraph, inline code, LaTeX and a code block (about 500 bytes)."""
+    return (f"<p>{sentence(rng, 25)} <code>x[{rng.randint(0, 9)}]</code> and $a_{rng.randint(1, 9)}^2 = "
+            f"\\frac{{{rng.randint(1, 9)}}}{{2}}$.</p><pre><code>for i in range({rng.randint(2, 99)}):\n"
+            f"    total += i &lt;&lt; 1\n</code></pre><p>{sentence(rng, 20)}</p>")
+
+
+SITES = ("stackoverflow.com", "math.stackexchange.com", "physics.stackexchange.com", "cooking.stackexchange.com")
+
+
+def gen_hf(path: Path, n: int, rng: random.Random) -> None:
+    with open(path, "w") as f:
+        for q in range(n):
+            site = SITES[q % len(SITES)]
+            answers = [{"answer_id": q * 10 + i, "text": body(rng), "pm_score": rng.choice((1, 3, 4, 5, 8, 10, 12)),
+                        "selected": i == 0, "author": "u", "author_id": "1", "author_profile": ""}
+                       for i in range(rng.randint(2, 5))]
+            f.write(json.dumps({"qid": q, "question": body(rng), "answers": answers, "date": "2020/01/01",
+                                "metadata": [f"https://{site}/questions/{q}", f"https://{site}",
+                                             f"https://{site}/users/1"]}) + "\n")
+
+
+def gen_posts_xml(path: Path, n: int, rng: random.Random) -> None:
+    """n questions with 2-5 answers each; answers follow their question after a random delay of up to 50
+    questions, and 5% are held back to the very end (an old question answered years later)."""
+    pending: list[tuple[int, str]] = []  # (release at question index, row)
+    late: list[str] = []
+    next_id = 1
+
+    def row(**attrs) -> str:
+        return "  <row " + " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items()) + " />\n"
+
+    with open(path, "w") as f:
+        f.write('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n')
+        for q in range(n):
+            qid = next_id
+            next_id += 1
+            k = rng.randint(2, 5)
+            answer_ids = list(range(next_id + 10 * n, next_id + 10 * n + k))  # ids only need to be unique
+            next_id += 1
+            f.write(row(Id=qid, PostTypeId=1, AcceptedAnswerId=answer_ids[0], Score=rng.randint(0, 50),
+                        Title=sentence(rng, 8), Tags="<t>", CreationDate="2015-01-01T00:00:00.000",
+                        Body=body(rng)))
+            for aid in answer_ids:
+                score = rng.choice((-1, 3, 8, 10, 20, 40, 1100))
+                r = row(Id=aid, PostTypeId=2, ParentId=qid, Score=score, CreationDate="2015-01-02T00:00:00.000",
+                        Body=body(rng))
+                if rng.random() < 0.05:
+                    late.append(r)
+                else:
+                    pending.append((q + rng.randint(0, 50), r))
+            ready = [r for when, r in pending if when <= q]
+            pending = [(when, r) for when, r in pending if when > q]
+            f.writelines(ready)
+        f.writelines(r for _, r in pending)
+        f.writelines(late)
+        f.write("</posts>\n")
+
+
+def gen_gsm8k(path: Path, n: int, rng: random.Random) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.randint(2, 999), rng.randint(2, 99)
+            f.write(json.dumps({"question": f"{sentence(rng, 30)} {a} times {b}? (#{i})",
+                                "answer": f"{sentence(rng, 20)} {a}*{b}=<<{a}*{b}={a * b}>>{a * b}.\n#### {a * b}"})
+                    + "\n")
+
+
+REFERENCE = ("import json,sys\n"
+             "for line in open(sys.argv[1], encoding='utf-8'):\n"
+             "    sys.stdout.write(json.dumps(json.loads(line), ensure_ascii=False) + '\\n')\n")
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command run in its own process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with open(os.devnull, "wb") as devnull:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=devnull, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr.decode()[-2000:]}")
+    rss_kb = usage.ru_maxrss  # kilobytes on Linux
+    return elapsed, rss_kb / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="2000,20000,200000", help="records per input, comma-separated")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    py = sys.executable
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="probllm-bench-") as tmp:
+        tmp = Path(tmp)
+        for n in sizes:
+            rng = random.Random(args.seed)
+            hf, xml, gsm = tmp / f"se-{n}.jsonl", tmp / f"Posts-{n}.xml", tmp / f"gsm8k-{n}.jsonl"
+            gen_hf(hf, n, rng)
+            gen_posts_xml(xml, n, rng)
+            gen_gsm8k(gsm, n, rng)
+            cases = [
+                ("pair-stackexchange (HF jsonl)", hf, [py, "-m", "probllm", "pair-stackexchange", str(hf)]),
+                ("reference: json loads+dumps (HF jsonl)", hf, [py, "-c", REFERENCE, str(hf)]),
+                ("pair-stackexchange (Posts.xml)", xml, [py, "-m", "probllm", "pair-stackexchange", "--site",
+                                                         "math.stackexchange.com", str(xml)]),
+                ("mcqify --source gsm8k", gsm, [py, "-m", "probllm", "mcqify", "--source", "gsm8k", str(gsm)]),
+                ("reference: json loads+dumps (gsm8k)", gsm, [py, "-c", REFERENCE, str(gsm)]),
+            ]
+            for name, path, cmd in cases:
+                seconds, rss = measure(cmd)
+                mb = path.stat().st_size / 1e6
+                rows.append((name, n, mb, seconds, n / seconds, mb / seconds, rss))
+                print(f"{name:42s} {n:>8d} records {mb:8.1f} MB {seconds:7.2f} s {rss:7.1f} MB peak",
+                      file=sys.stderr, flush=True)
+            for p in (hf, xml, gsm):
+                p.unlink()
+    ref = {(name.split("(")[-1].rstrip(")"), n): rps for name, n, _, _, rps, _, _ in rows if name.startswith("ref")}
+    lines = [
+        f"Generated inputs, seed {args.seed}; one process per measurement (CLI start-up included); "
+        f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}.",
+        "",
+        "| command | records | input MB | seconds | records/s | MB/s | peak RSS MB | vs json loads+dumps |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, n, mb, seconds, rps, mbps, rss in rows:
+        kind = "gsm8k" if "gsm8k" in name else "HF jsonl"
+        ratio = "" if name.startswith("ref") or "xml" in name else f"{ref[(kind, n)] / rps:.1f}x slower"
+        lines.append(f"| {name} | {n:,} | {mb:.1f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} | {ratio} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
