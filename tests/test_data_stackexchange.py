@@ -84,7 +84,7 @@ def test_markdown_keeps_code_blocks_inline_code_and_latex():
     assert "Let $a_1 * b_2 = \\frac{1}{2}$ and use `x < y`." in md
     assert '```py\nif a < b:\n    print("`x`")\n```' in md
     assert "$$\\int_0^1 x\\,dx$$" in md and "$$E=mc^2$$" in md
-    assert "- one" in md and "- [two](https://x.org)" in md and "> quoted" in md
+    assert "- one\n- [two](https://x.org)" in md and "> quoted" in md
     assert "<" not in md.replace("x < y", "").replace("a < b", "")
 
 

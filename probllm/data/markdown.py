@@ -20,6 +20,7 @@ from html.parser import HTMLParser
 _BLOCK = {"p", "div", "section", "article", "table", "tr", "dl", "dt", "dd", "figure", "details", "summary"}
 _HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
 _SPACE = re.compile(r"[ \t\r\n\f]+")
+_ITEM = "\x00"  # marks a block made of list items, removed in the result
 
 
 class _Converter(HTMLParser):
@@ -46,7 +47,11 @@ class _Converter(HTMLParser):
         text = re.sub(r" *\n *", "\n", text)
         if self.quote:
             text = "\n".join("> " * self.quote + ln for ln in text.split("\n"))
-        self.blocks.append(text)
+        if self.lists and self.blocks and self.blocks[-1].startswith(_ITEM):
+            # items of one list stay on consecutive lines (a tight list)
+            self.blocks[-1] += "\n" + text
+        else:
+            self.blocks.append(_ITEM + text if self.lists else text)
 
     def _emit(self, text: str) -> None:
         if self.skip:
@@ -183,7 +188,7 @@ class _Converter(HTMLParser):
             self.line.append("`" + "".join(self.code_inline) + "`")
             self.code_inline = None
         self._flush()
-        return "\n\n".join(self.blocks)
+        return "\n\n".join(b.removeprefix(_ITEM) for b in self.blocks)
 
 
 def html_to_markdown(html: str) -> str:

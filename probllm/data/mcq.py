@@ -48,9 +48,10 @@ def stable_id(prefix: str, *parts: str) -> str:
     return f"{prefix}-{digest}"
 
 
-def _check_options(choices: list[str], field: str = "choices") -> None:
-    if len(set(choices)) != len(choices):
-        raise RecordError("options are not distinct", field=field)
+def _check_options(choices: list[str], source: str) -> None:
+    """Every MCQ written has distinct options: a source item that repeats one is dropped and counted."""
+    if len(set(c.strip() for c in choices)) != len(choices):
+        raise Skip(f"{source}: options not distinct")
 
 
 def _shuffled(correct: str, distractors: list[str], rng: random.Random) -> tuple[list[str], str]:
@@ -257,7 +258,7 @@ def arc_to_mcq(record: dict, arc_set: str | None = None) -> dict:
     key = str(require(record, "answerKey", (str, int))).strip()
     if key not in labels:
         raise RecordError(f"answer key {key!r} is not one of the labels {labels}", field="answerKey")
-    _check_options(texts)
+    _check_options(texts, "arc")
     source = _arc_set(record, arc_set)
     out = _mcq(
         _keep(record, "question", "choices", "answerKey"),
@@ -319,6 +320,7 @@ def mmlu_to_mcq(record: dict, subjects: frozenset[str] | None = None) -> dict:
         consumed = ("A", "B", "C", "D", "answer")
     if len(choices) != 4:
         raise RecordError(f"expected 4 choices, got {len(choices)}", field="choices")
+    _check_options(choices, "mmlu")
     raw = record.get("answer", record.get("target"))
     if isinstance(raw, bool) or raw is None:
         raise RecordError("missing" if raw is None else "expected a letter or an index", field="answer")
