@@ -230,9 +230,14 @@ def _block_text(text: str, kind: str, start: int, end: int, markdown: bool) -> s
     return raw.strip()
 
 
-def _split_block(text: str, block: Block, budget: int, count: TokenCounter, markdown: bool) -> list[Block]:
+def _split_block(text: str, block: Block, budget: int, count: TokenCounter, markdown: bool,
+                 overlap: int = 0) -> list[Block]:
     """A block over budget, cut into pieces that each fit: prose at sentences (then words), code and math at
-    lines (then words). Only here may a code or math block be split."""
+    lines (then words). Only here may a code or math block be split. Prose pieces are grouped to leave room
+    for the overlap carried into the next chunk; code pieces leave room for the fences they are re-wrapped in."""
+    if block.kind == "code":
+        budget -= count(["```\n```"])[0]
+    group_budget = budget - overlap if block.kind == "text" else budget
     if block.kind == "text":
         spans = _split_raw(text, block.start, block.end, SENTENCE_END)
     else:
@@ -259,7 +264,7 @@ def _split_block(text: str, block: Block, budget: int, count: TokenCounter, mark
     out: list[Block] = []
     cur_span, cur_n = None, 0
     for (a, b), k in zip(pieces, sizes):
-        if cur_span is not None and cur_n + k > budget:
+        if cur_span is not None and cur_n + k > group_budget:
             out.append(_piece(text, block, cur_span, markdown))
             cur_span, cur_n = None, 0
         cur_span = (cur_span[0], b) if cur_span else (a, b)
@@ -303,7 +308,7 @@ def chunk_document(
     units: list[Block] = []
     for b in blocks:
         if b.tokens > chunk_tokens:
-            pieces = _split_block(text, b, chunk_tokens, count, markdown)
+            pieces = _split_block(text, b, chunk_tokens, count, markdown, overlap)
             for p, k in zip(pieces, count([p.text for p in pieces])):
                 p.tokens = k
             units.extend(pieces)
