@@ -130,8 +130,14 @@ def _user_turn(question: str, answer: str) -> str:
     return f"Question:\n{question}\n\nCorrect answer:\n{answer}\n\nCorrupted answer:"
 
 
+_ECHOED_TEMPLATE = re.compile(r"\s*(Corrupted answer:|Correct answer:|Question:\s*\n)", re.IGNORECASE)
+
+
 def clean_output(text: str) -> str:
+    """The corrupted answer alone: no leading label, no surrounding quotes, and none of our template that small
+    models tend to echo after their answer."""
     text = _LABEL.sub("", text.strip(), count=1).strip()
+    text = _ECHOED_TEMPLATE.split(text, maxsplit=1)[0].strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text

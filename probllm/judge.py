@@ -137,10 +137,13 @@ class JudgeOptions:
     reference_field: str = "reference"
     tries: int = 3                     # attempts when the judge's text has no verdict
     seed: int = 0
+    verdict_from: str = "generation"   # or "likelihood": score the allowed verdicts (hf backend)
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"--mode {self.mode}: choose pairwise or single")
+        if self.verdict_from not in ("generation", "likelihood"):
+            raise UsageError(f"--verdict-from {self.verdict_from}: choose generation or likelihood")
         if self.tries < 1:
             raise UsageError("--judge-tries must be at least 1")
 
@@ -292,6 +295,8 @@ def judge_records(records: Iterable[Record], config: BackendConfig, opts: JudgeO
     """One verdict record per input record, in input order; `summary` is filled as records go out."""
     opts.check()
     backend = make_backend(config)
+    if opts.verdict_from == "likelihood" and not hasattr(backend, "choose"):
+        raise UsageError("--verdict-from likelihood needs --backend hf (an API returns text, not scores)")
     label = f"{config.backend}:{backend.model}"
 
     async def one(rec: Record) -> _Outcome:
@@ -330,8 +335,24 @@ def judge_records(records: Iterable[Record], config: BackendConfig, opts: JudgeO
         stats.notes.update(backend.counts())
 
 
+_PAIR_OPTIONS = [" [[A]]", " [[B]]", " [[C]]"]
+_RATING_OPTIONS = [f" [[{i}]]" for i in range(1, 11)]
+
+
 async def _ask(backend, messages: list[dict], config: BackendConfig, opts: JudgeOptions, seed: int, parse):
-    """(raw texts of every try, parsed value or None). Retries with sampling when the text has no verdict."""
+    """(raw texts of every try, parsed value or None). Retries with sampling when the text has no verdict.
+
+    With `verdict_from="likelihood"` the judge does not write: the allowed verdicts are scored after a fixed
+    start of the reply, and the raw text records the scores (the most likely verdict is parsed as usual)."""
+    if opts.verdict_from == "likelihood":
+        pairwise = parse is parse_pairwise
+        options = _PAIR_OPTIONS if pairwise else _RATING_OPTIONS
+        prefix = "My final verdict:" if pairwise else "Rating:"
+        scores = await backend.choose(messages, options, prefix=prefix)
+        best = max(range(len(options)), key=lambda i: scores[i])
+        raw = prefix + options[best] + "  (log-likelihoods: " + ", ".join(
+            f"{o.strip()} {sc:.3f}" for o, sc in zip(options, scores)) + ")"
+        return [raw], parse(prefix + options[best])
     raws = []
     for attempt in range(opts.tries):
         params = config.gen_params(seed=seed + attempt).as_dict()

@@ -48,3 +48,19 @@ def test_judge_through_hf_reports_unparseable(tiny_model_dir, tmp_path):
     [v] = judge_records(read_records([str(path)], stats), config, JudgeOptions(tries=2), stats, summary)
     assert v["verdict"] is None and len(v["judgments"]) == 2 and all("raw" in j for j in v["judgments"])
     assert summary.unparsed == 1 and stats.notes["requests"] == 4
+
+
+def test_judge_by_likelihood_always_gives_a_verdict(tiny_model_dir, tmp_path):
+    path = tmp_path / "both.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": f"Q{i}?", "answer_a": "short", "answer_b": "long " * i})
+                            + "\n" for i in range(1, 4)))
+    stats, summary = Stats(), JudgeSummary()
+    config = BackendConfig(backend="hf", model=tiny_model_dir, cache=tmp_path / "c.sqlite")
+    out = list(judge_records(read_records([str(path)], stats), config, JudgeOptions(verdict_from="likelihood"),
+                             stats, summary))
+    assert all(v["verdict"] in ("a", "b", "tie", "inconsistent") for v in out)
+    assert all("log-likelihoods" in j["raw"] for v in out for j in v["judgments"])
+    assert summary.wins + summary.ties + summary.losses == 3 and summary.unparsed == 0
+    single = list(judge_records(read_records([str(path)], stats), config,
+                                JudgeOptions(mode="single", verdict_from="likelihood"), stats, JudgeSummary()))
+    assert all(1 <= v["score_a"] <= 10 and 1 <= v["score_b"] <= 10 for v in single)

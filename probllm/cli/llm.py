@@ -147,6 +147,10 @@ def judge(
                                                  "reference-guided prompts are used.")] = "reference",
     judge_tries: Annotated[int, typer.Option("--judge-tries", help="Attempts when the judge's text holds no "
                                              "verdict.")] = 3,
+    verdict_from: Annotated[str, typer.Option("--verdict-from", help="generation (the judge writes its "
+                                              "reasoning and verdict) or likelihood (hf: score the allowed "
+                                              "verdicts; for small models that ignore the format).")] =
+        "generation",
     backend: Backend = "hf",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -185,7 +189,7 @@ def judge(
                          no_cache=no_cache, seed=seed)
         opts = JudgeOptions(mode=mode, key=key, question_field=question_field, answer_field=answer_field,
                             a_field=a_field, b_field=b_field, reference_field=reference_field, tries=judge_tries,
-                            seed=seed)
+                            seed=seed, verdict_from=verdict_from)
         opts.check()
         records = judge_input(a, b, files, opts, stats, skip_invalid)
         write_records(judge_records(records, config, opts, stats, result, skip_invalid), stats)

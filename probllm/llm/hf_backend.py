@@ -9,6 +9,7 @@ temperature, sampling is seeded per batch from the request seeds (so a re-run wi
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from probllm.llm.base import Backend, FatalBackendError
 
@@ -33,6 +34,9 @@ class HFBackend(Backend):
         self._queue: list[tuple[list[dict], dict, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         self.batches = 0
+        # One model, used from worker threads: load it once and run one forward pass at a time (parallel passes
+        # would only fight over the same cores).
+        self._model_lock = threading.Lock()
 
     def _load(self) -> None:
         if self._lm is None:
@@ -77,6 +81,10 @@ class HFBackend(Backend):
         return "\n\n".join(lines) + "\n\nAssistant:"
 
     def _generate(self, batch: list[list[dict]], params: dict) -> list[str]:
+        with self._model_lock:
+            return self._generate_locked(batch, params)
+
+    def _generate_locked(self, batch: list[list[dict]], params: dict) -> list[str]:
         import torch
 
         self._load()
@@ -95,3 +103,52 @@ class HFBackend(Backend):
         self.batches += 1
         new_tokens = out[:, enc["input_ids"].shape[1]:]
         return [tok.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+    # ------------------------------------------------------------------------------------ likelihood choice
+
+    async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
+        """Log-likelihood of each option as the start of the assistant's reply (after `prefix`).
+
+        Small local models rarely follow an output format like `[[A]]`; scoring the allowed answers instead of
+        generating makes them usable as judges (and is how MCQ scoring works too). Cached like completions."""
+        import json
+
+        from probllm.llm.cache import request_key
+
+        key = request_key(self.name, self.model, messages, {"choose": options, "prefix": prefix})
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache_hits += 1
+                return json.loads(hit)
+        self.requests += 1
+        scores = await asyncio.to_thread(self._score_options, messages, options, prefix)
+        if self.cache is not None:
+            self.cache.put(key, json.dumps(scores))
+        return scores
+
+    def _score_options(self, messages: list[dict], options: list[str], prefix: str) -> list[float]:
+        with self._model_lock:
+            return self._score_locked(messages, options, prefix)
+
+    def _score_locked(self, messages: list[dict], options: list[str], prefix: str) -> list[float]:
+        import torch
+
+        self._load()
+        tok, lm = self._tok, self._lm
+        prompt_ids = tok(self._render(messages) + prefix, add_special_tokens=False)["input_ids"]
+        option_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
+        seqs = [prompt_ids + o for o in option_ids]
+        width = max(map(len, seqs))
+        pad = tok.pad_token_id or 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=lm.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=lm.device)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        scores = []
+        for row, o in enumerate(option_ids):
+            start = len(prompt_ids)
+            total = sum(float(logprobs[row, start + i - 1, t]) for i, t in enumerate(o))
+            scores.append(total)
+        self.batches += 1
+        return scores
