@@ -1,8 +1,10 @@
 """Throughput and peak memory of the data commands on generated inputs of 10x different sizes.
 
 Each measurement runs the real CLI (`python -m probllm ...`, stdout to /dev/null) in its own process and reads
-that process's peak resident memory (ru_maxrss from wait4), so the numbers include the interpreter and are not
-mixed between runs. If memory stays flat while the input grows 100x, the command streams.
+that process's peak resident memory (VmHWM of /proc/self/status, written at exit), so the numbers include the
+interpreter and are not mixed between runs. (Not ru_maxrss from wait4: Linux carries the parent's high-water
+mark across fork+exec into it, so a bench that grew while generating inputs would inflate every child.) If memory
+stays flat while the input grows 100x, the command streams.
 
 Measured:
 - `pair-stackexchange` on HuggingFaceH4-format JSONL (HTML -> markdown on every kept pair),
@@ -108,25 +110,41 @@ def gen_gsm8k(path: Path, n: int, rng: random.Random) -> None:
                     + "\n")
 
 
+# Runs a module or a code string in this process and, at exit, writes its own peak RSS (kB) to a file.
+HWM_WRAPPER = (
+    "import atexit, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "def hwm():\n"
+    "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+    "    open(out, 'w').write(line.split()[1])\n"
+    "atexit.register(hwm)\n"
+    "if sys.argv[1] == '-m':\n"
+    "    sys.argv = sys.argv[2:]\n"
+    "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+    "else:\n"
+    "    code = sys.argv.pop(2)\n"
+    "    sys.argv = sys.argv[1:]\n"
+    "    exec(compile(code, '<reference>', 'exec'), {'__name__': '__main__'})\n"
+)
+
 REFERENCE = ("import json,sys\n"
              "for line in open(sys.argv[1], encoding='utf-8'):\n"
              "    sys.stdout.write(json.dumps(json.loads(line), ensure_ascii=False) + '\\n')\n")
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one command run in its own process."""
+def measure(cmd: list[str], tmp: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command (`python -m ...` or `python -c CODE ...`) in its own process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    hwm_file = tmp / "hwm"
+    hwm_file.unlink(missing_ok=True)
+    wrapped = [cmd[0], "-c", HWM_WRAPPER, str(hwm_file), *cmd[1:]]
     with open(os.devnull, "wb") as devnull:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=devnull, stderr=subprocess.PIPE, cwd=ROOT, env=env)
-        stderr = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(wrapped, stdout=devnull, stderr=subprocess.PIPE, cwd=ROOT, env=env)
         elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr.decode()[-2000:]}")
-    rss_kb = usage.ru_maxrss  # kilobytes on Linux
-    return elapsed, rss_kb / 1024
+    if proc.returncode != 0 or not hwm_file.exists():
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
+    return elapsed, int(hwm_file.read_text()) / 1024
 
 
 def main() -> None:
@@ -155,7 +173,7 @@ def main() -> None:
                 ("reference: json loads+dumps (gsm8k)", gsm, [py, "-c", REFERENCE, str(gsm)]),
             ]
             for name, path, cmd in cases:
-                seconds, rss = measure(cmd)
+                seconds, rss = measure(cmd, tmp)
                 mb = path.stat().st_size / 1e6
                 rows.append((name, n, mb, seconds, n / seconds, mb / seconds, rss))
                 print(f"{name:42s} {n:>8d} records {mb:8.1f} MB {seconds:7.2f} s {rss:7.1f} MB peak",
