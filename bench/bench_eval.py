@@ -198,6 +198,10 @@ def main() -> None:
         run_ours(model, tok, records[:4], args.batch_size)
         theirs, their_s = run_lm_eval(model, tok, tasks, args.batch_size)
         preds, our_s = run_ours(model, tok, records, args.batch_size)
+        # Same number of sequences per pass as lm-eval (it batches question-choice pairs, ~4 per question).
+        small_batch = max(1, args.batch_size // 4)
+        preds_small, our_small_s = run_ours(model, tok, records, small_batch)
+        same_small = sum(a["pred"] == b["pred"] for a, b in zip(preds, preds_small)) / len(preds)
         cmp_all = compare(records, preds, theirs)
         by_source = {}
         for source in ("arc-easy", "mmlu"):
@@ -225,6 +229,10 @@ def main() -> None:
                                                      if name == "all" else "| | |"))
         lines.append("")
         lines.append(f"Wall time: ours {our_s:.1f} s, lm-eval {their_s:.1f} s for {n} items.")
+        lines.append(f"Ours at batch size {small_batch} questions (about {small_batch * 4} prompt+choice sequences "
+                     f"per pass, as lm-eval's {args.batch_size} requests): {our_small_s:.1f} s, {n / our_small_s:.1f} "
+                     f"items/s, {their_s / our_small_s:.2f}x lm-eval; same predictions as at batch "
+                     f"{args.batch_size}: {same_small:.2%}.")
         if not args.skip_quantize:
             rows = quantize_table(model_dir, records, args.quant_methods.split(","), args.quant_limit, work)
             lines += ["", f"## `probllm quantize` on SmolLM2-135M-Instruct (accuracy: loglik acc on the first "

@@ -196,53 +196,59 @@ class Scorer:
             ctx_ids[i, : len(c)] = torch.tensor(c)
             ctx_mask[i, : len(c)] = 1
         positions = torch.arange(Lc).unsqueeze(0).expand(B, Lc)
+        scores = [[0.0] * len(conts) for _, conts in encoded]
         with torch.no_grad():
+            # Pass 1: every prompt once, right-padded; logits only at each prompt's last token.
             out = self.model(
                 input_ids=ctx_ids.to(dev),
                 attention_mask=ctx_mask.to(dev),
                 position_ids=positions.to(dev),
                 use_cache=True,
-                logits_to_keep=(ctx_lens - 1).unsqueeze(1).to(dev),  # only the last prompt token's logits
+                logits_to_keep=(ctx_lens - 1).unsqueeze(1).to(dev),
             )
             last_logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()  # [B, V]
             cache = getattr(out, "cache", None) or out.past_key_values
-
-            # One row per (item, choice): its continuation tokens, right-padded.
-            rows = [(i, j) for i, (_, conts) in enumerate(encoded) for j in range(len(conts))]
-            cont_lens = [len(encoded[i][1][j]) for i, j in rows]
-            scores = [[0.0] * len(conts) for _, conts in encoded]
-            for r, (i, j) in enumerate(rows):
-                cont = encoded[i][1][j]
-                if cont:
-                    scores[i][j] = float(last_logprobs[i, cont[0]])
-            Lt = max(cont_lens)
-            if Lt > 1:
-                R = len(rows)
-                inp = torch.full((R, Lt - 1), self.pad_id, dtype=torch.long)
-                tgt = torch.zeros((R, Lt - 1), dtype=torch.long)
-                tmask = torch.zeros((R, Lt - 1), dtype=torch.long)
-                for r, (i, j) in enumerate(rows):
+            del out
+            for i, (_, conts) in enumerate(encoded):
+                for j, cont in enumerate(conts):
+                    if cont:
+                        scores[i][j] = float(last_logprobs[i, cont[0]])
+            # Pass 2: the remaining tokens of every choice, on a copy of its prompt's KV cache. Rows are sorted
+            # by continuation length and run in chunks of about one batch, so short answers are not padded to
+            # the longest one of the batch.
+            rows = sorted(((i, j) for i, (_, conts) in enumerate(encoded) for j in range(len(conts))
+                           if len(conts[j]) > 1), key=lambda r: -len(encoded[r[0]][1][r[1]]))
+            if not rows:
+                return scores
+            prompt_kv = _cache_tensors(cache)
+            for c0 in range(0, len(rows), max(B, 8)):
+                chunk = rows[c0: c0 + max(B, 8)]
+                R = len(chunk)
+                Lt = len(encoded[chunk[0][0]][1][chunk[0][1]]) - 1
+                inp = torch.full((R, Lt), self.pad_id, dtype=torch.long)
+                tgt = torch.zeros((R, Lt), dtype=torch.long)
+                tmask = torch.zeros((R, Lt), dtype=torch.long)
+                for r, (i, j) in enumerate(chunk):
                     cont = encoded[i][1][j]
                     n = len(cont) - 1
-                    if n > 0:
-                        inp[r, :n] = torch.tensor(cont[:-1])
-                        tgt[r, :n] = torch.tensor(cont[1:])
-                        tmask[r, :n] = 1
-                item_index = torch.tensor([i for i, _ in rows])
-                _select_cache_rows(cache, item_index.to(dev))
+                    inp[r, :n] = torch.tensor(cont[:-1])
+                    tgt[r, :n] = torch.tensor(cont[1:])
+                    tmask[r, :n] = 1
+                item_index = torch.tensor([i for i, _ in chunk])
+                _set_cache_rows(cache, prompt_kv, item_index.to(dev))
                 mask = torch.cat([ctx_mask[item_index], tmask], dim=1)
-                pos = ctx_lens[item_index].unsqueeze(1) + torch.arange(Lt - 1).unsqueeze(0)
+                pos = ctx_lens[item_index].unsqueeze(1) + torch.arange(Lt).unsqueeze(0)
                 out2 = self.model(
                     input_ids=inp.to(dev),
                     attention_mask=mask.to(dev),
                     position_ids=pos.to(dev),
-                    **{self.cache_kwarg: cache},
                     use_cache=True,
+                    **{self.cache_kwarg: cache},
                 )
                 logprobs = F.log_softmax(out2.logits.float(), dim=-1)
                 picked = logprobs.gather(-1, tgt.to(dev).unsqueeze(-1)).squeeze(-1).cpu()
                 sums = (picked * tmask).sum(dim=1)
-                for r, (i, j) in enumerate(rows):
+                for r, (i, j) in enumerate(chunk):
                     scores[i][j] += float(sums[r])
         return scores
 
@@ -279,14 +285,20 @@ class Scorer:
         return self.tok.batch_decode(new, skip_special_tokens=True)
 
 
-def _select_cache_rows(cache, index) -> None:
-    """Repeat each prompt's KV cache once per choice (rows may repeat: advanced indexing copies)."""
+def _cache_tensors(cache) -> list[tuple]:
+    """The prompts' keys and values per layer, kept aside so each chunk of choices can take its own copy."""
     layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            layer.batch_select_indices(index)
-        return
-    cache.batch_select_indices(index)  # pragma: no cover - older cache classes
+    if layers is None or not all(hasattr(layer, "keys") for layer in layers):  # pragma: no cover
+        raise RuntimeError("this model's KV cache type is not supported by prefix reuse")
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _set_cache_rows(cache, prompt_kv: list[tuple], index) -> None:
+    """Point the cache at one copy of each row's prompt keys/values (rows repeat: indexing copies). The forward
+    pass then appends the choice tokens to these copies, never to the kept originals."""
+    for layer, (keys, values) in zip(cache.layers, prompt_kv):
+        layer.keys = keys.index_select(0, index)
+        layer.values = values.index_select(0, index)
 
 
 def _cache_kwarg(model) -> str:

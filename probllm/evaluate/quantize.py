@@ -195,11 +195,13 @@ def measure(model: str | None, adapter: str | None = None, eval_file: str | None
     lm = load_model(model, adapter=adapter, device="cpu")
     tok = load_tokenizer(model)
     load_s = time.perf_counter() - t0
-    rss = proc.memory_info().rss - rss0
     ids = tok(MEASURE_PROMPT, return_tensors="pt")
     pad = tok.pad_token_id
     with torch.no_grad():  # not inference_mode: optimum-quanto int4 fails under it
         lm.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=pad)  # warm-up
+        # Read memory after a forward pass: safetensors weights are memory-mapped and only become resident
+        # once touched, so a reading right after loading undercounts.
+        rss = proc.memory_info().rss - rss0
         t1 = time.perf_counter()
         out = lm.generate(**ids, max_new_tokens=MEASURE_TOKENS, min_new_tokens=MEASURE_TOKENS, do_sample=False,
                           pad_token_id=pad)
