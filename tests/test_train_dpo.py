@@ -189,3 +189,21 @@ def test_accelerate_two_processes(tiny_model_dir, data, tmp_path):
     assert records[0]["epochs"] == pytest.approx(0.25)
     assert (out / "adapter_model.safetensors").exists()
     assert len([m for m in read_metrics(out) if "loss" in m]) == 2
+
+
+def test_reference_logps_cached_on_disk_across_hyperparameters(tiny_model_dir, data, tmp_path, monkeypatch,
+                                                               trained):
+    monkeypatch.setenv("PROBLLM_CACHE", str(tmp_path / "cache"))
+    first = run_train(tiny_model_dir, data, tmp_path / "p1", precompute_ref=True)
+    assert first["ref_cache_hits"] == {"train": False, "eval": False}
+    assert len(list((tmp_path / "cache" / "ref-logps").glob("*.safetensors"))) == 2
+    # Same model and tokens, other LoRA rank, learning rate and beta: the reference pass is read back.
+    second = run_train(tiny_model_dir, data, tmp_path / "p2", precompute_ref=True, lora_r=4, lr=5e-3, beta=0.1)
+    assert second["ref_cache_hits"] == {"train": True, "eval": True}
+    # Precomputed references give the same training as references computed on the fly.
+    _, plain = trained
+    assert first["last"]["loss"] == pytest.approx(plain["last"]["loss"], rel=1e-4)
+    assert first["eval"]["eval_rewards/margins"] == pytest.approx(plain["eval"]["eval_rewards/margins"], rel=1e-4)
+    # A different max length changes the tokens seen, so it misses the cache.
+    third = run_train(tiny_model_dir, data, tmp_path / "p3", precompute_ref=True, max_length=32, max_steps=2)
+    assert third["ref_cache_hits"]["train"] is False
