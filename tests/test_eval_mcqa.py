@@ -95,6 +95,25 @@ def test_batching_and_prefix_reuse_give_the_scores_of_one_item_at_a_time(lm):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
 
 
+def test_few_shot_prefix_shared_across_a_batch_gives_the_same_scores(lm):
+    model, tok = lm
+    dev = [parse_item(r) for r in HANDMADE]
+    same_subject = [{**r, "subject": "physics", "source": "mmlu"} for r in HANDMADE]
+    options = dict(shots=3, dev=[Item(d.question, d.choices, d.gold, "mmlu", "physics") for d in dev])
+    scorer = Scorer(model, tok)
+    many = list(evaluate_records((Record(r) for r in same_subject), scorer, EvalOptions(batch_size=8, **options),
+                                 Stats(), Summary()))
+    assert scorer.shared_prefix_tokens > 0  # the description + examples ran once for the batch
+    one, _ = run(lm, same_subject, batch_size=1, **options)
+    for a, b in zip(one, many):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    prompt = build_prompt(parse_item(same_subject[0]), shots=select_shots(parse_item(same_subject[0]),
+                                                                          options["dev"], 3))
+    assert prompt.context.count("\nAnswer:") == 4  # three examples and the question
+    ref = [plain_loglik(model, tok, prompt.context, c) for c in prompt.continuations]
+    assert many[0]["scores"] == pytest.approx(ref, abs=1e-4)
+
+
 def test_letter_method_reads_the_letter_logits(lm):
     import torch
 

@@ -32,7 +32,8 @@ from probllm.evaluate.templates import (LETTERS, TEMPLATES, Item, Prompt, answer
                                        resolve_template)
 
 METHODS = ("loglik", "letter", "generate")
-WINDOW_BATCHES = 8  # how many batches of records are read ahead, sorted by length and scored together
+WINDOW_BATCHES = 8
+MIN_SHARED_PREFIX = 16  # tokens: below this, an extra pass for a prefix common to the batch costs more than it saves  # how many batches of records are read ahead, sorted by length and scored together
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Scorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_length = _model_max_length(model, tokenizer)
         self.cache_kwarg = _cache_kwarg(model)
+        self.shared_prefix_tokens = 0  # prompt tokens not recomputed thanks to a prefix shared across a batch
         self.torch = torch
 
     # ---- tokenisation, as lm-eval's HFLM
@@ -188,23 +190,40 @@ class Scorer:
         F = torch.nn.functional
         dev = self.device
         B = len(encoded)
-        ctx_lens = torch.tensor([len(c) for c, _ in encoded])
-        Lc = int(ctx_lens.max())
-        ctx_ids = torch.full((B, Lc), self.pad_id, dtype=torch.long)
-        ctx_mask = torch.zeros((B, Lc), dtype=torch.long)
+        # Few-shot prompts of one subject share their description and examples: find the tokens common to every
+        # prompt of the batch (on token ids, so it is exact whatever the text split) and run them once.
+        shared = _common_prefix_length([c for c, _ in encoded]) if B > 1 else 0
+        shared = min(shared, min(len(c) for c, _ in encoded) - 1)
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        suffix_lens = torch.tensor([len(c) - shared for c, _ in encoded])
+        Ls = int(suffix_lens.max())
+        suffix_ids = torch.full((B, Ls), self.pad_id, dtype=torch.long)
+        ctx_mask = torch.zeros((B, shared + Ls), dtype=torch.long)
+        ctx_mask[:, :shared] = 1
         for i, (c, _) in enumerate(encoded):
-            ctx_ids[i, : len(c)] = torch.tensor(c)
-            ctx_mask[i, : len(c)] = 1
-        positions = torch.arange(Lc).unsqueeze(0).expand(B, Lc)
+            suffix_ids[i, : len(c) - shared] = torch.tensor(c[shared:])
+            ctx_mask[i, shared: len(c)] = 1
+        ctx_lens = suffix_lens + shared
+        positions = shared + torch.arange(Ls).unsqueeze(0).expand(B, Ls)
         scores = [[0.0] * len(conts) for _, conts in encoded]
         with torch.no_grad():
+            cache_arg = {}
+            if shared:
+                out0 = self.model(input_ids=torch.tensor([encoded[0][0][:shared]]).to(dev), use_cache=True,
+                                  logits_to_keep=1)
+                shared_cache = getattr(out0, "cache", None) or out0.past_key_values
+                _set_cache_rows(shared_cache, _cache_tensors(shared_cache), torch.zeros(B, dtype=torch.long).to(dev))
+                cache_arg = {self.cache_kwarg: shared_cache}
+                self.shared_prefix_tokens += shared * (B - 1)
             # Pass 1: every prompt once, right-padded; logits only at each prompt's last token.
             out = self.model(
-                input_ids=ctx_ids.to(dev),
+                input_ids=suffix_ids.to(dev),
                 attention_mask=ctx_mask.to(dev),
                 position_ids=positions.to(dev),
                 use_cache=True,
-                logits_to_keep=(ctx_lens - 1).unsqueeze(1).to(dev),
+                logits_to_keep=(suffix_lens - 1).unsqueeze(1).to(dev),
+                **cache_arg,
             )
             last_logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()  # [B, V]
             cache = getattr(out, "cache", None) or out.past_key_values
@@ -283,6 +302,16 @@ class Scorer:
             )
         new = out[:, batch["input_ids"].shape[1]:]
         return self.tok.batch_decode(new, skip_special_tokens=True)
+
+
+def _common_prefix_length(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for k in range(n):
+        t = first[k]
+        if any(x[k] != t for x in seqs):
+            return k
+    return n
 
 
 def _cache_tensors(cache) -> list[tuple]:
@@ -452,12 +481,12 @@ def evaluate_records(
             text = cot_prompt(item, shots)
             if chat:
                 text = chat([{"role": "user", "content": text}])
-            return {"record": rec, "item": item, "text": text, "size": len(text)}
+            return {"record": rec, "item": item, "text": text, "group": "", "size": len(text)}
         template = options.template
         if options.method == "letter":  # the letters must be in the prompt: MMLU's template or our lettered one
             template = "mmlu" if resolve_template(template, item) == "mmlu" else "letter"
         prompt = build_prompt(item, template, shots, chat)
-        return {"record": rec, "item": item, "prompt": prompt,
+        return {"record": rec, "item": item, "prompt": prompt, "group": prompt.shared,
                 "size": len(prompt.context) + max(len(c) for c in prompt.continuations)}
 
     if options.limit is not None:
@@ -468,8 +497,9 @@ def evaluate_records(
         chunk = list(islice(prepared, window))
         if not chunk:
             return
-        # Longest first (as lm-eval): similar lengths share a batch, little padding; a too-big batch fails early.
-        order = sorted(range(len(chunk)), key=lambda k: -chunk[k]["size"])
+        # Prompts with the same few-shot prefix together (it is then computed once per batch), and within them
+        # longest first (as lm-eval): similar lengths share a batch, little padding; a too-big batch fails early.
+        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"], -chunk[k]["size"]))
         results: dict[int, dict] = {}
         for b in range(0, len(order), options.batch_size):
             idx = order[b: b + options.batch_size]

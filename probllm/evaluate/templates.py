@@ -42,6 +42,7 @@ class Prompt:
     context: str
     continuations: list[str]
     norm_texts: list[str]
+    shared: str = ""  # the description + few-shot part: prompts with the same one are batched together
 
 
 def resolve_template(name: str, item: Item) -> str:
@@ -110,7 +111,7 @@ def build_prompt(
             {"role": "user", "content": shot_text + question}
         ]
         return Prompt(chat(messages), list(choices), choices)
-    return Prompt(desc + shot_text + question, [TARGET_DELIMITER + c for c in choices], choices)
+    return Prompt(desc + shot_text + question, [TARGET_DELIMITER + c for c in choices], choices, desc + shot_text)
 
 
 # ------------------------------------------------------------------------------------------- generate (CoT)
