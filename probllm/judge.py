@@ -266,6 +266,9 @@ class JudgeSummary:
     def text(self) -> str:
         d = self.as_dict()
         if not d["judged"]:
+            if self.mode == "single" and self.scores_a:  # one answer set graded, nothing to compare
+                return (f"graded {len(self.scores_a)} answers: mean score {d['mean_score_a']:.2f}; unparsed "
+                        f"{self.unparsed}, failed {self.failed}")
             return f"judged 0 records (unparsed {self.unparsed}, failed {self.failed})"
         lo, hi = d["win_rate_ci95"]
         parts = [f"A vs B: {self.wins} wins, {self.ties} ties ({self.inconsistent} inconsistent), "

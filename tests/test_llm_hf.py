@@ -64,3 +64,25 @@ def test_judge_by_likelihood_always_gives_a_verdict(tiny_model_dir, tmp_path):
     single = list(judge_records(read_records([str(path)], stats), config,
                                 JudgeOptions(mode="single", verdict_from="likelihood"), stats, JudgeSummary()))
     assert all(1 <= v["score_a"] <= 10 and 1 <= v["score_b"] <= 10 for v in single)
+
+
+def test_adapter_is_loaded_and_part_of_the_cache_key(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from probllm.models import load_model
+
+    peft_model = get_peft_model(load_model(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a non-zero B matrix so that the adapter changes the outputs
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config = BackendConfig(backend="hf", model=tiny_model_dir, adapter=str(tmp_path / "adapter"), no_cache=True)
+    backend = make_backend(config)
+    assert "adapter" in backend.model
+    with_adapter = chats(backend, ["Entropy measures"], {**PARAMS, "max_tokens": 12})
+    without = chats(make_backend(BackendConfig(backend="hf", model=tiny_model_dir, no_cache=True)),
+                    ["Entropy measures"], {**PARAMS, "max_tokens": 12})
+    assert with_adapter != without
