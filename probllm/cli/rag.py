@@ -48,7 +48,7 @@ def index_command(
     PDF is not read (no PDF library is installed): convert it to text first.
 
         probllm index examples/notes --out runs/demo/notes.idx
-        probllm index lecture-notes.jsonl --text-field body --out notes.idx --chunk-tokens 128 --overlap 24
+        probllm index lectures.jsonl --text-field body --out notes.idx --chunk-tokens 128
     """
     from probllm.rag.index import build_index
 
