@@ -209,3 +209,34 @@ def test_jsonl_documents_and_bad_records(tmp_path, embedder):
     assert report.documents == 1 and stats.invalid == {"body: missing": 1}
     hit = search(tmp_path / "j.idx", "uncertainty", embedder)[0]
     assert hit["source"] == f"{os.path.normpath(docs)}:x1"
+
+
+def test_interrupted_run_keeps_its_checkpoints_and_the_next_run_continues(tmp_path, embedder):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    topics = ["photosynthesis in plants", "the heart pumps blood", "volcanoes erupt lava", "stars fuse hydrogen",
+              "rivers carve valleys", "bees pollinate flowers"]
+    for i, topic in enumerate(topics):
+        (notes / f"n{i}.md").write_text(f"# Note {i}\n\nThis note is about {topic}.\n")
+    out = tmp_path / "n.idx"
+    commits = []
+
+    def interrupt_at_second_checkpoint(stage):
+        if stage == "files-written":
+            commits.append(stage)
+            if len(commits) == 2:
+                raise KeyboardInterrupt
+
+    before = embedder.texts_embedded
+    with pytest.raises(KeyboardInterrupt):
+        build_index([str(notes)], str(out), embedder=embedder, checkpoint_chunks=2, hook=interrupt_at_second_checkpoint)
+    first_run = embedder.texts_embedded - before
+    kept = read_manifest(out)
+    assert kept["documents"] == 2 and kept["chunks"] == 2  # the first checkpoint survived the interruption
+    assert len(list(out.iterdir())) == 3
+    before = embedder.texts_embedded
+    report = build_index([str(notes)], str(out), embedder=embedder, checkpoint_chunks=2)
+    # Nothing lost, nothing done twice: the committed documents are not embedded again.
+    assert (report.unchanged, report.added) == (2, 4)
+    assert embedder.texts_embedded - before == 4 and first_run == 4
+    assert "volcanoes" in search(out, "lava eruption", embedder)[0]["text"]
