@@ -207,3 +207,29 @@ def test_reference_logps_cached_on_disk_across_hyperparameters(tiny_model_dir, d
     # A different max length changes the tokens seen, so it misses the cache.
     third = run_train(tiny_model_dir, data, tmp_path / "p3", precompute_ref=True, max_length=32, max_steps=2)
     assert third["ref_cache_hits"]["train"] is False
+
+
+def test_ctrl_c_checkpoints_the_last_finished_step(tiny_model_dir, data, tmp_path):
+    """The first Ctrl-C saves a checkpoint at the end of the running step and exits 130, so --resume (whose
+    equality with an uninterrupted run is tested above) loses no finished step."""
+    import signal
+    import time
+
+    out = tmp_path / "int"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probllm", "dpo", str(data["train"]), "--model", tiny_model_dir, "--out", str(out),
+         "--max-steps", "200", "--batch-size", "4", "--logging-steps", "1", "--save-steps", "1000",
+         "--max-length", "64", "--no-bf16"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert stdout == b"" and b"continue with --resume" in err
+    checkpoints = list((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= step < 200 and read_metrics(out)[-1]["step"] == step

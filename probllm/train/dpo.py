@@ -217,6 +217,51 @@ def _metrics_callback():
     return MetricsWriter
 
 
+class GracefulStop:
+    """First Ctrl-C (or SIGTERM) asks the trainer to checkpoint at the end of the current step and stop, so that
+    `--resume` loses no finished step; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("probllm dpo: stopping after this step (checkpoint saved; continue with --resume); "
+            "Ctrl-C again to stop now")
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.requested:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return StopCallback()
+
+
 # ------------------------------------------------------------------------------------- reference log-prob cache
 
 
@@ -407,8 +452,12 @@ def train(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with GracefulStop() as stop:
+        trainer.add_callback(stop.callback())
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
+    if stop.requested:
+        raise KeyboardInterrupt  # the checkpoint of the last finished step is on disk; exit 130
     eval_metrics = {}
     if eval_pairs:
         last_eval_step = next((h["step"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
