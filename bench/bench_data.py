@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="2000,20000,200000", help="records per input, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     py = sys.executable
@@ -173,6 +174,8 @@ def main() -> None:
                 ("reference: json loads+dumps (gsm8k)", gsm, [py, "-c", REFERENCE, str(gsm)]),
             ]
             for name, path, cmd in cases:
+                if args.only not in name:
+                    continue
                 seconds, rss = measure(cmd, tmp)
                 mb = path.stat().st_size / 1e6
                 rows.append((name, n, mb, seconds, n / seconds, mb / seconds, rss))
@@ -190,7 +193,8 @@ def main() -> None:
     ]
     for name, n, mb, seconds, rps, mbps, rss in rows:
         kind = "gsm8k" if "gsm8k" in name else "HF jsonl"
-        ratio = "" if name.startswith("ref") or "xml" in name else f"{ref[(kind, n)] / rps:.1f}x slower"
+        skip_ratio = name.startswith("ref") or "xml" in name or (kind, n) not in ref
+        ratio = "" if skip_ratio else f"{ref[(kind, n)] / rps:.1f}x slower"
         lines.append(f"| {name} | {n:,} | {mb:.1f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} | {ratio} |")
     table = "\n".join(lines) + "\n"
     print(table)
