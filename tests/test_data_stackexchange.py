@@ -115,3 +115,17 @@ def test_posts_xml_errors_name_file_line_and_attribute(tmp_path):
     with pytest.raises(RecordError, match="invalid XML") as e:
         list(pairs_from_posts_xml(str(truncated), PairRule(), random.Random(0), Stats()))
     assert e.value.line == 3
+
+
+def test_posts_xml_gz_and_site_from_folder_name(tmp_path):
+    import gzip
+
+    folder = tmp_path / "physics.stackexchange.com"
+    folder.mkdir()
+    with gzip.open(folder / "Posts.xml.gz", "wb") as fh:
+        fh.write((ROOT / "examples" / "Posts.xml").read_bytes())
+    pairs = list(pairs_from_posts_xml(str(folder / "Posts.xml.gz"), PairRule(), random.Random(0), Stats()))
+    assert [p["qid"] for p in pairs] == [1, 4] and {p["site"] for p in pairs} == {"physics.stackexchange.com"}
+    skipped = list(pairs_from_posts_xml(str(folder / "Posts.xml.gz"), PairRule(sites=parse_sites("math")),
+                                        random.Random(0), Stats()))
+    assert skipped == []
