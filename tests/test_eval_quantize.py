@@ -66,7 +66,17 @@ def test_adapter_is_merged_before_quantizing(tiny_model_dir, float_logits, tmp_p
                                                  init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     tok = load_tokenizer(tiny_model_dir)
-    with_adapter = logits(load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"), device="cpu"), tok)
+    peft_loaded = load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"), device="cpu")
+    with_adapter = logits(peft_loaded, tok)
+    # eval's KV-cache scoring works through the PEFT wrapper: same scores as the merged model.
+    from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+    from probllm.io import Record, Stats
+
+    recs = [{"id": "q", "question": "Which is a mammal?", "choices": ["shark fish", "whale"], "answer": "B"}]
+    merged = load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"), device="cpu", merge_adapter=True)
+    s_peft, s_merged = (list(evaluate_records((Record(r) for r in recs), Scorer(m, tok), EvalOptions(), Stats(),
+                                              Summary()))[0]["scores"] for m in (peft_loaded, merged))
+    assert s_peft == pytest.approx(s_merged, abs=1e-3)
     assert float((with_adapter - float_logits).abs().max()) > 0.01  # the adapter changes the model
     quantize_to_folder(tiny_model_dir, "torch-int8", str(tmp_path / "q"), adapter=str(tmp_path / "adapter"))
     q = logits(load_model(str(tmp_path / "q"), device="cpu"), tok)
