@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Demo of the rag family: index the example course notes, retrieve, and ask one question with and without them.
-# Writes $OUT/notes.idx, $OUT/rag.retrieved.jsonl, $OUT/rag.answer.with-notes.txt, $OUT/rag.answer.without-notes.txt.
+# Writes $OUT/notes.idx, $OUT/rag.retrieved.jsonl and $OUT/rag.answer.*.txt (with and without the notes;
+# with the DPO adapter too when $OUT/dpo exists).
 set -euo pipefail
 
 PROBLLM="${PROBLLM:-.venv/bin/python -m probllm}"
@@ -25,3 +26,10 @@ $PROBLLM ask "$QUESTION" --index "$OUT/notes.idx" "${MODEL_ARGS[@]}" --seed "$SE
 echo "== ask without the index ==" >&2
 $PROBLLM ask "$QUESTION" "${MODEL_ARGS[@]}" --seed "$SEED" --max-new-tokens 96 \
   | tee "$OUT/rag.answer.without-notes.txt"
+
+# With the DPO adapter from demo-dpo, when it is there: the report's full helper (+DPO +RAG).
+if [ -f "$OUT/dpo/adapter_config.json" ]; then
+  echo "== ask with the notes index and the DPO adapter ($OUT/dpo) ==" >&2
+  $PROBLLM ask "$QUESTION" --index "$OUT/notes.idx" --adapter "$OUT/dpo" "${MODEL_ARGS[@]}" --seed "$SEED" \
+    --max-new-tokens 96 | tee "$OUT/rag.answer.with-notes.dpo.txt"
+fi

@@ -1,0 +1,257 @@
+"""Retrieval benchmarks: indexing throughput, ANN recall and latency, `ask` time to first token.
+
+1. Indexing throughput: `build_index` (clean, chunk, embed, hnswlib insert, SQLite, atomic commit) against plain
+   `SentenceTransformer.encode` of the very same chunk texts, same model and batch size, measured in the same
+   run (target: index >= 0.9x encode: the embedder is the limit). Corpus: ../shared/examples/corpus/cs231n when
+   present, else examples/notes.
+2. ANN: hnswlib (cosine) on synthetic clustered 384-d unit vectors (like sentence embeddings: neighbours share
+   a topic) at 10k and 100k vectors; recall@10 against exact numpy search and single-query latency p50/p99
+   (one thread) for several ef values (target: recall >= 0.98 and p50 < 2 ms at 100k).
+3. `ask` time to first token with the default SmolLM2, with and without the notes index (model already loaded;
+   retrieval, prompt building and the prefill count).
+
+    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_rag.py            # about 3-4 minutes on 2 cores
+    .venv/bin/python bench/bench_rag.py --sizes 10000 --quick                     # a smoke run
+
+Prints a markdown table and writes it to bench/results/rag.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIM = 384
+K = 10
+
+
+def bench_indexing(corpus: Path, repeats: int) -> dict:
+    from probllm.io import Stats
+    from probllm.rag.chunk import chunk_document
+    from probllm.rag.index import Embedder, build_index, iter_documents, Settings
+
+    embedder = Embedder(None)
+    settings = Settings()
+    texts = []
+    for doc in iter_documents([str(corpus)], Stats()):
+        chunks = chunk_document(doc.text, embedder.count_tokens, settings.chunk_tokens, settings.overlap,
+                                markdown=doc.markdown)
+        texts.extend(c.embed_text() for c in chunks)
+    embedder.model.encode(texts[:128], batch_size=embedder.batch_size)  # warm-up (threads, allocator)
+
+    index_times, encode_times = [], []
+    for _ in range(repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-rag-"))
+        try:
+            t = time.perf_counter()
+            report = build_index([str(corpus)], str(tmp / "idx"), embedder=embedder)
+            index_times.append(time.perf_counter() - t)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert report.chunks_embedded == len(texts), (report.chunks_embedded, len(texts))
+        t = time.perf_counter()
+        embedder.model.encode(texts, batch_size=embedder.batch_size, normalize_embeddings=True,
+                              convert_to_numpy=True, show_progress_bar=False)
+        encode_times.append(time.perf_counter() - t)
+    best_index, best_encode = min(index_times), min(encode_times)
+    return {"corpus": str(corpus.relative_to(ROOT.parent) if corpus.is_relative_to(ROOT.parent) else corpus),
+            "chunks": len(texts), "index_s": best_index, "encode_s": best_encode,
+            "index_rate": len(texts) / best_index, "encode_rate": len(texts) / best_encode,
+            "ratio": best_encode / best_index}
+
+
+def clustered(n: int, rng, n_clusters: int, spread: float = 1.0):
+    import numpy as np
+
+    centers = rng.standard_normal((n_clusters, DIM)).astype(np.float32)
+    assign = rng.integers(0, n_clusters, size=n)
+    x = centers[assign] + spread * rng.standard_normal((n, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, centers
+
+
+def exact_topk(x, q, k: int):
+    import numpy as np
+
+    out = np.empty((len(q), k), dtype=np.int64)
+    for i in range(0, len(q), 256):
+        sims = q[i:i + 256] @ x.T
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+        out[i:i + 256] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def bench_ann(n: int, n_queries: int, efs: list[int], M: int, ef_construction: int, seed: int) -> list[dict]:
+    import hnswlib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_clusters = max(10, n // 100)
+    x, centers = clustered(n, rng, n_clusters)
+    assign = rng.integers(0, n_clusters, size=n_queries)
+    q = centers[assign] + rng.standard_normal((n_queries, DIM)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+
+    index = hnswlib.Index(space="cosine", dim=DIM)
+    index.init_index(max_elements=n, M=M, ef_construction=ef_construction, random_seed=seed)
+    index.set_num_threads(os.cpu_count() or 1)
+    t = time.perf_counter()
+    index.add_items(x, np.arange(n))
+    build_s = time.perf_counter() - t
+    truth = exact_topk(x, q, K)
+
+    # Exact search latency for one query, for reference.
+    brute = []
+    for i in range(min(200, n_queries)):
+        t = time.perf_counter_ns()
+        sims = x @ q[i]
+        np.argpartition(-sims, K)[:K]
+        brute.append((time.perf_counter_ns() - t) / 1e6)
+
+    index.set_num_threads(1)
+    rows = []
+    for ef in efs:
+        index.set_ef(max(ef, K))
+        labels, _ = index.knn_query(q, k=K)
+        recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(labels, truth)]))
+        lat = []
+        for i in range(n_queries):
+            qi = q[i:i + 1]
+            t = time.perf_counter_ns()
+            index.knn_query(qi, k=K)
+            lat.append((time.perf_counter_ns() - t) / 1e6)
+        lat.sort()
+        rows.append({"n": n, "ef": ef, "recall": recall, "p50": lat[len(lat) // 2],
+                     "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "build_s": build_s,
+                     "brute_p50": statistics.median(brute)})
+    return rows
+
+
+def bench_ask(runs: int, max_new_tokens: int) -> dict:
+    from probllm.rag.ask import Generator, ask_one
+    from probllm.rag.index import build_index
+    from probllm.rag.retrieve import Retriever
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ask-"))
+    try:
+        build_index([str(ROOT / "examples" / "notes")], str(tmp / "notes.idx"))
+        retriever = Retriever(str(tmp / "notes.idx"))
+        t = time.perf_counter()
+        generator = Generator(None)
+        load_s = time.perf_counter() - t
+        question = "What is the worst-case running time of heapsort?"
+        ask_one(question, generator, retriever, max_new_tokens=4)  # warm-up
+        out = {"load_s": load_s}
+        for label, r in (("with index", retriever), ("without index", None)):
+            ttft, total, tokens = [], [], []
+            for _ in range(runs):
+                res = ask_one(question, generator, r, max_new_tokens=max_new_tokens)
+                ttft.append(res.seconds_to_first_token)
+                total.append(res.seconds_total)
+                tokens.append(len(generator.tok(res.answer, add_special_tokens=False)["input_ids"]))
+            out[label] = {"ttft": statistics.median(ttft), "total": statistics.median(total),
+                          "tokens": statistics.median(tokens)}
+        retriever.close()
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--efs", default="10,20,40,80,160")
+    ap.add_argument("--M", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer queries, no repeats: a smoke run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rag.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.queries, args.repeats = 200, 1
+
+    shared = ROOT.parent / "shared" / "examples" / "corpus" / "cs231n"
+    corpus = shared if shared.is_dir() else ROOT / "examples" / "notes"
+    lines = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    import torch
+
+    emit("# Retrieval benchmarks (`bench/bench_rag.py`)")
+    emit()
+    emit(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+         f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+         f"Shared, noisy VM: read orders of magnitude.")
+    emit()
+
+    ix = bench_indexing(corpus, args.repeats)
+    emit(f"## Indexing throughput ({ix['chunks']} chunks of {ix['corpus']}, all-MiniLM-L6-v2, batch 64, "
+         f"best of {args.repeats})")
+    emit()
+    emit("| pipeline | seconds | chunks/s | vs encode |")
+    emit("| --- | ---: | ---: | ---: |")
+    emit(f"| `SentenceTransformer.encode` (reference) | {ix['encode_s']:.2f} | {ix['encode_rate']:.0f} | 1.00x |")
+    emit(f"| `probllm index` (clean, chunk, embed, hnswlib, SQLite, commit) | {ix['index_s']:.2f} | "
+         f"{ix['index_rate']:.0f} | {ix['ratio']:.2f}x |")
+    emit()
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    efs = [int(e) for e in args.efs.split(",") if e]
+    emit(f"## ANN search: hnswlib cosine, M={args.M}, ef_construction={args.ef_construction}, k={K}, "
+         f"{args.queries} queries, one query per call on one thread")
+    emit()
+    emit("Synthetic clustered 384-d unit vectors (n/100 topics, neighbours share a topic); recall@10 against "
+         "exact numpy search.")
+    emit()
+    emit("| vectors | build (s, all cores) | ef | recall@10 | p50 (ms) | p99 (ms) | exact numpy p50 (ms) |")
+    emit("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    chosen = {}
+    for n in sizes:
+        for r in bench_ann(n, args.queries, efs, args.M, args.ef_construction, args.seed):
+            emit(f"| {n:,} | {r['build_s']:.1f} | {r['ef']} | {r['recall']:.3f} | {r['p50']:.3f} | "
+                 f"{r['p99']:.3f} | {r['brute_p50']:.2f} |")
+            if r["recall"] >= 0.98 and n not in chosen:
+                chosen[n] = r
+    emit()
+    for n, r in chosen.items():
+        emit(f"- {n:,} vectors: smallest ef reaching recall >= 0.98 is {r['ef']} "
+             f"(recall {r['recall']:.3f}, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms).")
+    emit()
+
+    a = bench_ask(runs=1 if args.quick else 3, max_new_tokens=32)
+    emit(f"## `ask` time to first token (SmolLM2-135M-Instruct, float32, greedy; model load {a['load_s']:.1f} s "
+         f"not included; median of {1 if args.quick else 3})")
+    emit()
+    emit("| mode | time to first token (s) | total for the answer (s) | answer tokens |")
+    emit("| --- | ---: | ---: | ---: |")
+    for label in ("with index", "without index"):
+        r = a[label]
+        emit(f"| {label} (k=4) | {r['ttft']:.2f} | {r['total']:.2f} | {r['tokens']:.0f} |" if label == "with index"
+             else f"| {label} | {r['ttft']:.2f} | {r['total']:.2f} | {r['tokens']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"\nwritten to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
