@@ -113,3 +113,20 @@ def test_cli_jsonl_mode_is_a_pipe(cli, tiny_model_dir):
     assert "probllm ask: 2 in, 2 out" in run.stderr
     bad = cli("ask", "--model", tiny_model_dir, input='{"id": "c"}\n')
     assert bad.code == 65 and "<stdin>:1: field 'question': missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_output_file_resumes_without_losing_or_repeating(tmp_path, tiny_generator):
+    from probllm.rag.ask import answered_keys, append_records, skip_answered
+
+    records = [Record({"id": i, "question": f"Question {i}?"}, source="in.jsonl", line=i + 1) for i in range(5)]
+    out = tmp_path / "answers.jsonl"
+    first = Stats()
+    append_records(ask_records(records[:2], tiny_generator, first, max_new_tokens=3), str(out), first)
+    with open(out, "a") as fh:
+        fh.write('{"id": 2, "question": "Question 2?", "ans')  # a record cut short by a kill
+    stats = Stats()
+    todo = skip_answered(records, answered_keys(str(out), "id"), "id", stats)
+    append_records(ask_records(todo, tiny_generator, stats, max_new_tokens=3), str(out), stats)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [0, 1, 2, 3, 4]
+    assert stats.skipped == {"already answered in --output": 2} and stats.written == 3

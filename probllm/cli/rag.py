@@ -127,6 +127,10 @@ def ask_command(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples, "
                                                "seeded by --seed.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per generate call.")] = 4,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Records mode: append answers to this "
+                                                   "file instead of stdout; run again to resume (records whose "
+                                                   "--key is already there are skipped).")] = None,
+    key: Annotated[str, typer.Option("--key", help="With --output: the field that names a record.")] = "id",
     embedder: EmbedderOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU), float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
@@ -143,6 +147,7 @@ def ask_command(
         probllm ask "What is the worst-case running time of heapsort?" --index runs/demo/notes.idx
         probllm ask "Unit of force?" -c joule -c newton -c watt -c pascal
         probllm retrieve --index notes.idx --attach -i questions.jsonl | probllm ask > answers.rag.jsonl
+        probllm ask --index notes.idx -i questions.jsonl -o answers.rag.jsonl   # resumable
     """
     from probllm.io import read_records, write_records
     from probllm.rag.ask import Generator, ask_one, ask_records, check_options, show_sources
@@ -172,10 +177,17 @@ def ask_command(
             sys.stdout.write("\n")
             stats.written = 1
         else:
+            from probllm.rag.ask import answered_keys, append_records, skip_answered
+
             records = read_records(files, stats=stats, skip_invalid=skip_invalid)
+            if output is not None:
+                records = skip_answered(records, answered_keys(str(output), key), key, stats)
             generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
                                   temperature=temperature)
-            write_records(ask_records(records, generator, stats, retriever=retriever, field=field,
-                                      context_field=context_field, k=k, max_new_tokens=max_new_tokens,
-                                      letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid),
-                          stats)
+            answers = ask_records(records, generator, stats, retriever=retriever, field=field,
+                                  context_field=context_field, k=k, max_new_tokens=max_new_tokens,
+                                  letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid)
+            if output is not None:
+                append_records(answers, str(output), stats)
+            else:
+                write_records(answers, stats)

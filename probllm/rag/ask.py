@@ -380,3 +380,56 @@ def check_options(letter_method: str, k: int, max_new_tokens: int, batch_size: i
         raise UsageError("--max-new-tokens must be at least 1")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+
+
+# -------------------------------------------------------------------------------------------------- resuming
+
+
+def answered_keys(path: str, key: str) -> set:
+    """Keys of the records already in an `--output` file, for resuming. A last line cut short by a kill is
+    removed (its record is answered again); every complete line counts."""
+    import json
+    import os
+
+    if not os.path.exists(path):
+        return set()
+    keys: set = set()
+    good_end = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break
+            good_end += len(line)
+            if isinstance(rec, dict) and key in rec:
+                keys.add(json.dumps(rec[key], sort_keys=True))
+    if good_end < os.path.getsize(path):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    return keys
+
+
+def skip_answered(records: Iterable[Record], done: set, key: str, stats: Stats) -> Iterator[Record]:
+    import json
+
+    for rec in records:
+        if key not in rec:
+            raise RecordError("missing (needed by --output to resume)", field=key, source=rec.source, line=rec.line)
+        if json.dumps(rec[key], sort_keys=True) in done:
+            stats.skip("already answered in --output")
+            continue
+        yield rec
+
+
+def append_records(records: Iterable[dict], path: str, stats: Stats) -> None:
+    """Append records to a file one line at a time, flushed, so a kill loses at most the record being written."""
+    import json
+
+    with open(path, "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            stats.written += 1
