@@ -409,12 +409,15 @@ def train(
     pairs = read_pairs(train_records, stats, has_template, skip_invalid)
     if not pairs:
         raise RecordError("no usable training pairs", source="input")
+    stats.notes["pairs"] = len(pairs)
     eval_pairs = None
     if eval_records is not None:
         eval_pairs = read_pairs(eval_records, eval_stats or Stats(command="probllm dpo --eval"), has_template,
                                 skip_invalid)
         if not eval_pairs:
             raise RecordError("no usable evaluation pairs", source="--eval")
+        if eval_stats is not None:
+            eval_stats.written = len(eval_pairs)  # "out" = pairs used for evaluation
 
     checkpoint = _last_checkpoint(out) if resume else None
     if resume and checkpoint is None and is_main_process():
