@@ -154,3 +154,17 @@ def test_real_tokenizer_budget_is_respected():
 def test_budget_too_small_is_refused(bad):
     with pytest.raises(ValueError):
         chunk_document("text", word_counter, chunk_tokens=bad)
+
+
+def test_word_additive_counting_equals_whole_text_counting():
+    """MiniLM's tokenizer is counted word by word (cached); that must give exactly the whole-text count."""
+    from transformers import AutoTokenizer
+
+    from probllm.models import resolve_embedder
+    from probllm.rag.chunk import parse_blocks, token_counter
+
+    tok = AutoTokenizer.from_pretrained(resolve_embedder(None))
+    count = token_counter(tok)
+    texts = [b.text for b in parse_blocks(TRICKY)] + ["Naïve café: x_i \\in R^D, O(n log n)!", "e.g. 3.14-th"]
+    whole = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert count(texts) == whole

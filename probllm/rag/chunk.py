@@ -243,8 +243,9 @@ def _split_block(text: str, block: Block, budget: int, count: TokenCounter, mark
     else:
         spans = _split_raw(text, block.start, block.end, re.compile(r"\n"))
     pieces: list[tuple[int, int]] = []
-    for s, e in spans:
-        if count([text[s:e]])[0] <= budget:
+    span_sizes = count([_block_text(text, block.kind, s, e, markdown) for s, e in spans])  # one batched call
+    for (s, e), size in zip(spans, span_sizes):
+        if size <= budget:
             pieces.append((s, e))
             continue
         words = _split_raw(text, s, e, re.compile(r"\s+"))
@@ -412,13 +413,38 @@ def token_counter(tokenizer) -> TokenCounter:
     else:
         backend = None
 
+    # Packing and overlap ask for the same sentences' counts again and again: remember them (bounded).
+    memo: dict[str, int] = {}
+    # BERT-style tokenizers (WordPiece after a whitespace-and-punctuation pre-tokenizer, per-character
+    # normalisation: MiniLM, BGE, E5...) are additive over whitespace: a text has exactly the sum of its
+    # words' tokens. Then each distinct word is tokenized once, ever (Zipf: few distinct words), which takes
+    # the token counting off the indexing profile. Byte-level BPE and SentencePiece are not additive (a word's
+    # tokens depend on the space before it): for them whole texts are counted.
+    additive = backend is not None and type(backend.pre_tokenizer).__name__ in ("BertPreTokenizer", "Whitespace")
+
     def count(texts: list[str]) -> list[int]:
         if not texts:
             return []
-        if backend is not None:
-            return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
-        enc = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-        return [len(ids) for ids in enc]
+        if additive:
+            words = [t.split() for t in texts]
+            distinct = list({w for ws in words for w in ws})
+            size = dict(zip(distinct, exact(distinct)))
+            return [sum(size[w] for w in ws) for ws in words]
+        return exact(texts)
+
+    def exact(texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        todo = list(dict.fromkeys(t for t in texts if t not in memo))
+        if todo:
+            if len(memo) > 200_000:
+                memo.clear()
+            if backend is not None:
+                sizes = [len(e.ids) for e in backend.encode_batch(todo, add_special_tokens=False)]
+            else:
+                sizes = [len(ids) for ids in tokenizer(todo, add_special_tokens=False, truncation=False)["input_ids"]]
+            memo.update(zip(todo, sizes))
+        return [memo[t] for t in texts]
 
     return count
 
