@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag experiment ablation bench clean
+.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag experiment ablation bench-setup bench clean
 
 setup: $(VENV)/.ready
 
@@ -59,7 +59,11 @@ experiment: setup demo-data
 ablation: setup
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/ablation.sh
 
-bench: setup
+# The reference tools (lm-eval) go into the same venv, held to our pins by constraints.txt.
+bench-setup: setup
+	$(PY) -m pip install -q -r bench/requirements.txt -c constraints.txt
+
+bench: bench-setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
