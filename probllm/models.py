@@ -218,7 +218,13 @@ def attach_adapter(model, adapter: str, merge: bool = False):
 
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise UsageError(f"--adapter {adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    model = PeftModel.from_pretrained(model, adapter)
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:
+        # Typically an adapter trained on another base model: shapes or module names do not match.
+        base = json.loads(Path(adapter, "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise UsageError(f"--adapter {adapter}: does not fit this model (trained on {base!r}?): "
+                         f"{str(e).splitlines()[0][:200]}") from None
     if merge:
         model = model.merge_and_unload()
     return model

@@ -97,3 +97,18 @@ def test_write_records_keeps_unicode_and_counts(capsys):
 def test_cli_errors_are_one_line_without_traceback(cli, tmp_path):
     run = cli("--version")
     assert run.code == 0 and "probllm" in run.stdout
+
+
+def test_adapter_for_another_model_is_a_usage_error(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from probllm.io import UsageError
+    from probllm.models import load_model
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    peft = get_peft_model(other, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UsageError, match="does not fit this model"):
+        load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"))
