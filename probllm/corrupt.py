@@ -209,11 +209,7 @@ def corrupt_records(records: Iterable[Record], config: BackendConfig, opts: Corr
 def _settle(o: _Outcome, stats: Stats, opts: CorruptOptions, skip_invalid: bool) -> dict | None:
     where = f"{o.record.source}:{o.record.line}" if isinstance(o.record, Record) else "<input>"
     if o.error is not None:
-        o.error.locate(o.record)
-        if not skip_invalid:
-            raise o.error
-        stats.invalid[o.error.kind] += 1
-        log(f"{stats.command}: skipped {o.error}")
+        stats.reject(o.error, o.record, skip_invalid)
         return None
     if o.pair is not None:
         return o.pair

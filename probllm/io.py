@@ -66,8 +66,10 @@ class RecordError(Exception):
 
     @property
     def kind(self) -> str:
-        """A short, stable description used as the skip reason in counts (no values, so counts group)."""
-        return f"{self.field}: {self.reason}" if self.field else self.reason
+        """A short, stable description used as the skip reason in counts (details in parentheses dropped, so
+        counts group)."""
+        reason = self.reason.split(" (")[0]
+        return f"{self.field}: {reason}" if self.field else reason
 
     def __str__(self) -> str:
         where = self.source or "<input>"
@@ -98,6 +100,15 @@ class Stats:
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] += n
+
+    def reject(self, error: "RecordError", record: Any = None, skip_invalid: bool = False) -> None:
+        """The one policy for a bad record: locate the error on its record, then raise it, or with
+        `--skip-invalid` count it by kind and report it on stderr so nothing is dropped silently."""
+        error.locate(record)
+        if not skip_invalid:
+            raise error
+        self.invalid[error.kind] += 1
+        log(f"{self.command}: skipped {error}")
 
     def summary(self) -> str:
         parts = [f"{self.read} in", f"{self.written} out"]
@@ -252,10 +263,7 @@ def read_records(
                 stats.read += 1
                 if isinstance(item, RecordError):
                     item.source = source
-                    if not skip_invalid:
-                        raise item
-                    stats.invalid[item.reason.split(" (")[0]] += 1
-                    log(f"{stats.command}: skipped {item}")
+                    stats.reject(item, skip_invalid=skip_invalid)
                     continue
                 item.source = source
                 yield item
@@ -291,11 +299,7 @@ def map_records(
         except Skip as s:
             stats.skip(s.reason)
         except RecordError as e:
-            e.locate(rec)
-            if not skip_invalid:
-                raise
-            stats.invalid[e.kind] += 1
-            log(f"{stats.command}: skipped {e}")
+            stats.reject(e, rec, skip_invalid)
 
 
 def write_records(records: Iterable[dict], stats: Stats | None = None, out: TextIO | None = None) -> int:

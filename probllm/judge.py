@@ -161,11 +161,7 @@ def join_answer_sets(a_records: Iterable[Record], b_path: str, opts: JudgeOption
             key = _key_of(rec, opts.key)
             answer = require(rec, opts.answer_field, allow_empty=True)
         except RecordError as e:
-            e.locate(rec)
-            if not skip_invalid:
-                raise
-            stats.invalid[e.kind] += 1
-            log(f"{stats.command}: skipped {e}")
+            stats.reject(e, rec, skip_invalid)
             continue
         if key in b_answers:
             raise RecordError(f"duplicate key {key!r} in --b", field=opts.key, source=rec.source, line=rec.line)
@@ -311,11 +307,7 @@ def judge_records(records: Iterable[Record], config: BackendConfig, opts: JudgeO
     try:
         for o in run_ordered(records, one, window=config.window, backend=backend):
             if o.error is not None:
-                o.error.locate(o.record)
-                if not skip_invalid:
-                    raise o.error
-                stats.invalid[o.error.kind] += 1
-                log(f"{stats.command}: skipped {o.error}")
+                stats.reject(o.error, o.record, skip_invalid)
                 continue
             v = o.verdict_record
             summary.add_lengths(v.get(opts.a_field), v.get(opts.b_field))

@@ -37,7 +37,7 @@ def load_command(
     """
     from probllm.cli.app import fail
     from probllm.data.load import LoadError, load_records
-    from probllm.io import RecordError, log, write_records
+    from probllm.io import RecordError, write_records
 
     with command("load", summary) as stats:
         cols = [c.strip() for c in columns.split(",")] if columns else None
@@ -47,10 +47,7 @@ def load_command(
                                      columns=cols, data_dir=data_dir, limit=limit,
                                      skip_invalid=skip_invalid):
                 if isinstance(item, RecordError):
-                    if not skip_invalid:
-                        raise item
-                    stats.invalid[item.reason.split(" (")[0]] += 1
-                    log(f"{stats.command}: skipped {item}")
+                    stats.reject(item, skip_invalid=skip_invalid)
                     continue
                 yield item
 

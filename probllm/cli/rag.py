@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputFiles, Seed, SkipInvalid, SummaryFile, app, command
+from probllm.cli.app import Seed, SkipInvalid, SummaryFile, app, command
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(

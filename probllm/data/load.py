@@ -203,7 +203,6 @@ def _csv_files(path: str) -> list[str] | None:
 def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = False) -> Iterator[Record]:
     """Like io.read_records, but header-less MMLU CSV files (or folders of them) are read directly too, so
     `mcqify --source mmlu data/dev/` works without a `load` step."""
-    from probllm.io import log
 
     paths = list(paths or [])
     if not any(_csv_files(p) for p in paths):
@@ -218,10 +217,7 @@ def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = Fals
         for f in csvs:
             for item in read_headerless_csv(f, list(MMLU_COLUMNS), stats, add_subject=True):
                 if isinstance(item, RecordError):
-                    if not skip_invalid:
-                        raise item
-                    stats.invalid[item.reason.split(" (")[0]] += 1
-                    log(f"{stats.command}: skipped {item}")
+                    stats.reject(item, skip_invalid=skip_invalid)
                     continue
                 yield item
     if stats.read == before:

@@ -268,10 +268,7 @@ def pairs_from_posts_xml(path: str, rule: PairRule, rng: random.Random, stats: S
                         answers.append((_int_attr(attrs, "ParentId", name, line), post_id,
                                         _int_attr(attrs, "Score", name, line)))
                 except RecordError as e:
-                    if not skip_invalid:
-                        raise
-                    stats.invalid[e.kind] += 1
-                    log(f"{stats.command}: skipped {e}")
+                    stats.reject(e, skip_invalid=skip_invalid)
                 if len(answers) >= _BATCH or len(questions) >= _BATCH:
                     db.executemany("INSERT OR REPLACE INTO question VALUES (?, ?)", questions)
                     db.executemany("INSERT INTO answer VALUES (?, ?, ?)", answers)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
-from probllm.io import Record, RecordError, Stats, UsageError, log, require
+from probllm.io import Record, RecordError, Stats, UsageError, require
 
 LETTERS = "ABCDEFGHIJ"
 NOT_COVERED = "The notes do not cover this."
@@ -339,11 +339,7 @@ def ask_records(
                 try:
                     parsed.append((rec, record_question(rec, field, None if retriever else context_field)))
                 except RecordError as e:
-                    e.locate(rec)
-                    if not skip_invalid:
-                        raise
-                    stats.invalid[e.kind] += 1
-                    log(f"{stats.command}: skipped {e}")
+                    stats.reject(e, rec, skip_invalid)
             if retriever and parsed:
                 queries = [q.text + "".join(f"\n{c}" for c in q.choices) for _, q in parsed]
                 for (_, q), hits in zip(parsed, retriever.search(queries, k)):

@@ -281,11 +281,7 @@ def _file_documents(path: str, kind: str, stats: Stats, text_field: str, id_fiel
                 rid = rec.get(id_field)
                 rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"line{rec.line}"
             except RecordError as e:
-                e.locate(rec)
-                if not skip_invalid:
-                    raise
-                stats.invalid[e.kind] += 1
-                log(f"{stats.command}: skipped {e}")
+                stats.reject(e, rec, skip_invalid)
                 continue
             meta = {k: v for k, v in rec.items() if k != text_field and isinstance(v, (str, int, float, bool))}
             key = f"{_norm_path(path)}:{rid}"
@@ -297,10 +293,7 @@ def _file_documents(path: str, kind: str, stats: Stats, text_field: str, id_fiel
             text = fh.read()
     except UnicodeDecodeError:
         err = RecordError("not UTF-8 text", source=path)
-        if not skip_invalid:
-            raise err
-        stats.invalid[err.kind] += 1
-        log(f"{stats.command}: skipped {err}")
+        stats.reject(err, skip_invalid=skip_invalid)
         return
     key = _norm_path(path)
     yield Document(key, key, text, kind == "markdown", {})

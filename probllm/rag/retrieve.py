@@ -84,7 +84,6 @@ def retrieve_records(
     batch_size: int = 32,
 ) -> Iterator[dict]:
     """Hits for each record's question, in input order; bad records raise (or are counted with skip_invalid)."""
-    from probllm.io import log
 
     it = iter(records)
     while True:
@@ -96,11 +95,7 @@ def retrieve_records(
             try:
                 good.append((rec, query_text(rec, field, with_choices)))
             except RecordError as e:
-                e.locate(rec)
-                if not skip_invalid:
-                    raise
-                stats.invalid[e.kind] += 1
-                log(f"{stats.command}: skipped {e}")
+                stats.reject(e, rec, skip_invalid)
         results = retriever.search([q for _, q in good], k)
         for (rec, _), hits in zip(good, results):
             if attach:

@@ -165,10 +165,7 @@ def reward_eval(records: Iterable[dict], scorer: RewardScorer, stats: Stats, bat
             stats.skip(s.reason)
             continue
         except RecordError as e:
-            e.locate(rec)
-            if not skip_invalid:
-                raise
-            stats.invalid[e.kind] += 1
+            stats.reject(e, rec, skip_invalid)
             continue
         buffer.append((dict(rec), tokenized))
         if len(buffer) >= batch_size:
