@@ -5,4 +5,4 @@ from probllm.cli.app import app
 
 
 def main() -> None:
-    app()
+    app(prog_name="probllm")
