@@ -5,6 +5,7 @@ Commands live in one module per family (data, llm, train, evaluate, rag) and onl
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -60,6 +61,9 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
+    # bitsandbytes warns at import that an optional CPU kernel package (`kernels`, fetched from a hub) is missing;
+    # it falls back to its own CPU path, so the warning is noise in every command that imports trl or peft.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # In pipes and CI, the hub libraries' own progress bars are noise on stderr; on a terminal they help.
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

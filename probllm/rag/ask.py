@@ -95,7 +95,8 @@ class Generator:
     quantized folder)."""
 
     def __init__(self, model: str | None = None, adapter: str | None = None, dtype: str = "auto",
-                 device: str = "auto", seed: int = 0, temperature: float = 0.0):
+                 device: str = "auto", seed: int = 0, temperature: float = 0.0,
+                 repetition_penalty: float = 1.15):
         import torch
 
         from probllm.models import load_model, load_tokenizer, set_threads
@@ -105,6 +106,9 @@ class Generator:
         self.model = load_model(model, adapter=adapter, dtype=dtype, device=device)
         self.device = next(self.model.parameters()).device
         self.temperature = temperature
+        # Small models loop under greedy decoding (SmolLM2 repeats its first sentence); a mild penalty keeps the
+        # answer deterministic and readable. 1.0 turns it off.
+        self.repetition_penalty = repetition_penalty
         torch.manual_seed(seed)  # one seeding per run; only sampling (temperature > 0) draws from it
 
     # -------------------------------------------------------------------------------------------- prompts
@@ -121,7 +125,8 @@ class Generator:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _gen_kwargs(self, max_new_tokens: int) -> dict:
-        kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id,
+              "repetition_penalty": self.repetition_penalty}
         if self.temperature > 0:
             kw.update(do_sample=True, temperature=self.temperature, top_p=0.95)
         else:
