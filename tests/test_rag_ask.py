@@ -130,3 +130,18 @@ def test_output_file_resumes_without_losing_or_repeating(tmp_path, tiny_generato
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == [0, 1, 2, 3, 4]
     assert stats.skipped == {"already answered in --output": 2} and stats.written == 3
+
+
+def test_answer_repetition_penalty_spares_the_quoted_sources():
+    """Only tokens the answer produced are penalised, exactly as transformers' penalty would treat them."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from probllm.rag.ask import _AnswerRepetitionPenalty
+
+    scores = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    ids = torch.tensor([[0, 1, 3]])  # prompt = [0, 1], answer so far = [3]
+    ours = _AnswerRepetitionPenalty(prompt_len=2, penalty=1.5)(ids, scores.clone())
+    theirs = RepetitionPenaltyLogitsProcessor(1.5)(ids[:, 2:], scores.clone())
+    assert torch.equal(ours, theirs)
+    assert ours[0, 0] == 2.0 and ours[0, 1] == -1.0 and ours[0, 3] == 2.0  # prompt tokens untouched

@@ -90,6 +90,26 @@ class _Stop:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _AnswerRepetitionPenalty:
+    """transformers' repetition penalty, applied only to tokens the answer itself has produced.
+
+    The built-in `repetition_penalty` also penalises every prompt token, which for a RAG prompt means the quoted
+    sources: the model is pushed away from the very terms it should copy. Left padding puts every prompt of a
+    batch at the same width, so the answer starts at one column for all rows."""
+
+    def __init__(self, prompt_len: int, penalty: float):
+        self.prompt_len = prompt_len
+        self.penalty = penalty
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, generated)
+        picked = picked.where(picked < 0, picked / self.penalty).where(picked >= 0, picked * self.penalty)
+        return scores.scatter(1, generated, picked)
+
+
 class Generator:
     """A causal LM and its tokenizer, loaded once through probllm.models (default, folder, hub id, adapter,
     quantized folder)."""
@@ -124,9 +144,13 @@ class Generator:
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _gen_kwargs(self, max_new_tokens: int) -> dict:
-        kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id,
-              "repetition_penalty": self.repetition_penalty}
+    def _gen_kwargs(self, max_new_tokens: int, prompt_len: int) -> dict:
+        kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+        if self.repetition_penalty != 1.0:
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList([_AnswerRepetitionPenalty(prompt_len,
+                                                                                   self.repetition_penalty)])
         if self.temperature > 0:
             kw.update(do_sample=True, temperature=self.temperature, top_p=0.95)
         else:
@@ -170,7 +194,7 @@ class Generator:
         def run():
             try:
                 self.model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]),
-                                    **self._gen_kwargs(max_new_tokens))
+                                    **self._gen_kwargs(max_new_tokens, inputs["input_ids"].shape[1]))
             except BaseException as e:  # surfaced in the main thread below
                 failure.append(e)
                 streamer.end()
@@ -193,7 +217,7 @@ class Generator:
 
         inputs = self._encode(prompts)
         with torch.no_grad():
-            out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens))
+            out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, inputs["input_ids"].shape[1]))
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
 
