@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -64,6 +65,9 @@ def _main(
     # bitsandbytes warns at import that an optional CPU kernel package (`kernels`, fetched from a hub) is missing;
     # it falls back to its own CPU path, so the warning is noise in every command that imports trl or peft.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Deprecation notices addressed to library authors (transformers, trl, peft) say nothing to a user of ours.
+    for lib in ("transformers", "trl", "peft", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=lib)
     # In pipes and CI, the hub libraries' own progress bars are noise on stderr; on a terminal they help.
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
