@@ -33,6 +33,8 @@ from probllm.evaluate.templates import (LETTERS, TEMPLATES, Item, Prompt, answer
 
 METHODS = ("loglik", "letter", "generate")
 WINDOW_BATCHES = 8
+PASS2_TOKENS = 256  # continuation tokens per pass-2 chunk (padding included) beyond the minimum rows
+PASS2_KV_TOKENS = 16384  # copied prompt positions per pass-2 chunk beyond the minimum rows
 MIN_SHARED_PREFIX = 16  # tokens: below this, an extra pass for a prefix common to the batch costs more than it saves  # how many batches of records are read ahead, sorted by length and scored together
 
 
@@ -240,8 +242,8 @@ class Scorer:
             if not rows:
                 return scores
             prompt_kv = _cache_tensors(cache)
-            for c0 in range(0, len(rows), max(B, 8)):
-                chunk = rows[c0: c0 + max(B, 8)]
+            lens = [[len(c) - 1 for c in conts] for _, conts in encoded]
+            for chunk in _chunk_rows(rows, lens, max(B, 8), shared + Ls):
                 R = len(chunk)
                 Lt = len(encoded[chunk[0][0]][1][chunk[0][1]]) - 1
                 inp = torch.full((R, Lt), self.pad_id, dtype=torch.long)
@@ -257,15 +259,19 @@ class Scorer:
                 _set_cache_rows(cache, prompt_kv, item_index.to(dev))
                 mask = torch.cat([ctx_mask[item_index], tmask], dim=1)
                 pos = ctx_lens[item_index].unsqueeze(1) + torch.arange(Lt).unsqueeze(0)
+                keep = tmask.bool()
+                # Logits only at the real (unpadded) continuation tokens: [N, V] with N = tmask.sum(), in row order.
                 out2 = self.model(
                     input_ids=inp.to(dev),
                     attention_mask=mask.to(dev),
                     position_ids=pos.to(dev),
                     use_cache=True,
+                    logits_to_keep=keep.to(dev),
                     **{self.cache_kwarg: cache},
                 )
-                logprobs = F.log_softmax(out2.logits.float(), dim=-1)
-                picked = logprobs.gather(-1, tgt.to(dev).unsqueeze(-1)).squeeze(-1).cpu()
+                logprobs = F.log_softmax(out2.logits.reshape(-1, out2.logits.shape[-1]).float(), dim=-1)
+                picked = torch.zeros((R, Lt))
+                picked[keep] = logprobs.gather(-1, tgt[keep].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
                 sums = (picked * tmask).sum(dim=1)
                 for r, (i, j) in enumerate(chunk):
                     scores[i][j] += float(sums[r])
@@ -302,6 +308,25 @@ class Scorer:
             )
         new = out[:, batch["input_ids"].shape[1]:]
         return self.tok.batch_decode(new, skip_special_tokens=True)
+
+
+def _chunk_rows(rows: list[tuple[int, int]], lens: list[list[int]], min_rows: int, ctx_len: int
+                ) -> list[list[tuple[int, int]]]:
+    """Pass-2 chunks of rows (sorted longest first): at least `min_rows` rows, more while the padded chunk stays
+    within PASS2_TOKENS tokens (short answers: bigger matrix products, fewer passes), at most 4 * min_rows rows
+    and PASS2_KV_TOKENS copied prompt positions (memory)."""
+    max_rows = max(min_rows, min(4 * min_rows, PASS2_KV_TOKENS // max(ctx_len, 1)))
+    out: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    for r in rows:
+        if cur and len(cur) >= min_rows and (
+                len(cur) >= max_rows or (len(cur) + 1) * lens[cur[0][0]][cur[0][1]] > PASS2_TOKENS):
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _common_prefix_length(seqs: list[list[int]]) -> int:
@@ -481,12 +506,14 @@ def evaluate_records(
             text = cot_prompt(item, shots)
             if chat:
                 text = chat([{"role": "user", "content": text}])
-            return {"record": rec, "item": item, "text": text, "group": "", "size": len(text)}
+            return {"record": rec, "item": item, "text": text, "group": "", "tokens": 0, "size": len(text)}
         template = options.template
         if options.method == "letter":  # the letters must be in the prompt: MMLU's template or our lettered one
             template = "mmlu" if resolve_template(template, item) == "mmlu" else "letter"
         prompt = build_prompt(item, template, shots, chat)
+        # Batches are cut by prompt length in tokens: pass 1 pads every prompt to the longest of its batch.
         return {"record": rec, "item": item, "prompt": prompt, "group": prompt.shared,
+                "tokens": len(scorer.encode(prompt.context)),
                 "size": len(prompt.context) + max(len(c) for c in prompt.continuations)}
 
     if options.limit is not None:
@@ -499,7 +526,7 @@ def evaluate_records(
             return
         # Prompts with the same few-shot prefix together (it is then computed once per batch), and within them
         # longest first (as lm-eval): similar lengths share a batch, little padding; a too-big batch fails early.
-        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"], -chunk[k]["size"]))
+        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"], -chunk[k]["tokens"], -chunk[k]["size"]))
         results: dict[int, dict] = {}
         for b in range(0, len(order), options.batch_size):
             idx = order[b: b + options.batch_size]
