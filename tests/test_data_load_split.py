@@ -43,8 +43,12 @@ def test_load_mmlu_csv_folder_and_custom_columns(tmp_path):
 def test_load_wrong_column_count_is_a_located_error(tmp_path):
     p = tmp_path / "bad_dev.csv"
     p.write_text("q,a,b,c,d,A\nonly,three,cols\n")
-    items = list(load_records(str(p), Stats(), fmt="mmlu-csv"))
-    assert isinstance(items[1], RecordError) and items[1].line == 2 and "expected 6 columns" in items[1].reason
+    with pytest.raises(RecordError) as e:
+        list(load_records(str(p), Stats(), fmt="mmlu-csv"))
+    assert e.value.line == 2 and "expected 6 columns" in e.value.reason
+    stats = Stats()
+    assert len(list(load_records(str(p), stats, fmt="mmlu-csv", skip_invalid=True))) == 1
+    assert sum(stats.invalid.values()) == 1
 
 
 def test_load_missing_local_file_is_a_usage_error(tmp_path):

@@ -37,26 +37,16 @@ def load_command(
     """
     from probllm.cli.app import fail
     from probllm.data.load import LoadError, load_records
-    from probllm.io import RecordError, write_records
+    from probllm.io import write_records
 
     with command("load", summary) as stats:
         cols = [c.strip() for c in columns.split(",")] if columns else None
-
-        def checked():
-            for item in load_records(source, stats, fmt=fmt, config=config, split=split, streaming=streaming,
-                                     columns=cols, data_dir=data_dir, limit=limit,
-                                     skip_invalid=skip_invalid):
-                if isinstance(item, RecordError):
-                    stats.reject(item, skip_invalid=skip_invalid)
-                    continue
-                yield item
-
+        records = load_records(source, stats, fmt=fmt, config=config, split=split, streaming=streaming,
+                               columns=cols, data_dir=data_dir, limit=limit, skip_invalid=skip_invalid)
         try:
-            write_records(checked(), stats)
+            write_records(records, stats)
         except LoadError as e:
             fail(str(e))
-        if stats.read == 0:
-            raise RecordError("no input records (empty input)", source=source)
 
 
 @app.command("pair-annotated")

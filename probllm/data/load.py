@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import datetime
 import gzip
 import io as _io
@@ -79,7 +80,8 @@ def to_json_value(value: Any) -> Any:
     return str(value)
 
 
-def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject: bool) -> Iterator[Record]:
+def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject: bool,
+                        skip_invalid: bool = False) -> Iterator[Record]:
     """Rows of a header-less CSV as records named by `columns`, streamed (one row in memory)."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
@@ -105,9 +107,8 @@ def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject
             if any("\x00" in c for c in row):
                 raise RecordError("not UTF-8 text (is this a binary file?)", source=path, line=line)
             if len(row) != len(columns):
-                err = RecordError(f"expected {len(columns)} columns ({','.join(columns)}), got {len(row)}",
-                                  source=path, line=line)
-                yield err  # type: ignore[misc]  (the caller decides: stop or skip)
+                stats.reject(RecordError(f"expected {len(columns)} columns ({','.join(columns)}), got {len(row)}",
+                                         source=path, line=line), skip_invalid=skip_invalid)
                 continue
             rec = Record(zip(columns, row), source=path, line=line)
             if add_subject and "subject" not in rec:
@@ -118,33 +119,36 @@ def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject
 def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | None = None,
                  split: str | None = None, streaming: bool = False, columns: list[str] | None = None,
                  data_dir: str | None = None, limit: int | None = None,
-                 skip_invalid: bool = False) -> Iterator[dict | RecordError]:
-    """Records of SOURCE (hub name, file, folder or glob). Header-less CSV rows with the wrong number of
-    columns come back as RecordError items so the caller can stop or skip them."""
+                 skip_invalid: bool = False) -> Iterator[dict]:
+    """Records of SOURCE (hub name, file, folder or glob), at most `limit`; bad rows stop the run or, with
+    `skip_invalid`, are counted; a source without records is an error."""
+    n = 0
+    for rec in itertools.islice(_load(source, stats, fmt, config, split, streaming, columns, data_dir,
+                                      skip_invalid), limit):
+        n += 1
+        yield rec
+    if n == 0 and stats.read == 0:
+        raise RecordError("no input records (empty input)", source=source)
+
+
+def _load(source: str, stats: Stats, fmt: str, config: str | None, split: str | None, streaming: bool,
+          columns: list[str] | None, data_dir: str | None, skip_invalid: bool) -> Iterator[dict]:
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     if fmt == "mmlu-csv" and not columns:
         columns = list(MMLU_COLUMNS)
     files = local_files(source, fmt)
-    n = 0
     if columns:
         if files is None:
             raise UsageError("--columns / --format mmlu-csv need local CSV files")
         for path in files:
-            for rec in read_headerless_csv(path, columns, stats, add_subject=fmt == "mmlu-csv"):
-                yield rec
-                n += 1
-                if limit is not None and n >= limit:
-                    return
+            yield from read_headerless_csv(path, columns, stats, add_subject=fmt == "mmlu-csv",
+                                           skip_invalid=skip_invalid)
         return
     if files is not None and fmt in ("auto", "json") and all(_builder_for(f) == "json" for f in files):
         # Local JSON/JSONL: probllm's own reader streams the same records and names file:line on bad input,
         # which the datasets library (block-wise Arrow parsing) cannot.
-        for rec in read_records(files, stats, skip_invalid):
-            yield rec
-            n += 1
-            if limit is not None and n >= limit:
-                return
+        yield from read_records(files, stats, skip_invalid)
         return
     if files is not None:
         for f in files:
@@ -176,9 +180,6 @@ def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | 
                 if split_name is not None:
                     rec.setdefault("split", split_name)
                 yield rec
-                n += 1
-                if limit is not None and n >= limit:
-                    return
     except (ValueError, TypeError, _io.UnsupportedOperation, UnicodeDecodeError) as e:
         # pyarrow/json parse errors surface as ValueError subclasses with the file in the message
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -215,10 +216,7 @@ def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = Fals
             yield from read_records([p], stats, skip_invalid, allow_empty=True)
             continue
         for f in csvs:
-            for item in read_headerless_csv(f, list(MMLU_COLUMNS), stats, add_subject=True):
-                if isinstance(item, RecordError):
-                    stats.reject(item, skip_invalid=skip_invalid)
-                    continue
-                yield item
+            yield from read_headerless_csv(f, list(MMLU_COLUMNS), stats, add_subject=True,
+                                           skip_invalid=skip_invalid)
     if stats.read == before:
         raise RecordError("no input records (empty input)", source=", ".join(paths))
