@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,22 +18,6 @@ def _config(**kw):
     from probllm.cli.options import backend_config
 
     return backend_config(**kw)
-
-
-@contextmanager
-def _llm_command(name: str, summary: Optional[Path] = None):
-    """`command()` plus the one backend error that is not about data or options: the endpoint refusing us."""
-    from probllm.lm import FatalBackendError
-
-    failed = False
-    with command(name, summary) as stats:
-        try:
-            yield stats
-        except FatalBackendError as e:
-            log(f"probllm {name}: error: {e}")
-            failed = True
-    if failed:
-        raise typer.Exit(EXIT_FAILURE)
 
 
 # ---------------------------------------------------------------------------------------------------- corrupt
@@ -85,7 +68,7 @@ def corrupt(
     """
     from probllm.corrupt import CorruptOptions, corrupt_records, parse_ops
 
-    with _llm_command("corrupt", summary) as stats:
+    with command("corrupt", summary) as stats:
         config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,
@@ -161,7 +144,7 @@ def judge(
     from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
 
     result = JudgeSummary(mode=mode)
-    with _llm_command("judge") as stats:
+    with command("judge") as stats:
         config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,

@@ -117,12 +117,26 @@ def source_records(passages: list[dict]) -> list[dict]:
              "heading": p.get("heading")} for i, p in enumerate(passages, 1)]
 
 
+class ThreadRetriever:
+    """A retriever living on one thread of its own: the index's SQLite connection may only be used on the thread
+    that opened it, and searches of concurrent requests then run one after the other, off the event loop."""
+
+    def __init__(self, factory):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retriever")
+        self._retriever = self._pool.submit(factory).result()  # errors (no such index) surface here
+
+    async def search(self, queries: list[str], k: int) -> list[list[dict]]:
+        return await asyncio.wrap_future(self._pool.submit(self._retriever.search, queries, k))
+
+
 # ------------------------------------------------------------------------------------------------------- app
 
 
-def create_app(lm, model_name: str, *, api_key: str | None = None, retriever=None, top_k: int = 4,
-               static_dir: Path | None = None):
-    """The FastAPI app around a loaded `HFLM` (`lm.load()` done by the caller or on first request)."""
+def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: ThreadRetriever | None = None,
+               top_k: int = 4, static_dir: Path | None = None):
+    """The FastAPI app around an `HFLM` (loaded by the caller, or on the first request)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
@@ -203,7 +217,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever=Non
 
     @app.get("/health", include_in_schema=False)
     async def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "generations": lm.requests, "batches": lm.batches}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -223,7 +237,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever=Non
         passages: list[dict] = []
         if retriever is not None and options.get("retrieve", True):
             last_user = [m for m in messages if m["role"] == "user"][-1]["content"]
-            passages = (await asyncio.to_thread(retriever.search, [last_user], top_k))[0]
+            passages = (await retriever.search([last_user], top_k))[0]
             messages = with_sources(messages, passages)
         sources = source_records(passages)
         await asyncio.to_thread(lm.load)

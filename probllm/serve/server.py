@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 from probllm.io import UsageError, log
@@ -32,8 +33,9 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
     retriever = None
     if index:
         from probllm.rag.retrieve import Retriever
+        from probllm.serve.app import ThreadRetriever
 
-        retriever = Retriever(index, embedder=embedder)
+        retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder))
     name = served_model_name or model_label(model)
     app = create_app(lm, name, api_key=api_key, retriever=retriever, top_k=top_k)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -53,7 +55,23 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
             sys.stderr.flush()
         await task
 
-    asyncio.run(main())
+    # uvicorn catches SIGINT/SIGTERM, finishes the requests in flight, then raises the signal again once it has
+    # stopped: that is the normal end of a server, not an interruption of work.
+    previous = signal.signal(signal.SIGTERM, _stop_requested)
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, _StopRequested):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not server.started:
         raise UsageError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     log("probllm serve: stopped")
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _stop_requested(signum, frame):
+    raise _StopRequested()
