@@ -238,10 +238,15 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
         if retriever is not None and options.get("retrieve", True):
             last_user = [m for m in messages if m["role"] == "user"][-1]["content"]
             passages = (await retriever.search([last_user], top_k))[0]
-            messages = with_sources(messages, passages)
-        sources = source_records(passages)
         await asyncio.to_thread(lm.load)
-        prompt_ids = lm.encode_prompt(lm.render(messages))
+        room_for_answer = min(params["max_tokens"] or DEFAULT_MAX_TOKENS, lm.max_length // 4)
+        while True:
+            prompt_ids = lm.encode_prompt(lm.render(with_sources(messages, passages) if passages else messages))
+            # Passages the user did not write must not make the request fail: the least relevant go first.
+            if not passages or len(prompt_ids) + room_for_answer <= lm.max_length:
+                break
+            passages = passages[:-1]
+        sources = source_records(passages)
         params = fit(prompt_ids, params, DEFAULT_MAX_TOKENS)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
