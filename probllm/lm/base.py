@@ -33,6 +33,11 @@ LOGLIKELIHOOD = "loglikelihood"
 CHAT_LOGLIKELIHOOD = "chat_loglikelihood"   # score options as the start of a chat reply (needs the template)
 
 
+class Sources(list):
+    """Passages a server retrieved for a chat (`probllm serve --index`): `stream_chat` yields them before the
+    text when the server sent any. Consumers that only want text skip them (`isinstance(piece, str)`)."""
+
+
 class TransientError(Exception):
     """A failure worth retrying (429, 5xx, timeout, malformed response); may carry the server's Retry-After."""
 

@@ -19,7 +19,7 @@ import time
 
 from probllm.io import UsageError
 from probllm.lm.base import (CHAT, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM, FatalBackendError, RequestFailed,
-                             TransientError)
+                             Sources, TransientError)
 
 NO_PROMPT_LOGPROBS = (
     "log-likelihood scoring (eval --method loglik, ask's letter choice by likelihood, judge --verdict-from "
@@ -169,6 +169,9 @@ class OpenAIBackend(LM):
         try:
             stream = await client.chat.completions.create(stream=True, **self._chat_body(messages, params))
             async for chunk in stream:
+                sources = (chunk.model_extra or {}).get("sources")
+                if sources and isinstance(sources, list):  # probllm serve --index: what the answer is based on
+                    yield Sources(sources)
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
         except openai.APIStatusError as e:
