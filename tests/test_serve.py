@@ -142,3 +142,77 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tiny_model_dir, sig):
         assert proc.wait(30) == 0
     assert any("stopped" in line for line in lines)
     assert not any("Traceback" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------- probllm's commands through serve
+
+MCQ = [
+    {"id": "a1", "question": "What is 2 + 2?", "choices": ["3", "4", "5", "6"], "answer": "B", "source": "arc-easy"},
+    {"id": "a2", "question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "helium"],
+     "answer": "B", "source": "arc-easy"},
+    {"id": "m1", "question": "The derivative of x^2 is", "choices": ["x", "2x", "x^2 / 2", "2"], "answer": "B",
+     "source": "mmlu", "subject": "calculus"},
+    {"id": "m2", "question": "Unit of force?", "choices": ["joule", "newton", "watt", "pascal"], "answer": "B",
+     "source": "mmlu", "subject": "physics"},
+]
+
+
+@pytest.fixture(scope="module")
+def mcq_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mcq") / "mcq.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MCQ))
+    return str(path)
+
+
+def remote(url):
+    return ["--backend", "openai", "--base-url", url, "--model", MODEL]
+
+
+def test_eval_round_trip_same_predictions_and_loglikelihoods(cli, served, tiny_model_dir, mcq_file):
+    url, _, _ = served
+    local = cli("eval", mcq_file, "--model", tiny_model_dir)
+    assert local.code == 0, local.stderr
+    through = cli("eval", mcq_file, *remote(url))
+    assert through.code == 0, through.stderr
+    assert len(local.records) == len(through.records) == len(MCQ)
+    for a, b in zip(local.records, through.records):
+        assert (a["pred"], a["pred_norm"], a["correct"], a["correct_norm"]) == \
+               (b["pred"], b["pred_norm"], b["correct"], b["correct_norm"])
+        assert all(abs(x - y) < 1e-4 for x, y in zip(a["scores"], b["scores"]))
+    letter_local = cli("eval", mcq_file, "--model", tiny_model_dir, "--method", "letter")
+    letter_remote = cli("eval", mcq_file, "--method", "letter", *remote(url))
+    assert letter_remote.code == 0, letter_remote.stderr
+    assert [r["pred"] for r in letter_local.records] == [r["pred"] for r in letter_remote.records]
+    gen = cli("eval", mcq_file, "--method", "generate", "--max-new-tokens", "4", *remote(url))
+    assert gen.code == 0 and len(gen.records) == len(MCQ), gen.stderr
+
+
+def test_corrupt_judge_and_ask_through_serve(cli, served, tmp_path):
+    url, _, _ = served
+    qa = "".join(json.dumps({"id": i, "question": f"Why does experiment {i} work?",
+                             "answer": f"It works because the force is {i + 3} newtons. The mass is small."}) + "\n"
+                 for i in range(3))
+    corrupted = cli("corrupt", *remote(url), "--max-tokens", "12", "--no-cache", "--failed", tmp_path / "f.jsonl",
+                    input=qa)
+    # Every record comes out: corrupted, or reported (a random tiny model rarely writes a usable corruption).
+    failed = (tmp_path / "f.jsonl").read_text().splitlines()
+    assert len(corrupted.records) + len(failed) == 3, corrupted.stderr
+    both = "".join(json.dumps({"id": i, "question": "Q?", "answer_a": "short", "answer_b": "a longer answer"}) + "\n"
+                   for i in range(2))
+    judged = cli("judge", *remote(url), "--max-tokens", "8", "--no-cache", "--judge-tries", "1", input=both)
+    assert len(judged.records) == 2 and all("judgments" in v for v in judged.records), judged.stderr
+    asked = cli("ask", "-i", "-", *remote(url), "--max-new-tokens", "5",
+                input=json.dumps({"id": 1, "question": "What is heapsort?"}) + "\n" + json.dumps(MCQ[3]) + "\n")
+    assert asked.code == 0, asked.stderr
+    assert [r["id"] for r in asked.records] == [1, "m2"] and all("answer" in r for r in asked.records)
+    one = cli("ask", "What is heapsort?", *remote(url), "--max-new-tokens", "5")
+    assert one.code == 0 and one.stdout.endswith("\n") and "Traceback" not in one.stderr, one.stderr
+
+
+def test_loglik_against_a_server_without_prompt_logprobs_is_one_clear_error(cli, mcq_file):
+    from fake_server import ChatServer
+
+    with ChatServer() as server:  # chat completions only, like many servers
+        r = cli("eval", mcq_file, "--backend", "openai", "--base-url", server.base_url, "--model", "m", "--tries", "1")
+    assert r.code == 1 and "Traceback" not in r.stderr
+    assert "--method letter|generate" in r.stderr and "prompt log-probs" in r.stderr

@@ -4,8 +4,8 @@ The three methods map onto the model layer:
 - `loglik`: `lm.loglikelihood([(context, continuation), ...])`, one request per batch of questions (for an
   endpoint: `/v1/completions` with echo + logprobs + max_tokens 0, as vLLM serves and lm-eval's
   `local-completions` uses);
-- `letter`: the log-probs of the option letters as the next token (`/v1/completions`, max_tokens 1, top
-  log-probs), which needs no prompt echo;
+- `letter`: the log-probs of the option letters as the next token: from the echoed prompt log-probs where the
+  server gives them, else from the top log-probs of a one-token completion (no echo needed);
 - `generate`: plain completion of the chain-of-thought prompt, or a chat when `--chat-template` is asked (the
   server applies its own template).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from probllm.evaluate.templates import Prompt
-from probllm.io import UsageError
+from probllm.lm.base import FatalBackendError
 
 
 class ChatPrompt(str):
@@ -30,6 +30,7 @@ class LMScorer:
         self.label = label
         self.device = "endpoint"
         self.max_length = None
+        self._no_echo = False
         self._runner = asyncio.Runner()
 
     def close(self) -> None:
@@ -60,9 +61,16 @@ class LMScorer:
         return out
 
     def letter_scores(self, prompts: list[Prompt]) -> list[list[float]]:
-        if not hasattr(self.lm, "next_token_logprobs"):
-            raise UsageError(f"--method letter needs next-token log-probs, which the {self.lm.name} backend "
-                             "does not give here")
+        """The option letters' log-probs as the next token: from prompt log-probs where the server echoes them
+        (exact, as the local scorer), else from the top next-token log-probs of a one-token completion (a letter
+        outside the server's top 20 scores -inf)."""
+        if not self._no_echo:
+            try:
+                return self.loglik(prompts)
+            except FatalBackendError:
+                if not hasattr(self.lm, "next_token_logprobs"):
+                    raise
+                self._no_echo = True
 
         async def one(p: Prompt) -> list[float]:
             context = p.context.rstrip()

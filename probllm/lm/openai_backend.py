@@ -21,6 +21,9 @@ from probllm.io import UsageError
 from probllm.lm.base import (CHAT, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM, FatalBackendError, RequestFailed,
                              Sources, TransientError)
 
+# Request fields that vLLM, transformers serve and probllm serve take beyond OpenAI's own.
+EXTENSIONS = ("repetition_penalty", "continue_final_message", "add_generation_prompt")
+
 NO_PROMPT_LOGPROBS = (
     "log-likelihood scoring (eval --method loglik, ask's letter choice by likelihood, judge --verdict-from "
     "likelihood) needs prompt log-probs from /v1/completions (echo: true, logprobs, max_tokens: 0), and {where} "
@@ -114,7 +117,7 @@ class OpenAIBackend(LM):
                 "temperature": params["temperature"], "top_p": params.get("top_p", 1.0)}
         if params.get("seed") is not None:
             body["seed"] = params["seed"]
-        if params.get("repetition_penalty", 1.0) != 1.0:
+        if params.get("repetition_penalty", 1.0) != 1.0 and self.base_url:
             body["repetition_penalty"] = params["repetition_penalty"]  # vLLM's and probllm serve's extension
         if messages and messages[-1].get("role") == "assistant":
             # A start of the reply to continue (vLLM's and transformers' `continue_final_message`).
@@ -167,7 +170,9 @@ class OpenAIBackend(LM):
         client = self._get_client()
         self.requests += 1
         try:
-            stream = await client.chat.completions.create(stream=True, **self._chat_body(messages, params))
+            body = self._chat_body(messages, params)
+            extra = {k: body.pop(k) for k in EXTENSIONS if k in body}  # not in the SDK's signature
+            stream = await client.chat.completions.create(stream=True, extra_body=extra or None, **body)
             async for chunk in stream:
                 sources = (chunk.model_extra or {}).get("sources")
                 if sources and isinstance(sources, list):  # probllm serve --index: what the answer is based on
