@@ -6,7 +6,7 @@ the other), so the records/s bound is c/(k*d). The table gives measured records/
 concurrency 1, 8, 32 and 128 (target: at least 90% at 32), and, as the reference, a sequential script that calls
 the synchronous `openai` client once per corruption, as the student scripts did.
 
-The server (probllm.llm.fake_server, stdlib asyncio) runs in its own process, so it does not share our GIL.
+The server (fake_server, stdlib asyncio) runs in its own process, so it does not share our GIL.
 `corrupt_records` runs in this process with a fresh response cache (every answer is committed to SQLite, as in
 real runs); input is read from a JSONL file and output written to /dev/null. Run it alone:
 
@@ -41,7 +41,7 @@ def make_records(path: Path, n: int, tag: str) -> None:
 
 
 def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "probllm.llm.fake_server", "--delay", str(delay)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_server.py"), "--delay", str(delay)],
                             stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     url = proc.stdout.readline().strip()
     if not url.startswith("http"):
@@ -52,7 +52,7 @@ def start_server(delay: float) -> tuple[subprocess.Popen, str]:
 def run_probllm(url: str, records: Path, concurrency: int, cache: Path) -> tuple[float, int, dict]:
     from probllm.corrupt import CorruptOptions, corrupt_records
     from probllm.io import Stats, read_records, write_records
-    from probllm.llm import BackendConfig
+    from probllm.lm import BackendConfig
 
     config = BackendConfig(backend="openai", model="bench", base_url=url, concurrency=concurrency, cache=cache,
                            timeout=30)

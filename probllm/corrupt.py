@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError, first_present, log, require
-from probllm.llm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
-from probllm.llm.rules import apply_rule, split_sentences
+from probllm.lm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
+from probllm.lm.rules import apply_rule, split_sentences
 
 OPS = ("REMOVE", "SUBSTITUTE", "INSERT")
 QUESTION_FIELDS = ("question", "message_1", "instruction", "prompt")

@@ -16,10 +16,10 @@ import pytest
 
 from probllm.corrupt import CorruptOptions, clean_output, corrupt_records, messages_for, rejection_reason
 from probllm.io import RecordError, Stats, read_records
-from probllm.llm import BackendConfig
-from probllm.llm.cache import request_key
-from probllm.llm.fake_server import ChatServer, last_user_text
-from probllm.llm.rules import remove, substitute
+from probllm.lm import BackendConfig
+from probllm.lm.cache import request_key
+from fake_server import ChatServer, last_user_text
+from probllm.lm.rules import remove, substitute
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "qa.jsonl"

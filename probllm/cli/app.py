@@ -16,6 +16,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from probllm import __version__
+from probllm.lm.base import FatalBackendError
 from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, RecordError, Stats, UsageError, \
     log, write_json
 
@@ -90,6 +91,9 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     except UsageError as e:
         log(f"probllm {name}: error: {e}")
         code = EXIT_USAGE
+    except FatalBackendError as e:  # the model or endpoint cannot work at all (refused key, no such model...)
+        log(f"probllm {name}: error: {e}")
+        code = EXIT_FAILURE
     except KeyboardInterrupt:
         log(f"probllm {name}: interrupted")
         code = EXIT_INTERRUPTED

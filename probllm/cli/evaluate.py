@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import InputFiles, SkipInvalid, SummaryFile, app, command
+from probllm.cli.options import ApiKeyEnv, Backend, BaseUrl, Concurrency, Timeout, Tries
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Hub id, folder (also a `quantize` output) or "
                                                  "nothing for the offline SmolLM2-135M-Instruct.")]
@@ -38,6 +39,12 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="generate: tokens per answer.")] = 256,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    backend: Backend = "hf",
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 120.0,
+    tries: Tries = 5,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -48,14 +55,22 @@ def eval_command(
 
         probllm eval --limit 50 --summary runs/base.json runs/demo/mcq.jsonl > runs/base.preds.jsonl
         probllm eval --model runs/q8 --method letter mcq.jsonl | jq -c '{id, pred, correct}'
+        probllm eval --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B mcq.jsonl
+
+    With `--backend openai`, loglik needs a server that returns prompt log-probs on /v1/completions (vLLM,
+    `probllm serve`); letter and generate work with more servers.
     """
+    from probllm.cli.options import backend_config
     from probllm.evaluate.mcqa import run_eval
 
     with command("eval", quiet_summary=False) as stats:
         run_eval(files, stats, model=model, adapter=adapter, method=method, template=template, shots=shots,
                  dev=dev, chat_template=chat_template, context_field=context, max_passages=max_passages,
                  batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-                 summary_file=summary, skip_invalid=skip_invalid)
+                 summary_file=summary, skip_invalid=skip_invalid,
+                 backend=backend_config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env,
+                                        adapter=adapter, concurrency=concurrency, timeout=timeout, tries=tries,
+                                        batch_size=batch_size, dtype=dtype, device=device))
 
 
 @app.command("quantize")

@@ -1,8 +1,7 @@
-"""Commands of the llm family (see probllm/llm, probllm/corrupt.py, probllm/judge.py): options to functions."""
+"""Commands of the llm family (see probllm/lm, probllm/corrupt.py, probllm/judge.py): options to functions."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,51 +10,14 @@ import typer
 from probllm.cli.app import InputFiles, Seed, SkipInvalid, SummaryFile, app, command
 from probllm.io import EXIT_FAILURE, log, read_records, write_json, write_records
 
-# ------------------------------------------------------------------------------------- shared backend options
-
-Backend = Annotated[str, typer.Option("--backend", help="openai (any OpenAI-compatible endpoint), hf (local "
-                                                        "transformers model) or rules (corrupt only, no model).")]
-Model = Annotated[Optional[str], typer.Option("--model", help="Endpoint model name (openai), or hub id / folder "
-                                                              "(hf; default: the offline SmolLM2).")]
-BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible base URL, e.g. "
-                                                                   "http://localhost:8000/v1 (vLLM).")]
-ApiKeyEnv = Annotated[str, typer.Option("--api-key-env", help="Environment variable holding the API key "
-                                                              "(never printed).")]
-Adapter = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder for --backend hf.")]
-Concurrency = Annotated[int, typer.Option("--concurrency", help="Requests in flight at once (openai).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per generate call (hf).")]
-Tries = Annotated[int, typer.Option("--tries", help="Attempts per request on 429/5xx/timeouts/malformed "
-                                                    "answers, with exponential backoff and Retry-After.")]
-RetryBase = Annotated[float, typer.Option("--retry-base", help="First backoff in seconds (doubles each retry).")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request counts as timed out.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens generated per answer.")]
-Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]
-TopP = Annotated[float, typer.Option("--top-p")]
-CacheFile = Annotated[Optional[Path], typer.Option("--cache", help="Response cache (SQLite); default "
-                                                                   "~/.cache/probllm/llm-cache.sqlite.")]
-NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")]
+from probllm.cli.options import (Adapter, ApiKeyEnv, Backend, BaseUrl, BatchSize, CacheFile, Concurrency, MaxTokens,
+                                 Model, NoCache, RetryBase, Temperature, Timeout, TopP, Tries)
 
 
 def _config(**kw):
-    from probllm.llm import BackendConfig
+    from probllm.cli.options import backend_config
 
-    return BackendConfig(**kw)
-
-
-@contextmanager
-def _llm_command(name: str, summary: Optional[Path] = None):
-    """`command()` plus the one backend error that is not about data or options: the endpoint refusing us."""
-    from probllm.llm import FatalBackendError
-
-    failed = False
-    with command(name, summary) as stats:
-        try:
-            yield stats
-        except FatalBackendError as e:
-            log(f"probllm {name}: error: {e}")
-            failed = True
-    if failed:
-        raise typer.Exit(EXIT_FAILURE)
+    return backend_config(**kw)
 
 
 # ---------------------------------------------------------------------------------------------------- corrupt
@@ -106,7 +68,7 @@ def corrupt(
     """
     from probllm.corrupt import CorruptOptions, corrupt_records, parse_ops
 
-    with _llm_command("corrupt", summary) as stats:
+    with command("corrupt", summary) as stats:
         config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,
@@ -182,7 +144,7 @@ def judge(
     from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
 
     result = JudgeSummary(mode=mode)
-    with _llm_command("judge") as stats:
+    with command("judge") as stats:
         config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import Seed, SkipInvalid, SummaryFile, app, command
+from probllm.cli.options import Adapter, ApiKeyEnv, Backend, BaseUrl, Device, Dtype, Model, Timeout, Tries
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(
@@ -113,16 +114,21 @@ def ask_command(
                                                         "question (repeat: A, B, C...).")] = None,
     files: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="JSONL files of records (default: "
                                                        "stdin).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, folder (also a `quantize` output) or "
-                                                 "nothing for the offline SmolLM2-135M-Instruct.")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder (a `dpo` output).")] = None,
+    model: Model = None,
+    adapter: Adapter = None,
+    backend: Backend = "hf",
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    timeout: Timeout = 120.0,
+    tries: Tries = 5,
     k: KOpt = 4,
     field: Annotated[str, typer.Option("--field", help="Record field holding the question.")] = "question",
     context_field: Annotated[str, typer.Option("--context", help="Without --index: record field with passages "
                                                "(from `retrieve --attach`) to quote.")] = "context",
     letter: Annotated[str, typer.Option("--letter", help="Options: pick the letter by each option's likelihood "
                                         "(loglik; reliable for small models) or let the model write it "
-                                        "(generate).")] = "loglik",
+                                        "(generate); auto: loglik with a local model, generate with an "
+                                        "endpoint.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples, "
                                                "seeded by --seed.")] = 0.0,
@@ -134,8 +140,8 @@ def ask_command(
                                                    "--key is already there are skipped).")] = None,
     key: Annotated[str, typer.Option("--key", help="With --output: the field that names a record.")] = "id",
     embedder: EmbedderOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU), float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     seed: Seed = 0,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
@@ -150,9 +156,31 @@ def ask_command(
         probllm ask "Unit of force?" -c joule -c newton -c watt -c pascal
         probllm retrieve --index notes.idx --attach -i questions.jsonl | probllm ask > answers.rag.jsonl
         probllm ask --index notes.idx -i questions.jsonl -o answers.rag.jsonl   # resumable
+        probllm ask "What is heapsort?" --backend openai --base-url http://127.0.0.1:8000/v1 \
+            --model SmolLM2-135M-Instruct      # a served model (probllm serve, vLLM...)
+
+    With `--backend openai` and a server started with `probllm serve --index`, leave out --index here: the
+    server retrieves, and the sources it used are listed the same way.
     """
     from probllm.io import read_records, write_records
-    from probllm.rag.ask import Generator, ask_one, ask_records, check_options, show_sources
+    from probllm.rag.ask import (Generator, ask_one, ask_records, check_options, resolve_letter_method,
+                                 show_sources)
+
+    def make_generator() -> Generator:
+        lm = None
+        if backend != "hf":
+            from probllm.cli.options import backend_config
+            from probllm.lm import Retrying, RetryPolicy, make_lm
+
+            config = backend_config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env,
+                                    timeout=timeout, tries=tries)
+            lm = Retrying(make_lm(config), RetryPolicy(tries=tries))
+        elif base_url:
+            from probllm.io import UsageError
+
+            raise UsageError("--base-url is for --backend openai")
+        return Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed, temperature=temperature,
+                         repetition_penalty=repetition_penalty, lm=lm)
 
     with command("ask", summary_file=summary, quiet_summary=question is not None) as stats:
         check_options(letter, k, max_new_tokens, batch_size)
@@ -166,8 +194,7 @@ def ask_command(
                 from probllm.io import UsageError
 
                 raise UsageError("give either a QUESTION or --input records, not both")
-            generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
-                                  temperature=temperature, repetition_penalty=repetition_penalty)
+            generator = make_generator()
 
             def write(text: str) -> None:
                 sys.stdout.write(text)
@@ -175,7 +202,7 @@ def ask_command(
 
             stats.read = 1
             ask_one(question, generator, retriever, choices=choice, k=k, max_new_tokens=max_new_tokens,
-                    letter_method=letter, on_text=write, on_sources=show_sources)
+                    letter_method=resolve_letter_method(letter, generator), on_text=write, on_sources=show_sources)
             sys.stdout.write("\n")
             stats.written = 1
         else:
@@ -184,11 +211,11 @@ def ask_command(
             records = read_records(files, stats=stats, skip_invalid=skip_invalid)
             if output is not None:
                 records = skip_answered(records, answered_keys(str(output), key), key, stats)
-            generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
-                                  temperature=temperature, repetition_penalty=repetition_penalty)
+            generator = make_generator()
             answers = ask_records(records, generator, stats, retriever=retriever, field=field,
                                   context_field=context_field, k=k, max_new_tokens=max_new_tokens,
-                                  letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid)
+                                  letter_method=resolve_letter_method(letter, generator), batch_size=batch_size,
+                                  skip_invalid=skip_invalid)
             if output is not None:
                 append_records(answers, str(output), stats)
             else:

@@ -7,7 +7,7 @@ dropped connections. It counts requests per body hash, so tests can prove that a
 that had already succeeded.
 
 Built on asyncio streams from the standard library (no extra dependency) so one process serves hundreds of
-concurrent connections. Run it alone with `python -m probllm.llm.fake_server --delay 0.2` (prints its URL).
+concurrent connections. Run it alone with `python tests/fake_server.py --delay 0.2` (prints its URL).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class ChatServer:
         self.stop()
 
     async def serve_forever(self) -> None:
-        """Serve on the current loop (used by `python -m probllm.llm.fake_server`)."""
+        """Serve on the current loop (used by `python -m fake_server`)."""
         self._closing = asyncio.Event()
         self._server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -1,0 +1,50 @@
+"""Real servers for tests: `probllm serve` (and `transformers serve`) as subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def probllm_serve(*args: str, env: dict | None = None, timeout: float = 180):
+    """Start `probllm serve --port 0 ARGS`, yield (base_url, process, stderr lines); SIGTERM at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "probllm", "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    url = None
+    deadline = time.monotonic() + timeout
+    while url is None:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("probllm serve did not start:\n" + "".join(lines))
+            continue
+        lines.append(line)
+        m = re.search(r"at (http://\S+/v1)", line)
+        if m:
+            url = m.group(1)
+    # Keep draining stderr so the server never blocks on a full pipe.
+    drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    drain.start()
+    try:
+        yield url, proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        drain.join(5)
