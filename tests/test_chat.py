@@ -13,7 +13,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from probllm.rag.chat import Conversation, LocalChat, split_options
+from probllm.rag.chat import ChatModel, Conversation, split_options
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "you> "
@@ -30,10 +30,8 @@ def notes_index(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_model_dir):
-    from probllm.rag.ask import Generator
-
     # Sampling (seeded): the untrained tiny model writes only newlines under greedy decoding.
-    return LocalChat(Generator(tiny_model_dir, temperature=1.0, seed=0), "tiny")
+    return ChatModel.local(tiny_model_dir, temperature=1.0, seed=0)
 
 
 def spawn_chat(*args: str, timeout: float = 120) -> pexpect.spawn:
@@ -72,14 +70,14 @@ def test_history_is_sent_and_cut_oldest_first(tiny_chat, notes_index):
     prompt_now = tiny_chat.count_tokens([{"role": "user", "content": "x"}])
     one_turn = tiny_chat.count_tokens([{"role": "user", "content": second.question},
                                        {"role": "assistant", "content": second.answer}])
-    tiny_chat.context_tokens, saved = 10_000, tiny_chat.context_tokens
+    tiny_chat._context_tokens = 10_000
     try:
         msgs, _ = conv._messages("And the memory?", [], conv._retrieve("And the memory?", []))
         full = tiny_chat.count_tokens(msgs)
-        tiny_chat.context_tokens = full - one_turn // 2 + conv.max_new_tokens
+        tiny_chat._context_tokens = full - one_turn // 2 + conv.max_new_tokens
         third = conv.ask("And the memory?")
     finally:
-        tiny_chat.context_tokens = saved
+        tiny_chat._context_tokens = None
     assert prompt_now > 0 and third.dropped_turns == 1
     assert third.history == [{"role": "user", "content": second.question},
                              {"role": "assistant", "content": second.answer}]

@@ -34,157 +34,142 @@ MCQ_INSTRUCTION = ("Answer with the letter of the correct option, then one short
                    "in the form 'B. because ...'.")
 
 
+# ---------------------------------------------------------------------------------------------------- model
+
+
 class Unreachable(Exception):
-    """The model server could not be reached (refused, timed out, dropped): the turn did not happen."""
-
-
-class ServerError(Exception):
-    """The server answered with an error (4xx/5xx): its message, for the user."""
-
-
-# ------------------------------------------------------------------------------------------------- backends
+    """The model could not answer this turn (server unreachable or refusing): the turn did not happen."""
 
 
 @dataclass
 class Event:
-    """What a backend streams for one answer: the sources (at most once, first) and pieces of text."""
+    """What the model streams for one answer: the server's sources (at most once, first) and pieces of text."""
     text: str = ""
     sources: list[dict] | None = None
 
 
-class LocalChat:
-    """A local transformers model through `ask`'s Generator (loaded once, through probllm.models)."""
+class ChatModel:
+    """The model a conversation talks to, through the model layer (probllm.lm, via `ask`'s Generator): a local
+    transformers model, or any OpenAI-compatible server. What the conversation needs beyond text: the context
+    size and a token count (to cut old turns), and whether options can be scored (the MCQ letter)."""
 
-    kind = "local"
-
-    def __init__(self, generator, name: str, context_tokens: int | None = None):
+    def __init__(self, generator, name: str, *, base_url: str | None = None, context_tokens: int | None = None):
         self.generator = generator
         self.name = name
-        config = generator.model.config
-        self.context_tokens = context_tokens or getattr(config, "max_position_embeddings", None) or 2048
-
-    def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.generator.tok(self.generator.prompt(messages), add_special_tokens=False)["input_ids"])
-
-    def choose_letter(self, messages: list[dict], choices: list[str]) -> int:
-        return self.generator.choose_letter(self.generator.prompt(messages) + "Answer:", choices)
-
-    def stream(self, messages: list[dict], max_new_tokens: int, prefix: str = "") -> Iterator[Event]:
-        yield from (Event(text=p) for p in self.generator.stream(self.generator.prompt(messages, prefix),
-                                                                 max_new_tokens))
-
-    def check(self) -> str | None:
-        return None  # a local model is always there
-
-
-class RemoteChat:
-    """Any OpenAI-compatible server, through the official `openai` client (streaming chat completions)."""
-
-    kind = "remote"
-
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, temperature: float = 0.0, seed: int = 0,
-                 context_tokens: int | None = None):
-        from openai import OpenAI
-
-        self.base_url = base_url.rstrip("/")
-        # One quick retry at most: a person is waiting, and "unreachable" must be said quickly.
-        self.client = OpenAI(base_url=self.base_url, api_key=api_key or "none", max_retries=1, timeout=timeout)
-        self.model = model
-        self.temperature = temperature
-        self.seed = seed
+        self.base_url = base_url
+        self.kind = "remote" if base_url else "local"
         self._context_tokens = context_tokens
         self.server_context: int | None = None
 
-    @property
-    def name(self) -> str:
-        return f"{self.model or '?'} at {self.base_url}"
+    @classmethod
+    def local(cls, model: str | None = None, context_tokens: int | None = None, **generator_options) -> "ChatModel":
+        from probllm.models import model_label
+        from probllm.rag.ask import Generator
 
+        generator = Generator(model, **generator_options)
+        adapter = generator_options.get("adapter")
+        return cls(generator, model_label(model) + (f" + {adapter}" if adapter else ""),
+                   context_tokens=context_tokens)
+
+    @classmethod
+    def remote(cls, base_url: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+               timeout: float = 60.0, context_tokens: int | None = None, **generator_options) -> "ChatModel":
+        """An OpenAI-compatible server. Without `model`, the server's first model (asked when it first answers,
+        so a server that is down at start is not an error)."""
+        chat = cls(None, "", base_url=base_url.rstrip("/"), context_tokens=context_tokens)
+        chat._remote = dict(model=model, api_key_env=api_key_env, timeout=timeout, options=generator_options)
+        chat.name = f"{model or '(the first model)'} at {chat.base_url}"
+        return chat
+
+    # ---------------------------------------------------------------------------------------- the server
+    def connect(self) -> str | None:
+        """For a server: ask for its models (name the model, learn its context when it says); None when it
+        answered, else why not. The generator is built on the first success."""
+        if self.kind == "local" or self.generator is not None:
+            return None
+        import openai
+
+        from probllm.cli.options import backend_config
+        from probllm.lm import Retrying, RetryPolicy, make_lm
+        from probllm.rag.ask import Generator
+
+        opts = self._remote
+        key = os.environ.get(opts["api_key_env"]) or "none"
+        client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=min(opts["timeout"], 10))
+        try:
+            listed = list(client.models.list().data)
+        except openai.AuthenticationError as e:
+            raise UsageError(f"{self.base_url} refused the API key (${opts['api_key_env']}): "
+                             f"{getattr(e, 'message', e)}") from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            return f"{self.base_url} is unreachable ({type(e).__name__})"
+        except openai.APIStatusError:
+            listed = []  # it answers; some servers have no /models
+        finally:
+            client.close()
+        model = opts["model"]
+        if model is None:
+            if not listed:
+                raise UsageError(f"{self.base_url} lists no model: name one with --model")
+            model = listed[0].id
+        for entry in listed:
+            if entry.id == model:  # vLLM says `max_model_len`; others may say `context_length`
+                extra = entry.model_extra or {}
+                n = extra.get("max_model_len") or extra.get("context_length")
+                if isinstance(n, int) and n > 0:
+                    self.server_context = n
+        config = backend_config(backend="openai", model=model, base_url=self.base_url,
+                                api_key_env=opts["api_key_env"], timeout=opts["timeout"], tries=2)
+        # One retry at most: a person is waiting, and "unreachable" must be said quickly.
+        lm = Retrying(make_lm(config), RetryPolicy(tries=2, base=0.5))
+        self.generator = Generator(model, lm=lm, **opts["options"])
+        self.name = f"{model} at {self.base_url}"
+        return None
+
+    # ----------------------------------------------------------------------------------------- the context
     @property
     def context_tokens(self) -> int:
-        return self._context_tokens or self.server_context or 4096
+        if self._context_tokens:
+            return self._context_tokens
+        if self.kind == "local":
+            return self.generator.lm.max_length
+        return self.server_context or 4096
 
     def count_tokens(self, messages: list[dict]) -> int:
+        if self.kind == "local":
+            lm = self.generator.lm
+            return len(lm.encode_prompt(lm.render(messages)))
         # No tokenizer for a remote model: a cautious estimate (3 characters a token; English runs near 4).
         return sum(len(m["content"]) // 3 + 4 for m in messages)
 
-    def check(self) -> str | None:
-        """Ask the server for its models (and pick the first when no --model was given); None when it answers,
-        else why it could not be reached."""
-        import openai
+    # ------------------------------------------------------------------------------------------- answers
+    @property
+    def can_choose(self) -> bool:
+        return self.generator is not None and self.generator.can_choose
 
-        try:
-            models = self.client.models.list()
-        except openai.AuthenticationError as e:
-            raise UsageError(f"{self.base_url}: the API key was refused ({_message(e)}); set it with "
-                             "--api-key-env") from None
-        except (openai.APIConnectionError, openai.APITimeoutError) as e:
-            return f"{self.base_url} is unreachable ({_reason(e)})"
-        except openai.APIStatusError:
-            return None  # it answers; some servers have no /models
-        data = list(models.data)
-        if data:
-            first = data[0]
-            extra = first.model_extra or {}
-            if self.model is None:
-                self.model = first.id
-            for entry in data:
-                if entry.id == self.model:
-                    extra = entry.model_extra or {}
-            n = extra.get("max_model_len") or extra.get("context_length")
-            if isinstance(n, int) and n > 0:
-                self.server_context = n
-        return None
+    def choose_letter(self, messages: list[dict], choices: list[str]) -> int:
+        return self.generator.choose_letter(messages, choices)
 
     def stream(self, messages: list[dict], max_new_tokens: int, prefix: str = "",
                retrieve: bool | None = None) -> Iterator[Event]:
-        import openai
+        from probllm.lm import FatalBackendError, RequestFailed
 
-        if self.model is None:
-            reason = self.check()
-            if reason:
-                raise Unreachable(reason)
-            if self.model is None:
-                raise UsageError(f"{self.base_url} lists no model: name one with --model")
-        extra = {}
-        if retrieve is False:
-            # Notes were quoted here already: a `probllm serve --index` must not add its own (others ignore it).
-            extra["probllm"] = {"retrieve": False}
+        reason = self.connect()
+        if reason:
+            raise Unreachable(reason)
+        extra = None
+        if self.kind == "remote" and retrieve is False:
+            # Notes were quoted here already: a `probllm serve --index` must not add its own.
+            extra = {"probllm": {"retrieve": False}}
         try:
-            stream = self.client.chat.completions.create(
-                model=self.model, messages=messages, stream=True, max_tokens=max_new_tokens,
-                temperature=self.temperature, seed=self.seed, extra_body=extra or None)
-        except (openai.APIConnectionError, openai.APITimeoutError) as e:
-            raise Unreachable(f"{self.base_url} is unreachable ({_reason(e)})") from None
-        except openai.APIStatusError as e:
-            raise ServerError(f"{self.base_url} answered {e.status_code}: {_message(e)}") from None
-        try:
-            for chunk in stream:
-                sources = (chunk.model_extra or {}).get("sources")
-                if sources is not None:
-                    yield Event(sources=list(sources))
-                for choice in chunk.choices or []:
-                    if choice.delta and choice.delta.content:
-                        yield Event(text=choice.delta.content)
-        except (openai.APIConnectionError, openai.APITimeoutError) as e:
-            raise Unreachable(f"the connection to {self.base_url} was lost ({_reason(e)})") from None
-        finally:
-            stream.close()  # Ctrl-C lands here too: the server sees the connection close and stops generating
-
-
-def _message(e) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    return str(getattr(e, "message", e))
-
-
-def _reason(e) -> str:
-    cause = e.__cause__ or e.__context__
-    text = str(cause or e).strip() or type(e).__name__
-    return text.splitlines()[0][:160]
+            for piece in self.generator.stream(self.generator.prompt(messages, prefix), max_new_tokens,
+                                               extra=extra):
+                if isinstance(piece, str):
+                    yield Event(text=piece)
+                else:  # the sources a `probllm serve --index` retrieved for this answer
+                    yield Event(sources=[dict(p) for p in piece])
+        except (RequestFailed, FatalBackendError) as e:
+            raise Unreachable(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- conversation
@@ -291,7 +276,7 @@ class Conversation:
     def ask(self, text: str, on_text: Callable[[str], None] = lambda s: None,
             on_sources: Callable[[list[dict]], None] = lambda s: None) -> Turn:
         """Ask one more question. The turn joins the conversation when an answer (or part of one, when Ctrl-C
-        stops it) came back; Unreachable/ServerError leave the conversation as it was."""
+        stops it) came back; Unreachable leaves the conversation as it was."""
         question, choices = split_options(text) if self.mcq else (text.strip(), [])
         passages = self._retrieve(question, choices)
         messages, dropped = self._messages(question, choices, passages)
@@ -305,15 +290,15 @@ class Conversation:
         prefix, max_new = "", self.max_new_tokens
         if mcq:
             max_new = min(self.max_new_tokens, 64)  # a letter and one line
-            if hasattr(self.backend, "choose_letter"):
+            if self.backend.can_choose:
                 index = self.backend.choose_letter(messages, choices)
                 turn.letter = LETTERS[index]
                 prefix = answer_prefix(Question(question, choices), index)
                 on_text(prefix)
         pieces: list[str] = []
-        kwargs = {} if self.backend.kind == "local" else {"retrieve": False if self.retriever else None}
         try:
-            for event in self.backend.stream(messages, max_new, prefix=prefix, **kwargs):
+            for event in self.backend.stream(messages, max_new, prefix=prefix,
+                                             retrieve=False if self.retriever else None):
                 if event.sources is not None and not passages:
                     turn.sources = event.sources
                     if event.sources:
@@ -488,13 +473,11 @@ def run_terminal(conversation: Conversation, *, stdin=None, out=None, err=None,
         except Unreachable as e:
             if started[0]:
                 say("")
-            say(style.red(f"Cannot reach the model: {e}. The conversation is kept; ask again when the server "
-                          "is back."), err)
-            continue
-        except ServerError as e:
-            if started[0]:
-                say("")
-            say(style.red(f"The server could not answer: {e}"), err)
+            if "unreachable" in str(e):
+                say(style.red(f"Cannot reach the model: {e}. The conversation is kept: ask again when the server "
+                              "is back."), err)
+            else:
+                say(style.red(f"The model could not answer: {e}"), err)
             continue
         except KeyboardInterrupt:  # Ctrl-C before the first token (retrieval, prompt building)
             say(style.dim("\n(stopped)"))
