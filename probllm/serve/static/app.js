@@ -140,6 +140,19 @@
   }
   function hideBanner() { bannerEl.hidden = true; }
 
+  // Generation settings from the page's address, e.g. /?temperature=0.7&max_tokens=400&seed=1 (the server's
+  // defaults otherwise: greedy).
+  function generationSettings() {
+    const query = new URLSearchParams(window.location.search);
+    const out = {};
+    for (const [name, parse] of [["temperature", parseFloat], ["top_p", parseFloat], ["max_tokens", parseInt],
+                                 ["seed", parseInt]]) {
+      const value = parse(query.get(name));
+      if (Number.isFinite(value)) out[name] = value;
+    }
+    return out;
+  }
+
   // ---------------------------------------------------------------------------------------------- history
 
   // The messages sent for a new question: the whole conversation, oldest turns dropped first until it fits
@@ -154,8 +167,8 @@
 
   // -------------------------------------------------------------------------------------------- rendering
 
-  function renderInto(el, text) {
-    el.innerHTML = window.ProbMarkdown.render(text);
+  function renderInto(el, text, options) {
+    el.innerHTML = window.ProbMarkdown.render(text, options);
     if (window.renderMathInElement) {
       try {
         window.renderMathInElement(el, {
@@ -233,7 +246,7 @@
       // Rendered when first opened: a long note list costs nothing until read.
       details.addEventListener("toggle", () => {
         if (details.open && !passage.dataset.rendered) {
-          renderInto(passage, s.text || "");
+          renderInto(passage, s.text || "", { softBreaks: true });
           passage.dataset.rendered = "1";
         }
       });
@@ -291,7 +304,7 @@
       if (!pending) { pending = true; requestAnimationFrame(paint); }
     };
 
-    const body = { messages: messagesFor(question), stream: true };
+    const body = Object.assign({ messages: messagesFor(question), stream: true }, generationSettings());
     if (state.model) body.model = state.model;
     let outcome = "done";
     try {

@@ -48,7 +48,9 @@
     return text;
   }
 
-  function render(source) {
+  // options.softBreaks: a single newline is a space (hard-wrapped notes); otherwise a line break (answers).
+  function render(source, options) {
+    const softBreaks = Boolean(options && options.softBreaks);
     const store = [];
     let text = escapeHtml(String(source || "").replace(/\r\n?/g, "\n"));
 
@@ -64,7 +66,9 @@
     let para = [];
     let list = null; // {tag, items}
     const flushPara = () => {
-      if (para.length) out.push("<p>" + inline(para.join("\n"), store).replace(/\n/g, "<br>") + "</p>");
+      if (para.length) {
+        out.push("<p>" + inline(para.join("\n"), store).replace(/\n/g, softBreaks ? " " : "<br>") + "</p>");
+      }
       para = [];
     };
     const flushList = () => {
