@@ -146,7 +146,7 @@
     const query = new URLSearchParams(window.location.search);
     const out = {};
     for (const [name, parse] of [["temperature", parseFloat], ["top_p", parseFloat], ["max_tokens", parseInt],
-                                 ["seed", parseInt]]) {
+                                 ["seed", parseInt], ["repetition_penalty", parseFloat]]) {
       const value = parse(query.get(name));
       if (Number.isFinite(value)) out[name] = value;
     }
@@ -246,7 +246,7 @@
       // Rendered when first opened: a long note list costs nothing until read.
       details.addEventListener("toggle", () => {
         if (details.open && !passage.dataset.rendered) {
-          renderInto(passage, s.text || "", { softBreaks: true });
+          renderInto(passage, withoutHeading(s.text || "", s.heading), { softBreaks: true });
           passage.dataset.rendered = "1";
         }
       });
@@ -254,6 +254,16 @@
       list.appendChild(li);
     });
     section.hidden = false;
+  }
+
+  // Chunks start with their section's title, which the summary line shows already.
+  function withoutHeading(text, heading) {
+    const last = String(heading || "").split(" > ").pop().trim();
+    const lines = text.split("\n");
+    if (last && lines.length > 1 && lines[0].replace(/^#+\s*/, "").trim() === last) {
+      return lines.slice(1).join("\n").replace(/^\s*\n/, "");
+    }
+    return text;
   }
 
   function openSource(msgEl, n) {
