@@ -176,3 +176,46 @@ def test_ctrl_c_stops_the_answer_not_the_program(tiny_model_dir, tmp_path):
     assert child.exitstatus == 0
     [turn] = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert turn["stopped"] is True and turn["question"] == "Explain heapsort at length."
+
+
+def test_against_probllm_serve_its_sources_and_a_server_that_comes_back(tiny_model_dir, notes_index, tmp_path):
+    import socket
+
+    from servers import probllm_serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    transcript = tmp_path / "remote.jsonl"
+    # Nothing listens yet: chat starts anyway and says so.
+    child = spawn_chat("--base-url", f"http://127.0.0.1:{port}/v1", "--model", "tiny", "--max-new-tokens", "12",
+                       "--temperature", "1")
+    try:
+        assert "unreachable" in child.before
+        child.sendline("What is the worst-case running time of heapsort?")
+        child.expect_exact("Cannot reach the model:")
+        child.expect_exact("ask again when the server is back")
+        child.expect_exact(PROMPT)
+        with probllm_serve("--model", tiny_model_dir, "--served-model-name", "tiny", "--index", notes_index,
+                           "--port", str(port)):
+            child.sendline("What is the worst-case running time of heapsort?")
+            # No --index here: the server retrieved, and its sources are listed.
+            child.expect(r"Sources:\r\n  \[1\] \S*heapsort\.md > Heapsort")
+            child.expect_exact(PROMPT)
+            child.sendline(f"/save {transcript}")
+            child.expect_exact("(saved 1 turn to")
+            child.expect_exact(PROMPT)
+        child.sendline("And its best case?")  # the server is gone again: said, and the conversation is kept
+        child.expect_exact("Cannot reach the model:")
+        child.expect_exact(PROMPT)
+        child.sendline("/sources")
+        child.expect(r"\[1\] \S*heapsort\.md > Heapsort[^\n]*\(score 0\.\d+\)")
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    [turn] = [json.loads(line) for line in transcript.read_text().splitlines()]
+    assert turn["answer"] and turn["sources"][0]["n"] == 1 and "heapsort" in turn["sources"][0]["source"]
+    assert turn["model"] == f"tiny at http://127.0.0.1:{port}/v1"
