@@ -128,6 +128,16 @@ def test_ask_stream_sources_follow_up_and_key(browser, tiny_model_dir, notes_ind
         page.wait_for_selector('.msg.assistant[data-turn="1"] .answer[data-state="done"]', timeout=60_000)
         assert [m["role"] for m in chats[-1]["messages"]] == ["user"]
 
+        # The markdown renderer: HTML in an answer or a note is shown as text, never run; code keeps its layout;
+        # math is left for KaTeX (with its underscores untouched by emphasis).
+        html = page.evaluate("(t) => ProbMarkdown.render(t)",
+                             "Heap **property** $a_i \\ge a_{2i+1}$ <img src=x onerror=alert(1)> [2]\n\n"
+                             "```python\ndef f(a_b):\n    return a_b  # <b>\n```")
+        assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+        assert "<strong>property</strong>" in html and "$a_i \\ge a_{2i+1}$" in html
+        assert '<button type="button" class="cite" data-n="2"' in html
+        assert '<pre><code class="language-python">def f(a_b):\n    return a_b  # &lt;b&gt;</code></pre>' in html
+
         # A reload in the same tab does not ask for the key again.
         page.reload()
         page.wait_for_selector('#status[data-state="online"]')
