@@ -23,7 +23,7 @@ from typing import IO, Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError, first_present, log, require
 from probllm.lm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
-from probllm.lm.rules import apply_rule, split_sentences
+from probllm.lm.rules import split_sentences
 
 OPS = ("REMOVE", "SUBSTITUTE", "INSERT")
 QUESTION_FIELDS = ("question", "message_1", "instruction", "prompt")
@@ -209,11 +209,10 @@ def corrupt_records(records: Iterable[Record], config: BackendConfig, opts: Corr
                     skip_invalid: bool = False) -> Iterator[dict]:
     """Pair records for every input record, in input order; failures counted in `stats` and reported."""
     opts.check()
-    if config.backend == "rules":
-        outcomes = _rules_outcomes(records, opts)
-        backend = None
+    backend = make_backend(config, allow_rules=True)
+    if "corrupt_rules" in backend.capabilities:
+        outcomes = _rules_outcomes(records, opts, backend)
     else:
-        backend = make_backend(config)
         label = f"{config.backend}:{backend.model}"
 
         async def one(rec: Record) -> _Outcome:
@@ -226,8 +225,7 @@ def corrupt_records(records: Iterable[Record], config: BackendConfig, opts: Corr
             if pair is not None:
                 yield pair
     finally:
-        if backend is not None:
-            stats.notes.update(backend.counts())
+        stats.notes.update(backend.counts())
 
 
 def _settle(o: _Outcome, stats: Stats, opts: CorruptOptions, skip_invalid: bool) -> dict | None:
@@ -281,7 +279,7 @@ async def _corrupt_one(rec: Record, backend, config: BackendConfig, opts: Corrup
     return _Outcome(rec, pair=make_pair(rec, question, answer, text, ops, opts, label), ops=ops)
 
 
-def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions) -> Iterator[_Outcome]:
+def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions, rules) -> Iterator[_Outcome]:
     """Sequential (rules are fast). INSERT draws its sentence from the answers of recent records, so unlike the
     operation choice it depends on the input's order."""
     pool: deque[str] = deque(maxlen=500)
@@ -295,7 +293,7 @@ def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions) -> Iterator
         ops = pick_ops(rng, opts.ops, opts.k)
         text, reason = answer, None
         for op in ops:
-            out = apply_rule(op, text, question, rng, list(pool))
+            out = rules.apply(op, text, question, rng, list(pool))
             reason = "unchanged" if out is None else rejection_reason(text, out)
             if reason is not None:
                 break
