@@ -48,3 +48,49 @@ def probllm_serve(*args: str, env: dict | None = None, timeout: float = 180):
                 proc.kill()
                 proc.wait()
         drain.join(5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def transformers_serve(model_dir: str, timeout: float = 240):
+    """transformers' own OpenAI-compatible server (`transformers serve MODEL`) on 127.0.0.1; yields base_url.
+    The model name requests must carry is the folder's path."""
+    import httpx2 as httpx
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"transformers-serve-{port}.log", "w+")
+    proc = subprocess.Popen([str(exe), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError("transformers serve did not start:\n" + log.read()[-3000:])
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url + "/v1"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

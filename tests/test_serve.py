@@ -216,3 +216,24 @@ def test_loglik_against_a_server_without_prompt_logprobs_is_one_clear_error(cli,
         r = cli("eval", mcq_file, "--backend", "openai", "--base-url", server.base_url, "--model", "m", "--tries", "1")
     assert r.code == 1 and "Traceback" not in r.stderr
     assert "--method letter|generate" in r.stderr and "prompt log-probs" in r.stderr
+
+
+def test_ask_through_serve_with_index_shows_the_same_sources_as_local_ask(cli, tiny_model_dir, tmp_path):
+    from probllm.rag.index import build_index
+
+    from servers import ROOT
+
+    index = str(tmp_path / "notes.idx")
+    build_index([str(ROOT / "examples" / "notes" / "algorithms")], index)
+    question = "What is the time complexity of heapsort?"
+    local = cli("ask", question, "--index", index, "-k", "2", "--model", tiny_model_dir, "--max-new-tokens", "3")
+    assert local.code == 0, local.stderr
+    with probllm_serve("--model", tiny_model_dir, "--served-model-name", MODEL, "--index", index, "--top-k", "2") \
+            as (url, _, _):
+        served_ask = cli("ask", question, *remote(url), "--max-new-tokens", "3")
+    assert served_ask.code == 0, served_ask.stderr
+
+    def sources(stderr: str) -> list[str]:
+        return [line.strip() for line in stderr.splitlines() if line.strip().startswith("[")]
+
+    assert len(sources(local.stderr)) == 2 and sources(served_ask.stderr) == sources(local.stderr)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import InputFiles, SkipInvalid, SummaryFile, app, command
+from probllm.cli.options import Device
 from probllm.io import Stats, log, read_records, write_records
 
 
@@ -95,12 +96,14 @@ def reward_eval_command(
     files: InputFiles = None,
     adapter: Annotated[Optional[str], _opt("--adapter", "A `dpo --out` folder (LoRA adapter); the reference "
                                            "is the same model with the adapter disabled.")] = None,
-    model: Annotated[Optional[str], _opt("--model", "Policy model (default: the adapter's base model).")] = None,
+    model: Annotated[Optional[str], _opt("--model", "Policy model: hub id, folder or `quantize` output (loaded "
+                                           "with its quantized weights); default: the adapter's base model.")] = None,
     ref: Annotated[Optional[str], _opt("--ref", "Reference model, for a policy without adapter.")] = None,
     beta: Annotated[Optional[float], _opt("--beta", "DPO beta (default: the run's, else 0.05).")] = None,
     max_length: Annotated[Optional[int], _opt("--max-length", "Truncation (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass.")] = 4,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (the run's), float32, bfloat16.")] = "auto",
+    device: Device = "auto",
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
 ) -> None:
@@ -113,7 +116,8 @@ def reward_eval_command(
     from probllm.train.reward import RewardScorer, reward_eval
 
     with command("reward-eval", summary) as stats:
-        scorer = RewardScorer(adapter=adapter, model=model, ref=ref, beta=beta, max_length=max_length, dtype=dtype)
+        scorer = RewardScorer(adapter=adapter, model=model, ref=ref, beta=beta, max_length=max_length, dtype=dtype,
+                              device=device)
         write_records(reward_eval(read_records(files, stats, skip_invalid), scorer, stats, batch_size=batch_size,
                                   skip_invalid=skip_invalid), stats)
 

@@ -64,15 +64,17 @@ class BackendConfig:
         return self.model or ""
 
 
-def make_backend(config: BackendConfig, allow_rules: bool = False) -> LM | None:
-    """The backend the options describe, wrapped in retries and the response cache; None for `rules` (callers
-    handle it without a model)."""
+def make_backend(config: BackendConfig, allow_rules: bool = False):
+    """The backend the options describe: openai or hf wrapped in retries and the response cache, or the `rules`
+    backend (no model, no requests) where the command can use it."""
     if config.backend not in BACKENDS:
         raise UsageError(f"--backend {config.backend}: choose one of {', '.join(BACKENDS)}")
     if config.backend == "rules":
         if not allow_rules:
             raise UsageError("--backend rules only works with `corrupt`: use openai or hf")
-        return None
+        from probllm.lm.rules import RulesLM
+
+        return RulesLM()
     if config.concurrency < 1 or config.tries < 1 or config.max_tokens < 1:
         raise UsageError("--concurrency, --tries and --max-tokens must be at least 1")
     lm = make_lm(config)

@@ -312,14 +312,42 @@ def run_sync(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
 
 
 async def _amap(items: Iterator[Any], fn: Callable[[Any], Awaitable[Any]], window: int):
+    """At most `window` items unfinished at once, results in input order.
+
+    A finished item does not hold a place in the window while it waits for an older one to be written: a record
+    backing off after a 429/5xx would otherwise stop new records from starting, and leave request slots idle
+    (head-of-line blocking). Finished results waiting for their turn are bounded too (8 windows), so memory
+    stays bounded whatever the stall."""
     pending: deque[asyncio.Future] = deque()
+    unfinished = 0
+    progress = asyncio.Event()
+    exhausted = False
+    buffer = 8 * window
+
+    def finished(_task) -> None:
+        nonlocal unfinished
+        unfinished -= 1
+        progress.set()
+
     try:
-        for item in items:
-            pending.append(asyncio.ensure_future(fn(item)))
-            if len(pending) >= window:
-                yield await pending.popleft()
-        while pending:
-            yield await pending.popleft()
+        while True:
+            while not exhausted and unfinished < window and len(pending) < buffer:
+                try:
+                    item = next(items)
+                except StopIteration:
+                    exhausted = True
+                    break
+                task = asyncio.ensure_future(fn(item))
+                unfinished += 1
+                task.add_done_callback(finished)
+                pending.append(task)
+            if not pending:
+                return
+            if pending[0].done():
+                yield pending.popleft().result()
+                continue
+            progress.clear()
+            await progress.wait()
     finally:
         for task in pending:
             task.cancel()

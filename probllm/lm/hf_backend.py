@@ -116,6 +116,8 @@ class HFLM(LM):
         self.device = device
         self.dtype = dtype
         self.max_wait = max_wait
+        self.regroup_wait = max(max_wait, 0.05)
+        self._last_batch = 1
         self.trust_remote_code = trust_remote_code
         self.tok = None
         self.lm = None
@@ -239,10 +241,17 @@ class HFLM(LM):
                     if not self._pending:
                         return
                 continue
-            # Let requests that arrive together (the other records' coroutines, other HTTP clients) join.
-            deadline = time.monotonic() + self.max_wait
-            while len(self._pending) < self.batch_size and time.monotonic() < deadline:
-                await asyncio.sleep(min(0.001, self.max_wait))
+            # Let requests that arrive together (the other records' coroutines, other HTTP clients) join. Right
+            # after a batch, its clients come back with their next request within a few tens of milliseconds:
+            # wait (a little longer) for as many as the last batch had, or a batch of one would make the others
+            # wait for all of its tokens (a generate call cannot take rows once started).
+            start = time.monotonic()
+            want = min(self.batch_size, max(1, self._last_batch))
+            while len(self._pending) < self.batch_size:
+                waited = time.monotonic() - start
+                if waited >= self.max_wait and (len(self._pending) >= want or waited >= self.regroup_wait):
+                    break
+                await asyncio.sleep(0.001)
             key = self._batch_key(self._pending[0])
             batch = [r for r in self._pending if self._batch_key(r) == key and not r.cancelled][: self.batch_size]
             for r in list(self._pending):
@@ -250,6 +259,7 @@ class HFLM(LM):
                     self._pending.remove(r)
             if not batch:
                 continue
+            self._last_batch = len(batch)
             try:
                 await asyncio.to_thread(self._generate, batch)
             except Exception as e:  # a model that cannot generate will not do better on a retry

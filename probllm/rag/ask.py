@@ -104,6 +104,11 @@ class Generator:
         return getattr(self.lm, "tok", None)
 
     @property
+    def remote(self) -> bool:
+        """An endpoint (which may add retrieval of its own), not a model in this process."""
+        return self.lm.name == "openai"
+
+    @property
     def can_choose(self) -> bool:
         from probllm.lm.base import CHAT_LOGLIKELIHOOD
 
@@ -228,7 +233,12 @@ def ask_one(
     if q.choices and letter_method == "loglik":
         letter_index = generator.choose_letter(build_messages(q), q.choices)
     prefix = answer_prefix(q, letter_index)
-    prompt = generator.prompt(build_messages(q), prefix)
+    messages = build_messages(q)
+    if retriever is None and not q.choices and generator.remote:
+        # The server may retrieve and quote the notes itself (probllm serve --index): send it the question as the
+        # student wrote it, so that it searches for and frames exactly what a local `ask --index` would.
+        messages = [{"role": "user", "content": question}]
+    prompt = generator.prompt(messages, prefix)
     pieces: list[str] = []
     first = None
     if prefix and on_text:
