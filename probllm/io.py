@@ -84,6 +84,10 @@ class RecordError(Exception):
         return f"{where}:{what} {self.reason}"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command kept (e.g. "the index keeps the last committed state"), said once."""
+
+
 class Skip(Exception):
     """A record dropped on purpose by a rule (e.g. 'both answers wrong'): counted by reason, never an error."""
 
@@ -335,8 +339,10 @@ def read_records(
     stats: Stats | None = None,
     skip_invalid: bool = False,
     allow_empty: bool = False,
+    limit: int | None = None,
 ) -> Iterator[Record]:
-    """Stream records from files (JSONL, .gz, .json, folders) or stdin ('-' or no paths).
+    """Stream records from files (JSONL, .gz, .json, folders, globs) or stdin ('-' or no paths), at most `limit`
+    of them (`--limit`: reading stops there, so the rest is never read).
 
     Malformed lines raise RecordError, or with `skip_invalid` are counted and skipped. Empty input is an error
     unless `allow_empty`: in a pipeline it almost always means the step before failed.
@@ -346,10 +352,15 @@ def read_records(
         raise UsageError("no input: pipe JSONL records into this command or name input files")
     stats = stats if stats is not None else Stats()
     lines_seen = 0
+    yielded = 0
     for path in list(expand_paths(paths)):
         source = "<stdin>" if path == STDIN else path
+        if limit is not None and yielded >= limit:
+            break
         try:
             for item in _records_from(path):
+                if limit is not None and yielded >= limit:
+                    break
                 lines_seen += 1
                 stats.read += 1
                 if isinstance(item, RecordError):
@@ -357,6 +368,7 @@ def read_records(
                     stats.reject(item, skip_invalid=skip_invalid)
                     continue
                 item.source = source
+                yielded += 1
                 yield item
         except RecordError as e:
             if e.source in (None, STDIN):

@@ -17,7 +17,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from probllm import __version__
-from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, RecordError, Stats, UsageError, \
+from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RecordError, Stats, UsageError, \
     log, write_json
 
 # Typer 0.29 vendors click; its usage-error class is not re-exported, but BadParameter (public) derives from it.
@@ -48,6 +48,25 @@ def _rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
     return out
 
 
+def _inputs_as_arguments(args: list[str]) -> list[str]:
+    """`-i FILE` / `--input FILE` mean the same as a positional FILE in every command that reads records, so
+    that `-i` works everywhere (ask and retrieve, whose positional argument is a question, take only `-i`)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if arg in ("-i", "--input") and i + 1 < len(args):
+            out.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--input="):
+            arg = arg.split("=", 1)[1]
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _usage_error(ctx, error) -> None:
     """Bad or misspelt options: one line on stderr, exit 2, like every other user error of probllm."""
     name = ctx.command_path if ctx is not None else "probllm"
@@ -60,6 +79,8 @@ class ProbllmCommand(TyperCommand):
 
     def parse_args(self, ctx, args):
         args = _rewrite_aliases(list(args), HIDDEN_ALIASES.get(self.name or "", {}))
+        if any(p.name in ("files", "sources", "paths") and isinstance(p, TyperArgument) for p in self.params):
+            args = _inputs_as_arguments(args)
         try:
             return super().parse_args(ctx, args)
         except ClickUsageError as e:
@@ -176,9 +197,16 @@ app = ProbllmTyper(
 
 InputFiles = Annotated[
     Optional[list[str]],
-    typer.Argument(help="Input files (.jsonl, .jsonl.gz, .json) or folders; none or '-' reads stdin.",
-                   show_default=False),
+    typer.Argument(help="Input files (.jsonl, .json, .gz), folders, `~` or globs (quoted or not; also as "
+                        "-i/--input FILE); none or '-' reads stdin.", show_default=False),
 ]
+InputOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--input", "-i", help="Input files (.jsonl, .json, .gz), folders or globs; none or '-' reads "
+                                       "stdin. Repeat for several.", show_default=False),
+]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N input records.",
+                                              show_default=False, min=0)]
 SkipInvalid = Annotated[
     bool, typer.Option("--skip-invalid", help="Skip bad records (counted on stderr) instead of stopping.")
 ]
@@ -227,8 +255,9 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     except UsageError as e:
         log(f"probllm {name}: error: {e}")
         code = EXIT_USAGE
-    except KeyboardInterrupt:
-        log(f"probllm {name}: interrupted")
+    except KeyboardInterrupt as e:
+        note = str(e) if isinstance(e, Interrupted) and str(e) else ""
+        log(f"probllm {name}: interrupted" + (f"; {note}" if note else ""))
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error. Point stdout at devnull so the final flush is quiet.
