@@ -8,13 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputFiles, Seed, SkipInvalid, SummaryFile, app, command
+from probllm.cli.app import InputFiles, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.choices import Backend as BackendChoice, JudgeBackend, JudgeMode, VerdictFrom, value
 from probllm.io import EXIT_FAILURE, log, read_records, write_json, write_records
 
 # ------------------------------------------------------------------------------------- shared backend options
 
-Backend = Annotated[str, typer.Option("--backend", help="openai (any OpenAI-compatible endpoint), hf (local "
-                                                        "transformers model) or rules (corrupt only, no model).")]
+Backend = Annotated[BackendChoice, typer.Option("--backend", help="openai: any OpenAI-compatible endpoint; hf: a "
+                                                                  "local transformers model; rules: no model.")]
 Model = Annotated[Optional[str], typer.Option("--model", help="Endpoint model name (openai), or hub id / folder "
                                                               "(hf; default: the offline SmolLM2).")]
 BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible base URL, e.g. "
@@ -28,7 +29,10 @@ Tries = Annotated[int, typer.Option("--tries", help="Attempts per request on 429
                                                     "answers, with exponential backoff and Retry-After.")]
 RetryBase = Annotated[float, typer.Option("--retry-base", help="First backoff in seconds (doubles each retry).")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request counts as timed out.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens generated per answer.")]
+MaxTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens generated per answer.")]
+
+hidden_aliases("corrupt", max_tokens="--max-new-tokens", k="--ops-per-record")
+hidden_aliases("judge", max_tokens="--max-new-tokens")
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]
 TopP = Annotated[float, typer.Option("--top-p")]
 CacheFile = Annotated[Optional[Path], typer.Option("--cache", help="Response cache (SQLite); default "
@@ -64,14 +68,15 @@ def _llm_command(name: str, summary: Optional[Path] = None):
 @app.command()
 def corrupt(
     files: InputFiles = None,
-    backend: Backend = "hf",
+    backend: Backend = BackendChoice.hf,
     model: Model = None,
     base_url: BaseUrl = None,
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     adapter: Adapter = None,
     ops: Annotated[str, typer.Option("--ops", help="Operations to pick from, comma-separated.")] =
         "REMOVE,SUBSTITUTE,INSERT",
-    k: Annotated[int, typer.Option("--k", help="Operations applied per record, one after the other.")] = 2,
+    k: Annotated[int, typer.Option("--ops-per-record", help="Operations applied per record, one after the other.",
+                                   min=1)] = 2,
     question_field: Annotated[Optional[str], typer.Option(
         "--question-field", help="Default: question, message_1 (CAMEL), instruction or prompt.")] = None,
     answer_field: Annotated[Optional[str], typer.Option(
@@ -92,6 +97,7 @@ def corrupt(
     cache: CacheFile = None,
     no_cache: NoCache = False,
     seed: Seed = 0,
+    limit: Limit = None,
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
 ) -> None:
@@ -101,13 +107,13 @@ def corrupt(
     after a crash, sends nothing that already succeeded. Output keeps input order.
 
         probllm corrupt --backend rules examples/qa.jsonl | head -n 2
-        probllm corrupt --backend openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \\
-            --concurrency 64 camel-physics.jsonl > pairs.jsonl
+        probllm corrupt --backend openai --base-url http://localhost:8000/v1 \\
+            --model Qwen/Qwen2.5-7B-Instruct --concurrency 64 camel-physics.jsonl > pairs.jsonl
     """
     from probllm.corrupt import CorruptOptions, corrupt_records, parse_ops
 
     with _llm_command("corrupt", summary) as stats:
-        config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
+        config = _config(backend=value(backend), model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,
                          no_cache=no_cache, seed=seed)
@@ -116,7 +122,7 @@ def corrupt(
             opts = CorruptOptions(ops=parse_ops(ops), k=k, seed=seed, question_field=question_field,
                                   answer_field=answer_field, tries=rejected_tries, source=source,
                                   failed_out=failed_fh)
-            write_records(corrupt_records(read_records(files, stats, skip_invalid), config, opts, stats,
+            write_records(corrupt_records(read_records(files, stats, skip_invalid, limit=limit), config, opts, stats,
                                           skip_invalid), stats)
         finally:
             if failed_fh:
@@ -132,13 +138,15 @@ def corrupt(
 @app.command()
 def judge(
     files: InputFiles = None,
-    a: Annotated[Optional[list[str]], typer.Option("--a", help="Answer set A (JSONL with --key and "
-                                                    "--answer-field).")] = None,
-    b: Annotated[Optional[str], typer.Option("--b", help="Answer set B, joined to A on --key.")] = None,
+    a: Annotated[Optional[list[str]], typer.Option("--a", help="Answer set A: records with --key and "
+                                                    "--answer-field (repeat for several files).")] = None,
+    b: Annotated[Optional[list[str]], typer.Option("--b", help="Answer set B, joined to A on --key (repeat for "
+                                                    "several files).")] = None,
     key: Annotated[str, typer.Option("--key", help="Join field of --a and --b.")] = "id",
-    mode: Annotated[str, typer.Option("--mode", help="pairwise (both orders; A vs B) or single (grade 1-10).")] =
-        "pairwise",
-    question_field: Annotated[str, typer.Option("--question-field")] = "question",
+    mode: Annotated[JudgeMode, typer.Option("--mode", help="pairwise: A vs B, asked in both orders; single: grade "
+                                            "each answer 1-10.")] = JudgeMode.pairwise,
+    question_field: Annotated[str, typer.Option("--question-field", help="Record field holding the question.")] =
+        "question",
     answer_field: Annotated[str, typer.Option("--answer-field", help="Answer field in --a / --b files.")] =
         "answer",
     a_field: Annotated[str, typer.Option("--a-field", help="Answer A in records holding both.")] = "answer_a",
@@ -147,11 +155,12 @@ def judge(
                                                  "reference-guided prompts are used.")] = "reference",
     judge_tries: Annotated[int, typer.Option("--judge-tries", help="Attempts when the judge's text holds no "
                                              "verdict.")] = 3,
-    verdict_from: Annotated[str, typer.Option("--verdict-from", help="generation (the judge writes its "
-                                              "reasoning and verdict) or likelihood (hf: score the allowed "
-                                              "verdicts; for small models that ignore the format).")] =
-        "generation",
-    backend: Backend = "hf",
+    verdict_from: Annotated[VerdictFrom, typer.Option("--verdict-from", help="generation: the judge writes its "
+                                                      "reasoning and verdict; likelihood (hf): score the allowed "
+                                                      "verdicts, for small models that ignore the format.")] =
+        VerdictFrom.generation,
+    backend: Annotated[JudgeBackend, typer.Option("--backend", help="openai: any OpenAI-compatible endpoint; hf: a "
+                                                                    "local transformers model.")] = JudgeBackend.hf,
     model: Model = None,
     base_url: BaseUrl = None,
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
@@ -167,6 +176,7 @@ def judge(
     cache: CacheFile = None,
     no_cache: NoCache = False,
     seed: Seed = 0,
+    limit: Limit = None,
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
 ) -> None:
@@ -177,13 +187,15 @@ def judge(
     95% Wilson interval, inconsistency rate, mean answer lengths.
 
         probllm judge --a examples/answers-a.jsonl --b examples/answers-b.jsonl --key id \\
-            --backend openai --base-url http://localhost:8000/v1 --model judge --summary judge.json > verdicts.jsonl
+            --backend openai --base-url http://localhost:8000/v1 --model judge \\
+            --summary judge.json > verdicts.jsonl
     """
     from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
 
+    mode, verdict_from = value(mode), value(verdict_from)
     result = JudgeSummary(mode=mode)
     with _llm_command("judge") as stats:
-        config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
+        config = _config(backend=value(backend), model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,
                          no_cache=no_cache, seed=seed)
@@ -191,7 +203,7 @@ def judge(
                             a_field=a_field, b_field=b_field, reference_field=reference_field, tries=judge_tries,
                             seed=seed, verdict_from=verdict_from)
         opts.check()
-        records = judge_input(a, b, files, opts, stats, skip_invalid)
+        records = judge_input(a, b, files, opts, stats, skip_invalid, limit=limit)
         write_records(judge_records(records, config, opts, stats, result, skip_invalid), stats)
         log(f"probllm judge: {result.text()}")
     if summary is not None:

@@ -7,8 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputFiles, SkipInvalid, SummaryFile, app, command
+from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.choices import Dtype, value
 from probllm.io import Stats, log, read_records, write_records
+
+hidden_aliases("dpo", out="--output", force="--overwrite")
+hidden_aliases("plot", out="--output")
 
 
 def _opt(flag: str, help: str, **kw):
@@ -18,7 +22,7 @@ def _opt(flag: str, help: str, **kw):
 @app.command("dpo")
 def dpo_command(
     files: InputFiles = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder: adapter, tokenizer, config.json, "
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output folder: adapter, tokenizer, config.json, "
                                       "metrics.jsonl, checkpoints/.")] = Path("runs/dpo"),
     model: Annotated[Optional[str], _opt("--model", "Causal LM (hub id or folder); default: offline "
                                          "SmolLM2-135M-Instruct.")] = None,
@@ -54,21 +58,25 @@ def dpo_command(
         "--precompute-ref/--no-precompute-ref", "Compute reference log-probs once and cache them on disk, "
         "keyed by model, data and max length: reruns with other hyperparameters skip that pass [off].")] = None,
     seed: Annotated[Optional[int], _opt("--seed", "Seed for data order, LoRA init and dropout [0].")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard OUT's checkpoints and start again.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard --output's checkpoints and start "
+                                            "again.")] = False,
+    limit: Limit = None,
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
 ) -> None:
     """Preference-tune a causal LM with DPO and LoRA; defaults are the report's hyperparameters.
 
     Pairs in TRL string, conversational or implicit-prompt form, or LLaMA-Factory ShareGPT form. Prints one
-    summary record; the adapter, config.json and metrics.jsonl go to --out.
+    summary record; the adapter, config.json and metrics.jsonl go to --output.
 
-        probllm dpo pairs.train.jsonl --eval pairs.test.jsonl --out runs/dpo --max-steps 30 --max-length 256 --batch-size 4
+        probllm dpo pairs.train.jsonl --eval pairs.test.jsonl -o runs/dpo \\
+            --max-steps 30 --max-length 256 --batch-size 4
     """
-    from probllm.train.dpo import is_main_process, resolve_settings, train
+    from probllm.train.dpo import check_output, is_main_process, resolve_settings, train
 
     with command("dpo", summary, quiet_summary=not is_main_process()) as stats:
+        check_output(out, resume, overwrite)  # check first, load later: a refusal costs no model load
         settings = resolve_settings(
             str(config) if config else None, model=model, max_steps=max_steps, epochs=epochs, lr=lr,
             lr_scheduler=lr_scheduler, warmup_steps=warmup_steps, weight_decay=weight_decay,
@@ -79,9 +87,9 @@ def dpo_command(
             precompute_ref=precompute_ref, seed=seed)
         eval_stats = Stats(command="probllm dpo --eval")
         result = train(
-            read_records(files, stats, skip_invalid),
+            read_records(files, stats, skip_invalid, limit=limit),
             settings, out, stats,
-            eval_records=read_records(eval_file, eval_stats, skip_invalid) if eval_file else None,
+            eval_records=read_records(eval_file, eval_stats, skip_invalid, limit=limit) if eval_file else None,
             resume=resume, overwrite=overwrite, skip_invalid=skip_invalid, eval_stats=eval_stats,
         )
         if is_main_process():
@@ -93,14 +101,15 @@ def dpo_command(
 @app.command("reward-eval")
 def reward_eval_command(
     files: InputFiles = None,
-    adapter: Annotated[Optional[str], _opt("--adapter", "A `dpo --out` folder (LoRA adapter); the reference "
+    adapter: Annotated[Optional[str], _opt("--adapter", "A `dpo --output` folder (LoRA adapter); the reference "
                                            "is the same model with the adapter disabled.")] = None,
     model: Annotated[Optional[str], _opt("--model", "Policy model (default: the adapter's base model).")] = None,
     ref: Annotated[Optional[str], _opt("--ref", "Reference model, for a policy without adapter.")] = None,
     beta: Annotated[Optional[float], _opt("--beta", "DPO beta (default: the run's, else 0.05).")] = None,
     max_length: Annotated[Optional[int], _opt("--max-length", "Truncation (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass.")] = 4,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (the run's), float32, bfloat16.")] = "auto",
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: the run's.")] = Dtype.auto,
+    limit: Limit = None,
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
 ) -> None:
@@ -108,28 +117,31 @@ def reward_eval_command(
 
     r = beta * (log pi(y|x) - log pi_ref(y|x)). Reward accuracy and mean margin go to stderr and --summary.
 
-        probllm reward-eval pairs.test.jsonl --adapter runs/dpo --summary runs/dpo/test-rewards.json > scored.jsonl
+        probllm reward-eval pairs.test.jsonl --adapter runs/dpo \\
+            --summary runs/dpo/test-rewards.json > scored.jsonl
     """
     from probllm.train.reward import RewardScorer, reward_eval
 
     with command("reward-eval", summary) as stats:
-        scorer = RewardScorer(adapter=adapter, model=model, ref=ref, beta=beta, max_length=max_length, dtype=dtype)
-        write_records(reward_eval(read_records(files, stats, skip_invalid), scorer, stats, batch_size=batch_size,
+        records = read_records(files, stats, skip_invalid, limit=limit)
+        scorer = RewardScorer(adapter=adapter, model=model, ref=ref, beta=beta, max_length=max_length,
+                              dtype=value(dtype))
+        write_records(reward_eval(records, scorer, stats, batch_size=batch_size,
                                   skip_invalid=skip_invalid), stats)
 
 
 @app.command("plot")
 def plot_command(
-    runs: Annotated[list[str], typer.Argument(help="`dpo --out` folders or metrics.jsonl files (several: "
+    runs: Annotated[list[str], typer.Argument(help="`dpo --output` folders or metrics.jsonl files (several: "
                                               "overlaid).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and index.md/index.html.")] = Path(
-        "runs/plots"),
+    out: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs and index.md/index.html.")]
+    = Path("runs/plots"),
     label: Annotated[Optional[list[str]], _opt("--label", "A name per run for the legend (default: folder "
                                                "names).")] = None,
 ) -> None:
     """Draw the report's 17 training curves (eval and train) as PNGs, with an index page.
 
-        probllm plot runs/student-only runs/all-data --out runs/plots
+        probllm plot runs/student-only runs/all-data -o runs/plots
     """
     from probllm.train.plot import plot_runs
 

@@ -105,6 +105,17 @@ def resolve_settings(config_file: str | None = None, **overrides: Any) -> Settin
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
     if settings.max_steps == 0 or (settings.max_steps < 0 and not settings.epochs):
         raise UsageError("--max-steps must be positive (or give --epochs)")
+    if 0 < settings.max_steps <= settings.warmup_steps:
+        if "warmup_steps" in values:
+            log(f"probllm dpo: --warmup-steps {settings.warmup_steps} >= --max-steps {settings.max_steps}: the "
+                f"learning rate never reaches --lr {settings.lr:g}")
+        else:
+            # The report's 100 warmup steps belong to its 2000-step runs: keep that share (5%) for short runs,
+            # instead of a run that is all warmup and logs a learning rate of 0 at step 1.
+            scaled = settings.max_steps * Settings.warmup_steps // Settings.max_steps
+            log(f"probllm dpo: --max-steps {settings.max_steps} is shorter than the default {settings.warmup_steps} "
+                f"warmup steps; warmup scaled to {scaled} (5% of the steps, as in the report's 100 of 2000)")
+            settings.warmup_steps = scaled
     return settings
 
 
@@ -362,6 +373,20 @@ def _last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def check_output(out: str | os.PathLike, resume: bool, overwrite: bool) -> bool:
+    """Refuse to start over an earlier run's checkpoints unless --resume or --overwrite; True when they are to
+    be discarded. Cheap on purpose: the CLI calls it before anything heavy is imported or loaded."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: exists and is not a folder")
+    if out.exists() and (out / CHECKPOINTS).exists() and not resume:
+        if not overwrite:
+            raise UsageError(f"--output {out}: holds checkpoints of an earlier run; pass --resume to continue it "
+                             "or --overwrite to start again")
+        return True
+    return False
+
+
 def train(
     train_records: Iterable[dict],
     settings: Settings,
@@ -387,12 +412,8 @@ def train(
     # transformers 5 renames gradient_checkpointing and warns on every use; the name is still the working one.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     out = Path(out)
-    if out.exists() and (out / CHECKPOINTS).exists() and not resume:
-        if not overwrite:
-            raise UsageError(f"--out {out}: holds checkpoints of an earlier run; pass --resume to continue it "
-                             "or --overwrite to start again")
-        if is_main_process():
-            shutil.rmtree(out / CHECKPOINTS)
+    if check_output(out, resume, overwrite) and is_main_process():
+        shutil.rmtree(out / CHECKPOINTS)
     resolved, notes = machine_fallbacks(settings)
     if is_main_process():
         for note in notes:
@@ -469,8 +490,11 @@ def train(
         else:
             eval_metrics = trainer.evaluate()
     if is_main_process():
+        from probllm.evaluate.quantize import publish_permissions
+
         trainer.model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
+        publish_permissions(out)
     train_logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
     summary = {
         "out": str(out),
