@@ -181,10 +181,12 @@ def load_quantized(path: str, device: str = "cpu"):
             raise UsageError(f"--model {path}: torch dynamic int8 runs on CPU only (got --device {device})")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         with warnings.catch_warnings():
-            # torch 2.13 announces that torch.ao.quantization will move to torchao, on every load: a note to
-            # library authors, not to users of a quantized folder (it still works as documented).
+            # torch 2.13 announces on every load that its quantized tensor types (and torch.ao.quantization) will
+            # be removed in a future release: a note to library authors, not to users of a quantized folder.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated",
+                                    category=UserWarning)
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model.eval()
     return model
