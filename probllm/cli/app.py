@@ -150,7 +150,8 @@ def _standard_metavar(self, ctx) -> str:
         label = label[5:-1]
     if "|" in label:
         return f"[{label}]"
-    return _STANDARD_METAVARS.get(label.lower(), label.upper())
+    base, ranged, _ = label.partition(" range")
+    return _STANDARD_METAVARS.get(base.lower(), base.upper()) + (" RANGE" if ranged else "")
 
 
 def _usage_name(self) -> str:

@@ -79,7 +79,8 @@ def pair_annotated_command(
     Drops ties, missing `overall`, and comparisons where `correctness` is `None` (both wrong); counts each
     reason on stderr. Input fields are kept (the comparisons list is replaced by the pair).
 
-        probllm pair-annotated examples/annotated.jsonl | probllm split --part train > pairs.train.jsonl
+        probllm pair-annotated examples/annotated.jsonl \\
+            | probllm split --part train > pairs.train.jsonl
     """
     from probllm.data.annotated import AnnotatedFields, pairs_from_annotated
     from probllm.io import map_records, read_records, write_records
@@ -122,11 +123,12 @@ def pair_stackexchange_command(
     `--chosen-min`; rejected = one answer (seeded pick) scored within `--rejected-min`..`--rejected-max`.
     HTML becomes markdown with code blocks and LaTeX kept.
 
-        probllm pair-stackexchange --sites stackoverflow,math examples/stackexchange.jsonl
-        probllm pair-stackexchange --chosen-min 3 --rejected-min 0 --rejected-max 2 \\
-            examples/Posts.xml
+        probllm pair-stackexchange --sites math examples/stackexchange.jsonl
+        probllm pair-stackexchange --chosen-min 3 --rejected-min 0 \\
+            --rejected-max 2 examples/Posts.xml
         gzip -dc Posts.xml.gz \\
-            | probllm pair-stackexchange --format posts-xml --site physics.stackexchange.com
+            | probllm pair-stackexchange --format posts-xml \\
+                --site physics.stackexchange.com
     """
     from probllm.data.stackexchange import PairRule, is_posts_xml, pair_from_hf, pairs_from_posts_xml, \
         parse_sites
@@ -220,7 +222,8 @@ def split_command(
 
     All records with the same key (e.g. every pair of one question) land on the same side; it streams.
 
-        probllm pair-annotated examples/annotated.jsonl | probllm split --part test --test-fraction 0.2
+        probllm pair-annotated examples/annotated.jsonl \\
+            | probllm split --part test --test-fraction 0.2
     """
     from probllm.data.split import Splitter
     from probllm.io import map_records, read_records, write_records

@@ -50,8 +50,9 @@ def eval_command(
     Prompts reproduce lm-evaluation-harness's ARC and MMLU tasks; `loglik` reports acc and acc_norm as lm-eval
     does. Each question's prompt is run once and its choices are scored on the KV cache.
 
-        probllm eval --limit 50 --summary runs/base.json runs/demo/mcq.jsonl > base.preds.jsonl
-        probllm eval --model runs/q8 --method letter mcq.jsonl | jq -c '{id, pred, correct}'
+        probllm eval --limit 50 --summary base.json runs/demo/mcq.jsonl > base.jsonl
+        probllm eval --model runs/q8 --method letter mcq.jsonl \\
+            | jq -c '{id, pred, correct}'
     """
     from probllm.evaluate.mcqa import run_eval
 

@@ -108,7 +108,8 @@ def corrupt(
 
         probllm corrupt --backend rules examples/qa.jsonl | head -n 2
         probllm corrupt --backend openai --base-url http://localhost:8000/v1 \\
-            --model Qwen/Qwen2.5-7B-Instruct --concurrency 64 camel-physics.jsonl > pairs.jsonl
+            --model Qwen/Qwen2.5-7B-Instruct --concurrency 64 \\
+            camel-physics.jsonl > pairs.jsonl
     """
     from probllm.corrupt import CorruptOptions, corrupt_records, parse_ops
 
@@ -186,9 +187,9 @@ def judge(
     one verdict record per question (raw judge text kept) and a summary: wins/ties/losses, A's win rate with a
     95% Wilson interval, inconsistency rate, mean answer lengths.
 
-        probllm judge --a examples/answers-a.jsonl --b examples/answers-b.jsonl --key id \\
-            --backend openai --base-url http://localhost:8000/v1 --model judge \\
-            --summary judge.json > verdicts.jsonl
+        probllm judge --a examples/answers-a.jsonl --b examples/answers-b.jsonl \\
+            --key id --backend openai --base-url http://localhost:8000/v1 \\
+            --model judge --summary judge.json > verdicts.jsonl
     """
     from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
 

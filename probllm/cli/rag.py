@@ -90,7 +90,7 @@ def retrieve_command(
     One record per passage (`id`, `score`, `text`, `source`, `heading`, `rank`, offsets), or with `--attach`
     the input records with a `context` list, which `eval --context context` and `ask` read.
 
-        probllm retrieve --index runs/demo/notes.idx "What is the worst case of heapsort?" -k 3
+        probllm retrieve --index notes.idx "Worst case of heapsort?" -k 3
         probllm retrieve --index notes.idx --attach --with-choices -i mcq.jsonl \\
             | probllm eval --context context
     """
@@ -155,9 +155,10 @@ def ask_command(
     generated. Without one, JSONL records are read and written back with `answer` and `context_ids` (an input
     `answer` is kept as `reference`), for `judge`. Greedy decoding unless --temperature.
 
-        probllm ask "What is the worst-case running time of heapsort?" --index runs/demo/notes.idx
+        probllm ask "What is the worst case of heapsort?" --index notes.idx
         probllm ask "Unit of force?" -c joule -c newton -c watt -c pascal
-        probllm retrieve --index notes.idx --attach -i questions.jsonl | probllm ask > rag.jsonl
+        probllm retrieve --index notes.idx --attach -i questions.jsonl \\
+            | probllm ask > rag.jsonl
         probllm ask --index notes.idx -i examples/questions.jsonl -o rag.jsonl
     """
     from probllm.io import log, read_records, write_records
