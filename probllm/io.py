@@ -4,6 +4,10 @@ Every command reads JSON records from stdin or files and writes JSON records to 
 format rules (JSONL, gzip, JSON arrays, folders of JSON files), the error contract (file, line and field in one
 line, a distinct exit code) and the counts that every command prints on stderr.
 
+Lines are parsed by `jsonlines` (the library the project asked for): it is handed our own line iterator, so
+decoding errors, gzip and BOM handling and the `file:line:field` locations stay ours while it does the JSON.
+`expand_paths` is the one place where path arguments become files, for every command.
+
 Command functions stay pure: they take and yield plain dicts and raise `RecordError` for bad data (without a
 location: `map_records` adds the location of the record being processed) or `Skip` for records they drop on
 purpose. Nothing here keeps more than one record in memory, except for `.json` array files, which JSON itself
@@ -159,7 +163,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None = JSON_SUFFIXES,
-                 on_other: Callable[[str], None] | None = None) -> Iterator[str]:
+                 on_other: Callable[[str], None] | None = None, walk: bool = True) -> Iterator[str]:
     """The one place where path arguments become files, for every command.
 
     Each argument may be `-` (stdin, kept as is), a file, a folder (walked recursively in sorted order, hidden
@@ -167,7 +171,7 @@ def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None = JSON_S
     `on_other` when given, e.g. to count them), `~/...`, or a glob, relative or absolute, `**` included (quoted,
     so the shell left it to us; an unquoted one arrives already expanded as several arguments). A file named
     explicitly is kept whatever its suffix (the caller decides). An argument that names nothing is a one-line
-    usage error."""
+    usage error. With `walk=False`, folders are kept as they are (for commands that take folders, like `plot`)."""
     for arg in paths:
         if arg == STDIN:
             yield arg
@@ -182,7 +186,7 @@ def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None = JSON_S
         else:
             raise UsageError(f"{arg}: no such file or folder")
         for match in matches:
-            if not os.path.isdir(match):
+            if not walk or not os.path.isdir(match):
                 yield match
                 continue
             root = Path(match)

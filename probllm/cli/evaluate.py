@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
-from probllm.cli.choices import Dtype, EvalMethod, QuantMethod, Template, value
+from probllm.cli.choices import Dtype, QuantMethod, value
+from probllm.cli.groups import uses
+from probllm.cli.options import EVAL
 
 hidden_aliases("quantize", eval_limit="--limit", force="--overwrite")
 
@@ -20,28 +22,11 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 
 
 @app.command("eval")
+@uses(EVAL)
 def eval_command(
     files: InputFiles = None,
-    model: ModelOpt = None,
-    adapter: AdapterOpt = None,
-    method: Annotated[EvalMethod, typer.Option("--method", help="loglik: acc + acc_norm as lm-eval; generate: "
-                                               "chain of thought, then the number / boxed answer / letter.")]
-    = EvalMethod.loglik,
-    template: Annotated[Template, typer.Option("--template", help="auto: lm-eval's MMLU template for MMLU items, "
-                                               "its ARC template otherwise.")] = Template.auto,
-    shots: Annotated[int, typer.Option("--shots", help="Few-shot examples per question, from --dev.")] = 0,
-    dev: Annotated[Optional[list[str]], typer.Option("--dev", help="MCQ records for few-shot examples: the first "
-                                                     "N of the same subject (lm-eval's first_n).")] = None,
-    chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap prompts in the model's chat "
-                                                "template.")] = False,
-    context: Annotated[Optional[str], typer.Option("--context", help="Record field with retrieved passages "
-                                                   "(strings or {text,...}) to quote before the question.")] = None,
-    max_passages: Annotated[int, typer.Option("--max-passages", help="Passages used from --context.")] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per forward pass.")] = 16,
+    evaluation: dict = None,
     limit: Limit = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="generate: tokens per answer.")] = 256,
-    dtype: DtypeOpt = Dtype.auto,
-    device: DeviceOpt = "auto",
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -56,12 +41,9 @@ def eval_command(
     """
     from probllm.evaluate.mcqa import run_eval
 
+    settings = {name: value(v) for name, v in evaluation.items()}
     with command("eval", quiet_summary=False) as stats:
-        run_eval(files, stats, model=model, adapter=adapter, method=value(method), template=value(template),
-                 shots=shots,
-                 dev=dev, chat_template=chat_template, context_field=context, max_passages=max_passages,
-                 batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, dtype=value(dtype), device=device,
-                 summary_file=summary, skip_invalid=skip_invalid)
+        run_eval(files, stats, **settings, limit=limit, summary_file=summary, skip_invalid=skip_invalid)
 
 
 @app.command("quantize")

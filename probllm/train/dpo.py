@@ -26,41 +26,54 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
+def _setting(default: Any, help: str, flag: str | None = None) -> Any:
+    """A setting's default and its help: the CLI's `dpo` options are generated from these (probllm/cli/train.py)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class Settings:
-    """Every training setting, with the report's values as defaults; names match the CLI flags and YAML keys."""
+    """Every training setting, with the report's values as defaults; names match the CLI flags and YAML keys.
 
-    seed: int = 0
-    bf16: bool = True
-    optim: str = "paged_adamw_32bit"
-    max_steps: int = 2000
-    epochs: float | None = None  # used only when max_steps is not given (max_steps wins, as in transformers)
-    lr: float = 5e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    beta: float = 0.05
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target: str = "all-linear"
-    batch_size: int = 8
-    eval_batch_size: int | None = None  # default: batch_size
-    grad_accum: int = 1
-    eval_steps: int = 100
+    This is the one definition: `probllm dpo`'s options, their help and the `--config` keys come from it."""
+
+    seed: int = _setting(0, "Seed for data order, LoRA init and dropout.")
+    bf16: bool = _setting(True, "bfloat16 where supported.", "--bf16/--no-bf16")
+    optim: str = _setting("paged_adamw_32bit", "Optimizer (adamw_torch without CUDA).")
+    max_steps: int = _setting(2000, "Training steps.")
+    # used only when max_steps is not given (max_steps wins, as in transformers)
+    epochs: float | None = _setting(None, "Epochs, used when --max-steps is not given.")
+    lr: float = _setting(5e-4, "Peak learning rate.")
+    lr_scheduler: str = _setting("cosine", "Learning-rate schedule (transformers' names).")
+    warmup_steps: int = _setting(100, "Warmup steps (scaled down to 5% of a shorter --max-steps).")
+    weight_decay: float = _setting(0.05, "Weight decay.")
+    max_grad_norm: float = _setting(1.0, "Gradient clipping.")
+    adam_beta1: float = _setting(0.9, "Adam beta1.")
+    adam_beta2: float = _setting(0.999, "Adam beta2.")
+    adam_epsilon: float = _setting(1e-8, "Adam epsilon.")
+    beta: float = _setting(0.05, "DPO beta.")
+    lora_r: int = _setting(8, "LoRA rank.")
+    lora_alpha: int = _setting(16, "LoRA alpha.")
+    lora_dropout: float = _setting(0.05, "LoRA dropout.")
+    lora_target: str = _setting("all-linear", "LoRA target modules.")
+    batch_size: int = _setting(8, "Pairs per device per step.")
+    eval_batch_size: int | None = _setting(None, "Pairs per device per evaluation step (default: --batch-size).")
+    grad_accum: int = _setting(1, "Gradient accumulation steps.")
+    eval_steps: int = _setting(100, "Evaluate every N steps.")
     # Not fixed by the report: ours, each a flag.
-    max_length: int = 1024
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 3
-    gradient_checkpointing: bool | None = None  # None: on with CUDA (7B fits), off on CPU (it only slows)
-    loss_type: str = "sigmoid"
-    precompute_ref: bool = False  # reference log-probs once, cached on disk (see RefLogpCache)
-    model: str | None = None
+    max_length: int = _setting(1024, "Max tokens of prompt+answer.")
+    logging_steps: int = _setting(10, "Log metrics every N steps.")
+    save_steps: int = _setting(100, "Checkpoint every N steps.")
+    save_total_limit: int = _setting(3, "Checkpoints kept.")
+    # None: on with CUDA (7B fits), off on CPU (it only slows)
+    gradient_checkpointing: bool | None = _setting(None, "Gradient checkpointing (default: on with CUDA, off on "
+                                                         "CPU).", "--gradient-checkpointing/--no-gradient-checkpointing")
+    loss_type: str = _setting("sigmoid", "TRL loss type.")
+    # reference log-probs once, cached on disk (see RefLogpCache)
+    precompute_ref: bool = _setting(False, "Compute reference log-probs once and cache them on disk, keyed by "
+                                           "model, data and max length: reruns with other hyperparameters skip "
+                                           "that pass.", "--precompute-ref/--no-precompute-ref")
+    model: str | None = _setting(None, "Causal LM (hub id or folder); default: offline SmolLM2-135M-Instruct.")
 
     @classmethod
     def names(cls) -> set[str]:
