@@ -632,11 +632,11 @@ def run_eval(
     max_new_tokens: int = 256,
     dtype: str = "auto",
     device: str = "auto",
-    summary_file=None,
     skip_invalid: bool = False,
 ) -> dict:
-    """The `eval` command: load, stream, score, write predictions; summary on stderr and in --summary."""
-    from probllm.io import UsageError, log, progress, read_records, write_json, write_records
+    """The `eval` command: load, stream, score, write predictions; the summary on stderr and, for the
+    command's --summary file, in `stats.figures`."""
+    from probllm.io import UsageError, log, progress, read_records, write_records
     from probllm.models import load_model, load_tokenizer, model_label, set_threads
 
     options = EvalOptions(method=method, template=template, shots=shots, chat_template=chat_template,
@@ -664,15 +664,13 @@ def run_eval(
     import torch
 
     result = summary.as_dict(
-        command="eval", model=model_label(model), adapter=adapter, method=method, template=template, shots=shots,
+        model=model_label(model), adapter=adapter, method=method, template=template, shots=shots,
         chat_template=chat_template, context=context_field, batch_size=batch_size,
         dtype=str(next(lm.parameters()).dtype).replace("torch.", ""), device=scorer.device,
         threads=torch.get_num_threads(), load_seconds=round(load_s, 3),
-        counts=stats.as_dict(),
     )
     log(summary.table(result))
     log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
         f"model loaded in {load_s:.1f} s")
-    if summary_file is not None:
-        write_json(summary_file, result)
+    stats.figures.update(result)
     return result
