@@ -11,15 +11,17 @@ Letters of multiple-choice options (`LETTERS`) and reading the chosen letter out
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, TypeVar, Union
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from probllm.io import RecordError
+from probllm.io import Record, RecordError, Stats
 
 LETTERS = "ABCDEFGHIJ"
 
 Shape = TypeVar("Shape", bound=BaseModel)
+T = TypeVar("T")
 
 
 class _Record(BaseModel):
@@ -181,6 +183,21 @@ def parse_passages(record: dict, field: str, *, required: bool = False) -> list[
         else:
             raise RecordError("each passage must be a string or an object with 'text'", field=field)
     return passages
+
+
+def parsed_batches(records: Iterable[Record], parse_one: Callable[[Record], T], stats: Stats, skip_invalid: bool,
+                   size: int) -> Iterator[list[tuple[Record, T]]]:
+    """Records in batches of `size`, each with its parsed form, in input order; a bad record is rejected (raised,
+    or counted and left out with --skip-invalid), so a batch may come out short or empty."""
+    it = iter(records)
+    while batch := list(islice(it, size)):
+        parsed = []
+        for rec in batch:
+            try:
+                parsed.append((rec, parse_one(rec)))
+            except RecordError as e:
+                stats.reject(e, rec, skip_invalid)
+        yield parsed
 
 
 # ------------------------------------------------------------------------------------------------------ letters

@@ -27,11 +27,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from itertools import islice
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError
-from probllm.records import LETTERS, extract_letter, parse_mcq, parse_passages
+from probllm.records import LETTERS, extract_letter, parse_mcq, parse_passages, parsed_batches
 
 NOT_COVERED = "The notes do not cover this."
 
@@ -329,18 +329,9 @@ def ask_records(
     """Answer every record, in input order, `batch_size` prompts per generate call."""
     from probllm.io import progress
 
-    it = iter(records)
+    read = partial(record_question, field=field, context_field=None if retriever else context_field)
     with progress("answering") as advance:
-        while True:
-            batch = list(islice(it, batch_size))
-            if not batch:
-                return
-            parsed: list[tuple[Record, Question]] = []
-            for rec in batch:
-                try:
-                    parsed.append((rec, record_question(rec, field, None if retriever else context_field)))
-                except RecordError as e:
-                    stats.reject(e, rec, skip_invalid)
+        for parsed in parsed_batches(records, read, stats, skip_invalid, batch_size):
             if retriever and parsed:
                 queries = [q.text + "".join(f"\n{c}" for c in q.choices) for _, q in parsed]
                 for (_, q), hits in zip(parsed, retriever.search(queries, k)):
@@ -365,7 +356,7 @@ def ask_records(
                     out["answer_letter"] = LETTERS[li] if li is not None else extract_letter(answer, len(q.choices))
                 out["context_ids"] = [p["id"] for p in q.passages]
                 yield out
-            advance(len(batch))
+            advance(len(parsed))
 
 
 def check_options(letter_method: str, k: int, max_new_tokens: int, batch_size: int) -> None:

@@ -8,12 +8,12 @@ Records are embedded in small batches, so memory stays flat in the input size.
 
 from __future__ import annotations
 
-from itertools import islice
+from functools import partial
 from typing import Iterable, Iterator
 
-from probllm.io import Record, RecordError, Stats, UsageError
+from probllm.io import Record, Stats, UsageError
 from probllm.rag.index import Embedder, RagIndex
-from probllm.records import LETTERS, parse_mcq
+from probllm.records import LETTERS, parse_mcq, parsed_batches
 
 CONTEXT_KEYS = ("id", "score", "text", "source", "heading")
 
@@ -79,17 +79,8 @@ def retrieve_records(
 ) -> Iterator[dict]:
     """Hits for each record's question, in input order; bad records raise (or are counted with skip_invalid)."""
 
-    it = iter(records)
-    while True:
-        batch = list(islice(it, batch_size))
-        if not batch:
-            return
-        good: list[tuple[Record, str]] = []
-        for rec in batch:
-            try:
-                good.append((rec, query_text(rec, field, with_choices)))
-            except RecordError as e:
-                stats.reject(e, rec, skip_invalid)
+    read = partial(query_text, field=field, with_choices=with_choices)
+    for good in parsed_batches(records, read, stats, skip_invalid, batch_size):
         results = retriever.search([q for _, q in good], k)
         for (rec, _), hits in zip(good, results):
             if attach:
