@@ -272,7 +272,7 @@ def render(rows: list[tuple], seed: int, compare: bool) -> str:
         kind = "gsm8k" if "gsm8k" in name else "HF jsonl"
         skip_ratio = name.startswith(("ref", "index")) or "xml" in name or (kind, n) not in ref
         ratio = "" if skip_ratio else f"{ref[(kind, n)] / rps:.1f}x slower"
-        lines.append(f"| {name} | {label} | {n:,} | {mb:.1f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} "
+        lines.append(f"| {name} | {label} | {n:,} | {mb:.2f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} "
                      f"| {ratio} |")
     if compare:
         times = {(name, label.split()[0], n): seconds for name, label, n, _, seconds, _, _, _ in rows}
