@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,8 @@ import typer
 
 from probllm import __version__
 from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, RecordError, Stats, UsageError, \
-    log, write_json
+    log
+from probllm.summary import write_summary
 
 app = typer.Typer(
     name="probllm",
@@ -81,6 +83,7 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     Bad data exits 65, bad options 2, Ctrl-C 130; a closed stdout (`| head`) ends quietly. Anything else is
     a bug in probllm and keeps its traceback."""
     stats = Stats(command=f"probllm {name}")
+    started = time.perf_counter()
     code = 0
     try:
         yield stats
@@ -101,7 +104,7 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     if not quiet_summary:
         log(stats.summary())
     if summary_file is not None:
-        write_json(summary_file, stats.as_dict())
+        write_summary(summary_file, stats, time.perf_counter() - started)
     if code:
         raise typer.Exit(code)
 

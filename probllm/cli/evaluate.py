@@ -51,11 +51,11 @@ def eval_command(
     """
     from probllm.evaluate.mcqa import run_eval
 
-    with command("eval", quiet_summary=False) as stats:
+    with command("eval", summary) as stats:
         run_eval(files, stats, model=model, adapter=adapter, method=method, template=template, shots=shots,
                  dev=dev, chat_template=chat_template, context_field=context, max_passages=max_passages,
                  batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-                 summary_file=summary, skip_invalid=skip_invalid)
+                 skip_invalid=skip_invalid)
 
 
 @app.command("quantize")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import InputFiles, Seed, SkipInvalid, SummaryFile, app, command
-from probllm.io import EXIT_FAILURE, log, read_records, write_json, write_records
+from probllm.io import EXIT_FAILURE, log, read_records, write_records
 
 # ------------------------------------------------------------------------------------- shared backend options
 
@@ -182,7 +182,7 @@ def judge(
     from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
 
     result = JudgeSummary(mode=mode)
-    with _llm_command("judge") as stats:
+    with _llm_command("judge", summary) as stats:
         config = _config(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env, adapter=adapter,
                          concurrency=concurrency, batch_size=batch_size, tries=tries, retry_base=retry_base,
                          timeout=timeout, max_tokens=max_tokens, temperature=temperature, top_p=top_p, cache=cache,
@@ -194,7 +194,6 @@ def judge(
         records = judge_input(a, b, files, opts, stats, skip_invalid)
         write_records(judge_records(records, config, opts, stats, result, skip_invalid), stats)
         log(f"probllm judge: {result.text()}")
-    if summary is not None:
-        write_json(summary, {**result.as_dict(), "counts": stats.as_dict()})
+        stats.figures.update(result.as_dict())
     if result.failed:
         raise typer.Exit(EXIT_FAILURE)
