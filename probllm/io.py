@@ -110,6 +110,7 @@ class Stats:
     skipped: Counter = field(default_factory=Counter)
     invalid: Counter = field(default_factory=Counter)
     notes: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # what a command measured, for its --summary file (not stderr)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] += n

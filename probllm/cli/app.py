@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from probllm import __version__
-from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RecordError, Stats, UsageError, \
-    log, write_json
+from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RecordError, Stats, \
+    UsageError, log
+from probllm.summary import write_summary
 
 # Typer 0.29 vendors click; its usage-error class is not re-exported, but BadParameter (public) derives from it.
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption  # noqa: E402
@@ -247,6 +249,7 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     Bad data exits 65, bad options 2, Ctrl-C 130; a closed stdout (`| head`) ends quietly. Anything else is
     a bug in probllm and keeps its traceback."""
     stats = Stats(command=f"probllm {name}")
+    started = time.perf_counter()
     code = 0
     try:
         yield stats
@@ -268,7 +271,7 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     if not quiet_summary:
         log(stats.summary())
     if summary_file is not None:
-        write_json(summary_file, stats.as_dict())
+        write_summary(summary_file, stats, time.perf_counter() - started)
     if code:
         raise typer.Exit(code)
 

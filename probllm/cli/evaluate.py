@@ -42,8 +42,8 @@ def eval_command(
     from probllm.evaluate.mcqa import run_eval
 
     settings = {name: value(v) for name, v in evaluation.items()}
-    with command("eval", quiet_summary=False) as stats:
-        run_eval(files, stats, **settings, limit=limit, summary_file=summary, skip_invalid=skip_invalid)
+    with command("eval", summary) as stats:
+        run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid)
 
 
 @app.command("quantize")

@@ -12,7 +12,7 @@ from probllm.cli.app import InputFiles, Limit, Seed, SkipInvalid, SummaryFile, a
 from probllm.cli.choices import JudgeBackend, JudgeMode, VerdictFrom, value
 from probllm.cli.groups import uses
 from probllm.cli.options import BACKEND, GENERATION
-from probllm.io import EXIT_FAILURE, log, read_records, write_json, write_records
+from probllm.io import EXIT_FAILURE, log, read_records, write_records
 
 hidden_aliases("corrupt", max_tokens="--max-new-tokens", k="--ops-per-record")
 hidden_aliases("judge", max_tokens="--max-new-tokens")
@@ -151,7 +151,7 @@ def judge(
 
     mode, verdict_from = value(mode), value(verdict_from)
     result = JudgeSummary(mode=mode)
-    with _llm_command("judge") as stats:
+    with _llm_command("judge", summary) as stats:
         config = _config(backend, generation, seed)
         opts = JudgeOptions(mode=mode, key=key, question_field=question_field, answer_field=answer_field,
                             a_field=a_field, b_field=b_field, reference_field=reference_field, tries=judge_tries,
@@ -160,7 +160,6 @@ def judge(
         records = judge_input(a, b, files, opts, stats, skip_invalid, limit=limit)
         write_records(judge_records(records, config, opts, stats, result, skip_invalid), stats)
         log(f"probllm judge: {result.text()}")
-    if summary is not None:
-        write_json(summary, {**result.as_dict(), "counts": stats.as_dict()})
+        stats.figures.update(result.as_dict())
     if result.failed:
         raise typer.Exit(EXIT_FAILURE)

@@ -248,9 +248,11 @@ def measure(model: str | None, adapter: str | None = None, eval_file: list[str] 
         for _ in evaluate_records(read_records(files, stats), Scorer(lm, tok),
                                   EvalOptions(batch_size=batch_size, limit=eval_limit), stats, summary):
             pass
-        overall = summary.as_dict()["overall"]
+        figures = summary.as_dict()
+        overall = figures["overall"]
         result.update({"accuracy": overall.get("acc"), "acc_norm": overall.get("acc_norm"),
-                       "eval_items": overall.get("items"), "eval_items_per_s": summary.as_dict()["items_per_s"]})
+                       "eval_items": overall.get("items"), "eval_items_per_s": figures["items_per_s"],
+                       "eval": {k: figures[k] for k in ("overall", "by_source", "by_subject", "items_per_s")}})
     return result
 
 
@@ -300,6 +302,11 @@ def run_quantize(stats, *, output: str, method: str, model: str | None = None, a
             record.update({"accuracy": q["accuracy"], "base_accuracy": base["accuracy"],
                            "acc_norm": q["acc_norm"], "base_acc_norm": base["acc_norm"],
                            "eval_items": q["eval_items"]})
+            # The --summary file: the quantized model's evaluation in the shape `eval --summary` writes (what
+            # `report` tabulates), the full-precision model's beside it.
+            stats.figures.update({**q["eval"], "model": output, "method": "loglik", "quantization": method,
+                                  "base": {"model": record["model"], **base["eval"]}})
+    stats.figures["record"] = record
     write_records([record], stats)
     return record
 
