@@ -224,3 +224,24 @@ def test_noop_reindex_loads_no_embedder(cli, tmp_path):
     (notes / "b.md").write_text("# Graphs\n\nBFS visits nodes level by level.\n")
     changed = cli("index", str(notes), "-o", str(tmp_path / "n.idx"))
     assert changed.code == 0 and "added: 1" in changed.stderr, changed.stderr
+
+
+# ------------------------------------------------------------------------------- issue 13.3: options as data
+
+
+def test_option_groups_take_a_config_file(cli, tmp_path):
+    qa = ROOT / "examples" / "qa.jsonl"
+    flags = cli("corrupt", "--backend", "rules", "--ops-per-record", "1", "--limit", "3", str(qa))
+    config = tmp_path / "corrupt.yaml"
+    config.write_text("backend: rules\nops-per-record: 1\nlimit: 3\n")
+    from_file = cli("corrupt", "--config", str(config), str(qa))
+    assert flags.code == from_file.code == 0, from_file.stderr
+    assert from_file.records == flags.records and len(flags.records) == 3
+    config.write_text("backend: openai\nops_per_record: 1\nlimit: 3\n")
+    flag_wins = cli("corrupt", "--config", str(config), "--backend", "rules", str(qa))
+    assert flag_wins.code == 0 and flag_wins.records == flags.records, flag_wins.stderr
+    for text, needle in [("bogus: 1\n", "unknown option 'bogus'"), ("backend: nope\n", "'nope'"),
+                         ("concurrency: 0\n", "concurrency")]:
+        config.write_text(text)
+        bad = cli("corrupt", "--config", str(config), str(qa))
+        assert bad.code == 2 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
