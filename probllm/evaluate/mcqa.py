@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
-from probllm.io import Record, RecordError, Stats, map_records, require
-from probllm.evaluate.templates import (LETTERS, TEMPLATES, Item, Prompt, answer_kind, build_prompt, cot_prompt,
+from probllm.io import Record, RecordError, Stats, map_records
+from probllm.records import LETTERS, extract_letter, parse_mcq, parse_passages
+from probllm.evaluate.templates import (TEMPLATES, Item, Prompt, answer_kind, build_prompt, cot_prompt,
                                        resolve_template)
 
 METHODS = ("loglik", "letter", "generate")
@@ -71,41 +72,11 @@ class EvalOptions:
 
 def parse_item(record: dict, context_field: str | None = None, max_passages: int = 5) -> Item:
     """Check an MCQ record (question, choices, answer letter, source, subject) and reduce it to an Item."""
-    question = require(record, "question", str)
-    choices = require(record, "choices", list)
-    if len(choices) < 2:
-        raise RecordError(f"needs at least 2 choices, got {len(choices)}", field="choices")
-    if len(choices) > len(LETTERS):
-        raise RecordError(f"at most {len(LETTERS)} choices, got {len(choices)}", field="choices")
-    for c in choices:
-        if not isinstance(c, str):
-            raise RecordError("every choice must be a string", field="choices")
-    answer = require(record, "answer", str)
-    letter = answer.strip().upper()
-    if len(letter) != 1 or letter not in LETTERS[: len(choices)]:
-        raise RecordError(f"expected a letter A-{LETTERS[len(choices) - 1]}, got {answer!r}", field="answer")
-    source = record.get("source") or "unknown"
-    subject = record.get("subject") or source
-    if not isinstance(source, str):
-        raise RecordError("expected a string", field="source")
-    if not isinstance(subject, str):
-        raise RecordError("expected a string", field="subject")
-    passages: list[str] = []
-    if context_field:
-        value = record.get(context_field)
-        if value is None:
-            raise RecordError("missing (asked for by --context)", field=context_field)
-        if not isinstance(value, list):
-            raise RecordError("expected an array of passages", field=context_field)
-        for p in value:
-            if isinstance(p, str):
-                passages.append(p)
-            elif isinstance(p, dict) and isinstance(p.get("text"), str):
-                passages.append(p["text"])
-            else:
-                raise RecordError("each passage must be a string or an object with 'text'", field=context_field)
-        passages = passages[:max_passages]
-    return Item(question, [str(c) for c in choices], LETTERS.index(letter), source, subject, passages)
+    mcq = parse_mcq(record, need_answer=True, min_choices=2)
+    source = mcq.source or "unknown"
+    passages = parse_passages(record, context_field, required=True) if context_field else []
+    return Item(mcq.question, mcq.choices, mcq.gold, source, mcq.subject or source,
+                [p["text"] for p in passages[:max_passages]])
 
 
 def select_shots(item: Item, dev: list[Item], n: int) -> list[Item]:
@@ -422,18 +393,6 @@ def extract_boxed(text: str) -> str | None:
     return m[-1].strip() if m else None
 
 
-def extract_letter(text: str, n_choices: int) -> str | None:
-    letters = LETTERS[:n_choices]
-    m = re.findall(rf"[Aa]nswer(?: is)?:?\s*\(?\**([{letters}])\b", text)
-    if m:
-        return m[-1]
-    m = re.findall(rf"\(([{letters}])\)", text)
-    if m:
-        return m[-1]
-    m = re.findall(rf"\b([{letters}])\b", text)
-    return m[-1] if m else None
-
-
 def _norm_math(s: str) -> str:
     s = s.strip().strip("$").replace(" ", "").replace("\\!", "").replace("\\left", "").replace("\\right", "")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac")
@@ -673,15 +632,15 @@ def run_eval(
     max_new_tokens: int = 256,
     dtype: str = "auto",
     device: str = "auto",
-    summary_file=None,
     skip_invalid: bool = False,
     backend=None,
 ) -> dict:
-    """The `eval` command: load, stream, score, write predictions; summary on stderr and in --summary.
+    """The `eval` command: load, stream, score, write predictions; the summary on stderr and, for the
+    command's --summary file, in `stats.figures`.
 
     `backend` (a `probllm.lm.BackendConfig`) with `backend="openai"` scores a served model instead of loading
     one (see lm_scorer.py); `hf` (the default) loads the model here."""
-    from probllm.io import UsageError, log, progress, read_records, write_json, write_records
+    from probllm.io import UsageError, log, progress, read_records, write_records
     from probllm.models import load_model, load_tokenizer, model_label, set_threads
 
     options = EvalOptions(method=method, template=template, shots=shots, chat_template=chat_template,
@@ -730,13 +689,11 @@ def run_eval(
             scorer.close()
 
     result = summary.as_dict(
-        command="eval", **described, method=method, template=template, shots=shots,
+        **described, method=method, template=template, shots=shots,
         chat_template=chat_template, context=context_field, batch_size=batch_size, load_seconds=round(load_s, 3),
-        counts=stats.as_dict(),
     )
     log(summary.table(result))
     log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
         f"model loaded in {load_s:.1f} s")
-    if summary_file is not None:
-        write_json(summary_file, result)
+    stats.figures.update(result)
     return result

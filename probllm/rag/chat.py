@@ -73,11 +73,13 @@ class ChatModel:
 
     @classmethod
     def remote(cls, base_url: str, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-               timeout: float = 60.0, context_tokens: int | None = None, **generator_options) -> "ChatModel":
+               timeout: float = 120.0, tries: int = 2, context_tokens: int | None = None,
+               **generator_options) -> "ChatModel":
         """An OpenAI-compatible server. Without `model`, the server's first model (asked when it first answers,
         so a server that is down at start is not an error)."""
         chat = cls(None, "", base_url=base_url.rstrip("/"), context_tokens=context_tokens)
-        chat._remote = dict(model=model, api_key_env=api_key_env, timeout=timeout, options=generator_options)
+        chat._remote = dict(model=model, api_key_env=api_key_env, timeout=timeout, tries=tries,
+                            options=generator_options)
         chat.name = f"{model or '(the first model)'} at {chat.base_url}"
         return chat
 
@@ -89,8 +91,7 @@ class ChatModel:
             return None
         import openai
 
-        from probllm.cli.options import backend_config
-        from probllm.lm import Retrying, RetryPolicy, make_lm
+        from probllm.lm import BackendConfig, Retrying, RetryPolicy, make_lm
         from probllm.rag.ask import Generator
 
         opts = self._remote
@@ -118,10 +119,10 @@ class ChatModel:
                 n = extra.get("max_model_len") or extra.get("context_length")
                 if isinstance(n, int) and n > 0:
                     self.server_context = n
-        config = backend_config(backend="openai", model=model, base_url=self.base_url,
-                                api_key_env=opts["api_key_env"], timeout=opts["timeout"], tries=2)
-        # One retry at most: a person is waiting, and "unreachable" must be said quickly.
-        lm = Retrying(make_lm(config), RetryPolicy(tries=2, base=0.5))
+        config = BackendConfig(backend="openai", model=model, base_url=self.base_url,
+                               api_key_env=opts["api_key_env"], timeout=opts["timeout"], tries=opts["tries"])
+        # Short backoffs: a person is waiting. (A stream is not retried once it has started.)
+        lm = Retrying(make_lm(config), RetryPolicy(tries=opts["tries"], base=0.5))
         self.generator = Generator(model, lm=lm, **opts["options"])
         self.name = f"{model} at {self.base_url}"
         return None

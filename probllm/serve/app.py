@@ -298,16 +298,30 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
         prompts = _prompts(body.get("prompt"), lm)
         choices = []
         total_prompt = total_out = 0
-        for index, (text, ids, offsets) in enumerate(prompts):
+        # Greedy and at most one new token (lm-eval's `local-completions` scoring asks for max_tokens 1): that
+        # token is the argmax of the scoring pass itself, so no generate call is needed.
+        greedy_one = params["max_tokens"] <= 1 and params["temperature"] == 0 and (echo or logprobs is not None)
+        for text, ids, _ in prompts:
             fit(ids, params, 16)
+        scored_all: list = [None] * len(prompts)
+        if greedy_one:
+            scored_all = await asyncio.to_thread(lm.prompt_logprobs, [ids for _, ids, _ in prompts],
+                                                 max(1, logprobs or 1))
+        for index, (text, ids, offsets) in enumerate(prompts):
             gen_ids: list[int] = []
-            if params["max_tokens"] > 0:
+            scored = scored_all[index]
+            if greedy_one and params["max_tokens"] == 1:
+                gen_ids = [scored["next_top"][0][0]]
+            elif params["max_tokens"] > 0:
                 gen_ids = await lm.generate_ids(ids, params)
             gen_text = lm.tok.decode(gen_ids, skip_special_tokens=True)
             lp = None
             if logprobs is not None and (echo or gen_ids):
-                # One forward pass over prompt + generated tokens gives the log-prob of every token of both.
-                [scored] = await asyncio.to_thread(lm.prompt_logprobs, [ids + gen_ids], max(1, logprobs))
+                if scored is None:  # one pass over prompt + generated tokens: the log-prob of every token
+                    [scored] = await asyncio.to_thread(lm.prompt_logprobs, [ids + gen_ids], max(1, logprobs))
+                elif gen_ids:  # the greedy token, scored by the prompt's own pass
+                    scored = {"token_logprobs": scored["token_logprobs"] + [scored["next_top"][0][1]],
+                              "top": scored["top"] + [scored["next_top"]]}
                 start = 0 if echo else len(ids)
                 all_ids = ids + gen_ids
                 gen_pieces = [lm.tok.decode([t]) for t in gen_ids]
