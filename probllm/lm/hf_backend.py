@@ -353,11 +353,13 @@ class HFLM(LM):
         context = self.render(messages + ([{"role": "assistant", "content": prefix}] if prefix else []))
         return [s for s, _ in await self.loglikelihood([(context, o) for o in options])]
 
-    def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1, max_batch_tokens: int = 4096) -> list[dict]:
+    def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1, max_batch_tokens: int = 0) -> list[dict]:
         """Per-token log-probs of whole prompts (what `/v1/completions` with echo returns): for each prompt,
         `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
-        `next_top` after the last one. Prompts run in right-padded batches of about `max_batch_tokens`; only the
-        values asked for are taken from the logits (log-prob = logit - logsumexp), never a full log-softmax."""
+        `next_top` after the last one. Only the values asked for are taken from the logits (log-prob = logit -
+        logsumexp), never a full log-softmax. One prompt per forward pass by default: padded batches
+        (`max_batch_tokens`) are faster but move float32 sums by ~1e-4 on SmolLM2, and a client comparing
+        against a local evaluation (lm-eval, `eval --backend openai`) should get the same numbers."""
         import torch
 
         self.load()
@@ -369,7 +371,7 @@ class HFLM(LM):
             start = 0
             while start < len(order):
                 width = len(token_lists[order[start]])
-                rows = max(1, max_batch_tokens // max(1, width))
+                rows = max(1, max_batch_tokens // max(1, width)) if max_batch_tokens else 1
                 idx = order[start: start + rows]
                 start += len(idx)
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -377,7 +379,9 @@ class HFLM(LM):
                 for r, i in enumerate(idx):
                     ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i], dtype=torch.long)
                     mask[r, : len(token_lists[i])] = 1
-                logits = self.lm(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)).logits
+                # No mask for a single prompt: the unmasked causal path is the one local scoring matches best.
+                masked = {"attention_mask": mask.to(self.lm.device)} if len(idx) > 1 else {}
+                logits = self.lm(input_ids=ids.to(self.lm.device), **masked).logits
                 for r, i in enumerate(idx):
                     toks = token_lists[i]
                     row = logits[r, : len(toks)].float()
