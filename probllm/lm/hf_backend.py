@@ -353,30 +353,51 @@ class HFLM(LM):
         context = self.render(messages + ([{"role": "assistant", "content": prefix}] if prefix else []))
         return [s for s, _ in await self.loglikelihood([(context, o) for o in options])]
 
-    def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1) -> list[dict]:
+    def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1, max_batch_tokens: int = 0) -> list[dict]:
         """Per-token log-probs of whole prompts (what `/v1/completions` with echo returns): for each prompt,
-        `token_logprobs` (None for the first token) and the `top` most likely tokens at every position."""
+        `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
+        `next_top` after the last one. Only the values asked for are taken from the logits (log-prob = logit -
+        logsumexp), never a full log-softmax. One prompt per forward pass by default: padded batches
+        (`max_batch_tokens`) are faster but move float32 sums by ~1e-4 on SmolLM2, and a client comparing
+        against a local evaluation (lm-eval, `eval --backend openai`) should get the same numbers."""
         import torch
 
         self.load()
-        out = []
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        results: list = [None] * len(token_lists)
+        k = max(1, top)
         with self._model_lock, torch.no_grad():
-            for ids in token_lists:
-                t = torch.tensor([ids], device=self.lm.device)
-                logprobs = torch.log_softmax(self.lm(input_ids=t).logits.float()[0], dim=-1).cpu()
-                token_lp: list = [None]
-                tops: list = [None]
-                for pos in range(1, len(ids)):
-                    row = logprobs[pos - 1]
-                    token_lp.append(float(row[ids[pos]]))
-                    vals, idx = row.topk(max(1, top))
-                    tops.append([(int(i), float(v)) for v, i in zip(vals, idx)])
-                last = logprobs[-1]
-                vals, idx = last.topk(max(1, top))
-                out.append({"token_logprobs": token_lp, "top": tops,
-                            "next_top": [(int(i), float(v)) for v, i in zip(vals, idx)]})
+            start = 0
+            while start < len(order):
+                width = len(token_lists[order[start]])
+                rows = max(1, max_batch_tokens // max(1, width)) if max_batch_tokens else 1
+                idx = order[start: start + rows]
+                start += len(idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i], dtype=torch.long)
+                    mask[r, : len(token_lists[i])] = 1
+                # No mask for a single prompt: the unmasked causal path is the one local scoring matches best.
+                masked = {"attention_mask": mask.to(self.lm.device)} if len(idx) > 1 else {}
+                logits = self.lm(input_ids=ids.to(self.lm.device), **masked).logits
+                for r, i in enumerate(idx):
+                    toks = token_lists[i]
+                    row = logits[r, : len(toks)].float()
+                    lse = torch.logsumexp(row, dim=-1)
+                    vals, tops = row.topk(k, dim=-1)
+                    vals = (vals - lse.unsqueeze(-1)).cpu().tolist()
+                    tops = tops.cpu().tolist()
+                    targets = torch.tensor(toks[1:], device=row.device, dtype=torch.long)
+                    picked = (row[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse[:-1]).cpu().tolist()
+                    results[i] = {
+                        "token_logprobs": [None] + picked,
+                        "top": [None] + [list(zip(tops[p], vals[p])) for p in range(len(toks) - 1)],
+                        "next_top": list(zip(tops[-1], vals[-1])),
+                    }
         self.requests += 1
-        return out
+        return results
 
 
 def model_max_length(model, tokenizer) -> int:
