@@ -12,7 +12,8 @@ from probllm.cli.app import InputFiles, SkipInvalid, SummaryFile, app, command
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Hub id, folder (also a `quantize` output) or "
                                                  "nothing for the offline SmolLM2-135M-Instruct.")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder (a `dpo` output).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU), float32, bfloat16, float16.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU), float32, bfloat16 (fast on CPUs "
+                                       "with AMX/AVX512-BF16 and on GPUs), float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 
 
@@ -38,16 +39,23 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="generate: tokens per answer.")] = 256,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append predictions to this file "
+                                                   "instead of stdout, as they are scored; run again to resume "
+                                                   "(items already there are skipped).")] = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", help="Shard the items across N processes "
+                                               "(CPU threads split between them); one ordered output. "
+                                               "`accelerate launch -m probllm eval` works too.")] = 1,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
     """Score MCQ records with a causal LM: one prediction record per item on stdout, accuracy on stderr.
 
     Prompts reproduce lm-evaluation-harness's ARC and MMLU tasks; `loglik` reports acc and acc_norm as lm-eval
-    does. Each question's prompt is run once and its choices are scored on the KV cache.
+    does. Each question runs as one sequence: its prompt once, its choices packed after it.
 
         probllm eval --limit 50 --summary runs/base.json runs/demo/mcq.jsonl > runs/base.preds.jsonl
         probllm eval --model runs/q8 --method letter mcq.jsonl | jq -c '{id, pred, correct}'
+        probllm eval --num-processes 2 -o runs/base.preds.jsonl runs/demo/mcq.jsonl   # resumable
     """
     from probllm.evaluate.mcqa import run_eval
 
@@ -55,7 +63,8 @@ def eval_command(
         run_eval(files, stats, model=model, adapter=adapter, method=method, template=template, shots=shots,
                  dev=dev, chat_template=chat_template, context_field=context, max_passages=max_passages,
                  batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-                 summary_file=summary, skip_invalid=skip_invalid)
+                 summary_file=summary, skip_invalid=skip_invalid, output=str(output) if output else None,
+                 num_processes=num_processes)
 
 
 @app.command("quantize")

@@ -447,6 +447,7 @@ class Summary:
         self.groups: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.started = time.perf_counter()
         self.items = 0
+        self.prior = 0  # items read back from a resumed --output: in the accuracy, not in the speed
 
     def add(self, rec: dict, item: Item) -> None:
         self.items += 1
@@ -472,7 +473,7 @@ class Summary:
             **extra,
             "items": self.items,
             "seconds": round(seconds, 3),
-            "items_per_s": round(self.items / seconds, 3) if seconds > 0 else None,
+            "items_per_s": round((self.items - self.prior) / seconds, 3) if seconds > 0 else None,
             "overall": self._metrics(self.groups[("overall", "all")]) if self.items else {"items": 0},
             "by_source": {},
             "by_subject": {},
@@ -536,45 +537,121 @@ def run_eval(
     device: str = "auto",
     summary_file=None,
     skip_invalid: bool = False,
+    output: str | None = None,
+    num_processes: int = 1,
+    argv: list[str] | None = None,
 ) -> dict:
-    """The `eval` command: load, stream, score, write predictions; summary on stderr and in --summary."""
-    from probllm.io import UsageError, log, progress, read_records, write_json, write_records
-    from probllm.models import load_model, load_tokenizer, model_label, set_threads
+    """The `eval` command: load, stream, score, write predictions; summary on stderr and in --summary.
+
+    `output`: append to this file instead of stdout, skipping what it already holds (resume); `num_processes`
+    (with the command line `argv` to start the others) or a launcher's environment: shard across processes."""
+    import sys
+
+    from probllm.evaluate.parallel import Workers, shard_from_env
+    from probllm.io import UsageError
+    from probllm.models import set_threads
 
     options = EvalOptions(method=method, template=template, shots=shots, chat_template=chat_template,
                           context_field=context_field, max_passages=max_passages, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, limit=limit)
+                          max_new_tokens=max_new_tokens)
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1")
     if max_passages < 1:
         raise UsageError("--max-passages must be at least 1")
+    if num_processes < 1:
+        raise UsageError("--num-processes must be at least 1")
     if dev:
         options.dev = load_dev(dev)
     options.check()
-    set_threads()
+    reads_stdin = not files or list(files) == ["-"]
+    workers = None
+    if num_processes > 1:
+        workers = Workers(num_processes, argv if argv is not None else sys.argv[1:], reads_stdin)
+    else:
+        set_threads()
+    failed = True
+    shard = None
+    try:
+        shard = shard_from_env()
+        if shard is not None and workers is None and reads_stdin:
+            raise UsageError("several processes (accelerate/torchrun) read the same records: give input files, "
+                             "or use --num-processes, which shares stdin")
+        result = _run_eval(files, stats, options, shard, model=model, adapter=adapter, dtype=dtype, device=device,
+                           limit=limit, summary_file=summary_file, skip_invalid=skip_invalid, output=output)
+        failed = False
+        return result
+    finally:
+        if workers is not None:
+            workers.close(failed)
+        if shard is not None:
+            shard.close()
+
+
+def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapter, dtype, device, limit,
+              summary_file, skip_invalid, output) -> dict:
+    from probllm.evaluate.output import ResumableOutput
+    from probllm.io import log, progress, read_records, write_json, write_records
+    from probllm.models import load_model, load_tokenizer, model_label
+
+    main = shard is None or shard.is_main
+    if shard is not None and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{shard.local_rank}"  # one GPU per process, as accelerate/torchrun lay them out
+    summary = Summary()
+    resume = None
+    if output is not None:
+        # Process 0 reads (and repairs) the file; every process skips the same records, so shards stay aligned.
+        resume = ResumableOutput(output) if main else None
+        if shard is not None:
+            done = shard.broadcast(resume.done if main else None)
+            resume = resume or ResumableOutput(output, done=done)
+        for rec in resume.existing() if main else []:
+            try:
+                summary.add(rec, parse_item(rec, options.context_field, options.max_passages))
+                summary.prior += 1
+            except (RecordError, KeyError):
+                pass  # not a prediction of this input: left in the file, counted nowhere
     t0 = time.perf_counter()
     lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
     tok = load_tokenizer(model)
-    if chat_template and not getattr(tok, "chat_template", None):
+    if options.chat_template and not getattr(tok, "chat_template", None):
+        from probllm.io import UsageError
+
         raise UsageError("--chat-template: this model's tokenizer has no chat template")
     load_s = time.perf_counter() - t0
     scorer = Scorer(lm, tok)
-    summary = Summary()
+    summary.started = time.perf_counter()
     records = read_records(files, stats, skip_invalid)
+    if limit is not None:
+        records = islice(records, limit)
+    if resume is not None:
+        records = resume.skip_done(records, stats)
     with progress("eval") as advance:
-        write_records(evaluate_records(records, scorer, options, stats, summary, skip_invalid, advance), stats)
+        predictions = evaluate_records(records, scorer, options, stats, summary, skip_invalid,
+                                       advance if main else None, shard=shard)
+        if not main:
+            for _ in predictions:  # other processes score their share; process 0 writes
+                pass
+        elif resume is not None:
+            resume.append(predictions, stats)
+            resume.finish()
+        else:
+            write_records(predictions, stats)
     import torch
 
     result = summary.as_dict(
-        command="eval", model=model_label(model), adapter=adapter, method=method, template=template, shots=shots,
-        chat_template=chat_template, context=context_field, batch_size=batch_size,
-        dtype=str(next(lm.parameters()).dtype).replace("torch.", ""), device=scorer.device,
-        threads=torch.get_num_threads(), load_seconds=round(load_s, 3),
-        counts=stats.as_dict(),
+        command="eval", model=model_label(model), adapter=adapter, method=options.method, template=options.template,
+        shots=options.shots, chat_template=options.chat_template, context=options.context_field,
+        batch_size=options.batch_size, dtype=str(next(lm.parameters()).dtype).replace("torch.", ""),
+        device=scorer.device, threads=torch.get_num_threads(), processes=shard.world if shard else 1,
+        load_seconds=round(load_s, 3), counts=stats.as_dict(),
     )
-    log(summary.table(result))
-    log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
-        f"model loaded in {load_s:.1f} s")
-    if summary_file is not None:
-        write_json(summary_file, result)
+    if main:
+        log(summary.table(result))
+        log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
+            f"model loaded in {load_s:.1f} s")
+        if summary_file is not None:
+            write_json(summary_file, result)
     return result
