@@ -547,7 +547,7 @@ def run_eval(
     (with the command line `argv` to start the others) or a launcher's environment: shard across processes."""
     import sys
 
-    from probllm.evaluate.parallel import Workers, shard_from_env
+    from probllm.evaluate.parallel import Workers, shard_from_env, stdin_is_shared
     from probllm.io import UsageError
     from probllm.models import set_threads
 
@@ -573,7 +573,7 @@ def run_eval(
     shard = None
     try:
         shard = shard_from_env()
-        if shard is not None and workers is None and reads_stdin:
+        if shard is not None and workers is None and reads_stdin and not stdin_is_shared():
             raise UsageError("several processes (accelerate/torchrun) read the same records: give input files, "
                              "or use --num-processes, which shares stdin")
         result = _run_eval(files, stats, options, shard, model=model, adapter=adapter, dtype=dtype, device=device,

@@ -27,6 +27,14 @@ from pathlib import Path
 from probllm.io import UsageError, log
 
 
+SPOOLED_STDIN = "PROBLLM_EVAL_SPOOLED_STDIN"  # set for the processes --num-processes starts: stdin is a file copy
+
+
+def stdin_is_shared() -> bool:
+    """Whether every process of this run reads the same stdin (a copy spooled by --num-processes)."""
+    return os.environ.get(SPOOLED_STDIN) == "1"
+
+
 @dataclass
 class Shard:
     rank: int
@@ -134,7 +142,7 @@ class Workers:
                 stdin = open(stdin_file, "rb") if stdin_file else subprocess.DEVNULL
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "probllm", *argv], stdin=stdin, stdout=subprocess.DEVNULL, stderr=err,
-                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), SPOOLED_STDIN: "1" if stdin_file else ""}))
                 if stdin_file:
                     stdin.close()
         os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")})
@@ -151,7 +159,7 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
-            if code and not failed:
+            if code and code not in (-15, 130, 143):
                 tail = self.logs[rank - 1].read_text(errors="replace").strip().splitlines()[-3:]
                 log(f"probllm eval: process {rank} failed (exit {code}): " + " | ".join(tail))
         for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
