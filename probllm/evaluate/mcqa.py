@@ -587,6 +587,24 @@ def run_eval(
             shard.close()
 
 
+def _note_dtype(model, device: str, main: bool) -> None:
+    """bfloat16 is a choice of speed over exactness: say what it costs here (it is slow on CPUs without AMX or
+    AVX512-BF16, where torch emulates it)."""
+    import torch
+
+    from probllm.io import log
+    from probllm.models import cpu_has_fast_bf16
+
+    dtype = getattr(model, "dtype", None)
+    if not main or dtype not in (torch.bfloat16, torch.float16):
+        return
+    if device.startswith("cpu") and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        log("probllm eval: note: this CPU has no AMX/AVX512-BF16, so bfloat16 runs slower than float32 here")
+    else:
+        log(f"probllm eval: note: {str(dtype).replace('torch.', '')} weights: log-likelihoods differ from float32 "
+            "in the 2nd-3rd decimal, so near-tied predictions can change (log-softmax is still taken in float32)")
+
+
 def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapter, dtype, device, limit,
               summary_file, skip_invalid, output) -> dict:
     from probllm.evaluate.output import ResumableOutput
@@ -622,6 +640,7 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
         raise UsageError("--chat-template: this model's tokenizer has no chat template")
     load_s = time.perf_counter() - t0
     scorer = Scorer(lm, tok)
+    _note_dtype(lm, scorer.device, main)
     summary.started = time.perf_counter()
     records = read_records(files, stats, skip_invalid)
     if limit is not None:
