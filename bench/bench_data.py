@@ -14,8 +14,16 @@ Measured:
 - a reference: a plain Python loop that parses and re-serialises each JSONL line (`json.loads`/`json.dumps`), the
   floor any JSONL command pays, so the ratio says what the command's own work costs.
 
+- `index` on generated markdown notes (headings, prose, fenced code, `$$` math, Liquid, front matter; one note
+  per 100 records): cleaning, markdown parsing, chunking, embedding with the default embedder, hnswlib, SQLite.
+
+Old against new code in one run: `--baseline-ref REF` extracts commit REF (`git archive`, no worktree is
+touched) and runs every command with that code too (PYTHONPATH and working folder pointed at it), alternating
+old and new run by run and keeping the fastest of `--repeats`, then prints the new/old time ratio per case.
+
     python bench/bench_data.py                      # 2k / 20k / 200k records
     python bench/bench_data.py --sizes 1000,10000   # quicker
+    python bench/bench_data.py --baseline-ref c7b2861 --only "pair-stackexchange,index" --repeats 3
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,15 +141,45 @@ REFERENCE = ("import json,sys\n"
              "    sys.stdout.write(json.dumps(json.loads(line), ensure_ascii=False) + '\\n')\n")
 
 
-def measure(cmd: list[str], tmp: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one command (`python -m ...` or `python -c CODE ...`) in its own process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def gen_notes(folder: Path, n: int, rng: random.Random) -> None:
+    """n markdown notes of about 4 KB, in the style of course notes written for Jekyll sites."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        parts = [f"---\nlayout: page\ntitle: Note {i}\n---\n", f"# {sentence(rng, 4).title()}\n"]
+        for s in range(4):
+            parts.append(f"## {sentence(rng, 3).title()} {{#s{s}}}\n")
+            parts.append(f"{sentence(rng, 40)}. See [this]({{{{ site.baseurl }}}}/n{i}/) and $x_{s}$.\n"
+                         f"{sentence(rng, 30)}.\n")
+            parts.append(f"```python\nfor i in range({s + 2}):\n\n    total += i * {s}\n```\n")
+            parts.append(f"$$\n\\sum_{{i=1}}^{{{s + 3}}} x_i^2\n$$\n")
+            parts.append(f"- {sentence(rng, 12)}\n- {sentence(rng, 12)}\n")
+            parts.append(f"{{% highlight python %}}\nprint({s})\n{{% endhighlight %}}\n{sentence(rng, 25)}.\n")
+        (folder / f"note-{i:04d}.md").write_text("\n".join(parts))
+
+
+def extract_ref(ref: str, dest: Path) -> str:
+    """The tree of commit `ref` in `dest` (git archive: no worktree or branch is created); its short id."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.Popen(["git", "archive", ref], cwd=ROOT, stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        sys.exit(f"git archive {ref} failed")
+    return sha
+
+
+def measure(cmd: list[str], tmp: Path, code: Path = ROOT) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one command (`python -m ...` or `python -c CODE ...`) in its own process,
+    running the probllm found in `code` (this checkout, or a baseline extracted by --baseline-ref)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(code)}
     hwm_file = tmp / "hwm"
     hwm_file.unlink(missing_ok=True)
     wrapped = [cmd[0], "-c", HWM_WRAPPER, str(hwm_file), *cmd[1:]]
     with open(os.devnull, "wb") as devnull:
         start = time.perf_counter()
-        proc = subprocess.run(wrapped, stdout=devnull, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        proc = subprocess.run(wrapped, stdout=devnull, stderr=subprocess.PIPE, cwd=code, env=env)
         elapsed = time.perf_counter() - start
     if proc.returncode != 0 or not hwm_file.exists():
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
@@ -152,54 +191,98 @@ def main() -> None:
     ap.add_argument("--sizes", default="2000,20000,200000", help="records per input, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains one of these "
+                                               "comma-separated texts")
+    ap.add_argument("--baseline-ref", default=None, help="also run the code of this commit (e.g. c7b2861) and "
+                                                          "print new/old time ratios")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per case and code; the fastest is kept")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    wanted = [w for w in args.only.split(",") if w]
     py = sys.executable
     rows = []
     with tempfile.TemporaryDirectory(prefix="probllm-bench-") as tmp:
         tmp = Path(tmp)
+        codes = [("new", ROOT)]
+        if args.baseline_ref:
+            sha = extract_ref(args.baseline_ref, tmp / "baseline")
+            codes = [(f"old {sha}", tmp / "baseline"), ("new", ROOT)]
         for n in sizes:
             rng = random.Random(args.seed)
             hf, xml, gsm = tmp / f"se-{n}.jsonl", tmp / f"Posts-{n}.xml", tmp / f"gsm8k-{n}.jsonl"
+            notes = tmp / f"notes-{n}"
             gen_hf(hf, n, rng)
             gen_posts_xml(xml, n, rng)
             gen_gsm8k(gsm, n, rng)
+            gen_notes(notes, max(1, n // 100), rng)
             cases = [
-                ("pair-stackexchange (HF jsonl)", hf, [py, "-m", "probllm", "pair-stackexchange", str(hf)]),
-                ("reference: json loads+dumps (HF jsonl)", hf, [py, "-c", REFERENCE, str(hf)]),
-                ("pair-stackexchange (Posts.xml)", xml, [py, "-m", "probllm", "pair-stackexchange", "--site",
+                ("pair-stackexchange (HF jsonl)", hf, ["-m", "probllm", "pair-stackexchange", str(hf)]),
+                ("reference: json loads+dumps (HF jsonl)", hf, ["-c", REFERENCE, str(hf)]),
+                ("pair-stackexchange (Posts.xml)", xml, ["-m", "probllm", "pair-stackexchange", "--site",
                                                          "math.stackexchange.com", str(xml)]),
-                ("mcqify --source gsm8k", gsm, [py, "-m", "probllm", "mcqify", "--source", "gsm8k", str(gsm)]),
-                ("reference: json loads+dumps (gsm8k)", gsm, [py, "-c", REFERENCE, str(gsm)]),
+                ("mcqify --source gsm8k", gsm, ["-m", "probllm", "mcqify", "--source", "gsm8k", str(gsm)]),
+                ("reference: json loads+dumps (gsm8k)", gsm, ["-c", REFERENCE, str(gsm)]),
+                ("index (markdown notes)", notes, ["-m", "probllm", "index", str(notes), "--out", "{index}"]),
             ]
-            for name, path, cmd in cases:
-                if args.only not in name:
+            for name, path, argv in cases:
+                if wanted and not any(w in name for w in wanted):
                     continue
-                seconds, rss = measure(cmd, tmp)
-                mb = path.stat().st_size / 1e6
-                rows.append((name, n, mb, seconds, n / seconds, mb / seconds, rss))
-                print(f"{name:42s} {n:>8d} records {mb:8.1f} MB {seconds:7.2f} s {rss:7.1f} MB peak",
-                      file=sys.stderr, flush=True)
+                sides = codes[-1:] if name.startswith("reference") else codes
+                best: dict[str, tuple[float, float]] = {}
+                for rep in range(args.repeats):
+                    for label, code in sides:  # alternate old and new, so a busy moment hits both alike
+                        index_dir = tmp / f"index-{n}-{rep}-{label.split()[0]}"  # fresh: no incremental reuse
+                        cmd = [py] + [a.replace("{index}", str(index_dir)) for a in argv]
+                        seconds, rss = measure(cmd, tmp, code)
+                        shutil.rmtree(index_dir, ignore_errors=True)
+                        if label not in best or seconds < best[label][0]:
+                            best[label] = (seconds, rss)
+                mb = input_mb(path)
+                for label, _ in sides:
+                    seconds, rss = best[label]
+                    rows.append((name, label, n, mb, seconds, n / seconds, mb / seconds, rss))
+                    print(f"{name:38s} {label:12s} {n:>8d} records {mb:8.1f} MB {seconds:7.2f} s {rss:7.1f} MB peak",
+                          file=sys.stderr, flush=True)
             for p in (hf, xml, gsm):
                 p.unlink()
-    ref = {(name.split("(")[-1].rstrip(")"), n): rps for name, n, _, _, rps, _, _ in rows if name.startswith("ref")}
-    lines = [
-        f"Generated inputs, seed {args.seed}; one process per measurement (CLI start-up included); "
-        f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}.",
-        "",
-        "| command | records | input MB | seconds | records/s | MB/s | peak RSS MB | vs json loads+dumps |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, n, mb, seconds, rps, mbps, rss in rows:
-        kind = "gsm8k" if "gsm8k" in name else "HF jsonl"
-        skip_ratio = name.startswith("ref") or "xml" in name or (kind, n) not in ref
-        ratio = "" if skip_ratio else f"{ref[(kind, n)] / rps:.1f}x slower"
-        lines.append(f"| {name} | {n:,} | {mb:.1f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} | {ratio} |")
-    table = "\n".join(lines) + "\n"
+            shutil.rmtree(notes)
+    table = render(rows, args.seed, bool(args.baseline_ref))
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(table)
+
+
+def input_mb(path: Path) -> float:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+    return path.stat().st_size / 1e6
+
+
+def render(rows: list[tuple], seed: int, compare: bool) -> str:
+    ref = {(name.split("(")[-1].rstrip(")"), n): rps for name, label, n, _, _, rps, _, _ in rows
+           if name.startswith("ref")}
+    lines = [
+        f"Generated inputs, seed {seed}; one process per measurement (CLI start-up included); "
+        f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}.",
+        "",
+        "| command | code | records | input MB | seconds | records/s | MB/s | peak RSS MB | vs json loads+dumps |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, label, n, mb, seconds, rps, mbps, rss in rows:
+        kind = "gsm8k" if "gsm8k" in name else "HF jsonl"
+        skip_ratio = name.startswith(("ref", "index")) or "xml" in name or (kind, n) not in ref
+        ratio = "" if skip_ratio else f"{ref[(kind, n)] / rps:.1f}x slower"
+        lines.append(f"| {name} | {label} | {n:,} | {mb:.2f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} "
+                     f"| {ratio} |")
+    if compare:
+        times = {(name, label.split()[0], n): seconds for name, label, n, _, seconds, _, _, _ in rows}
+        lines += ["", "New code against the baseline (fastest run of each; below 1.00 the new code is faster):", "",
+                  "| command | records | old s | new s | new / old |", "| --- | ---: | ---: | ---: | ---: |"]
+        for (name, side, n), new in times.items():
+            old = times.get((name, "old", n))
+            if side == "new" and old:
+                lines.append(f"| {name} | {n:,} | {old:.2f} | {new:.2f} | {new / old:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer Llama with a 512-token BPE tokenizer and a ChatML template, saved as safetensors."""
-    from probllm.tiny import build_tiny_model
+    from tiny_model import build_tiny_model  # tests/tiny_model.py: test-only code stays out of the package
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
 

@@ -68,8 +68,9 @@ def test_few_shot_from_dev_and_limit(cli, tiny_model_dir, mcq_file):
 
 
 def test_quantize_eval_and_report(cli, tiny_model_dir, mcq_file, tmp_path):
-    out = tmp_path / "q8"
-    r = cli("quantize", "--model", tiny_model_dir, "--method", "torch-int8", "-o", out, "--eval", mcq_file)
+    out, qs = tmp_path / "q8", tmp_path / "quantize.json"
+    r = cli("quantize", "--model", tiny_model_dir, "--method", "torch-int8", "-o", out, "--eval", mcq_file,
+            "--summary", qs)
     assert r.code == 0, r.stderr
     (rec,) = r.records
     assert rec["method"] == "torch-int8" and rec["bits"] == 8 and rec["size_mb"] >= 0
@@ -80,9 +81,23 @@ def test_quantize_eval_and_report(cli, tiny_model_dir, mcq_file, tmp_path):
     r = cli("eval", "--model", out, "--summary", s2, mcq_file)
     assert r.code == 0, r.stderr
     assert len(r.records) == 3
-    r = cli("report", f"base={s1}", f"8-bit={s2}")
+    # One summary schema: report reads what `eval --summary` and `quantize --eval --summary` write alike.
+    summaries = [json.loads(p.read_text()) for p in (s1, s2, qs)]
+    assert [s["command"] for s in summaries] == ["eval", "eval", "quantize"]
+    for s in summaries:
+        assert set(s["counts"]) == {"in", "out", "skipped", "invalid"} and s["timings"]["seconds"] > 0
+        assert s["overall"]["items"] == 3
+    assert summaries[0]["counts"]["in"] == 3 and summaries[2]["counts"]["out"] == 1
+    assert summaries[2]["overall"]["acc"] == rec["accuracy"] and summaries[2]["base"]["overall"]["acc"] == \
+        rec["base_accuracy"]
+    r = cli("report", f"base={s1}", f"8-bit={s2}", f"quantize={qs}")
     assert r.code == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("| variant") and lines[2].startswith("| base |") and lines[3].startswith("| 8-bit |")
+    assert lines[4].startswith("| quantize |")
     r = cli("report", str(mcq_file))
     assert r.code == 2
+    no_eval = tmp_path / "load.json"
+    assert cli("load", "--summary", no_eval, mcq_file).code == 0
+    r = cli("report", str(no_eval))
+    assert r.code == 2 and "a `load` summary without evaluation figures" in r.stderr

@@ -168,3 +168,14 @@ def test_word_additive_counting_equals_whole_text_counting():
     texts = [b.text for b in parse_blocks(TRICKY)] + ["Naïve café: x_i \\in R^D, O(n log n)!", "e.g. 3.14-th"]
     whole = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert count(texts) == whole
+
+
+def test_code_inside_a_list_stays_one_block_and_indented_code_is_code():
+    doc = ("# Steps\n\n- first step\n- second step:\n\n  ```python\n  x = 1\n\n  y = 2\n  ```\n- third step\n\n"
+           "Intro:\n\n    indented = True\n")
+    blocks = parse_blocks(doc)
+    assert [b.kind for b in blocks] == ["heading", "text", "code", "text", "text", "code"]
+    assert blocks[2].text == "```python\nx = 1\n\ny = 2\n```"
+    assert blocks[5].text == "```\nindented = True\n```"
+    for b in blocks[1:]:
+        assert doc[b.start:b.end].strip() and b.heading == ("Steps",)

@@ -27,8 +27,7 @@ import re
 from typing import Callable
 
 from probllm.io import Record, RecordError, Skip, require
-
-LETTERS = "ABCDEFGHIJ"
+from probllm.records import LETTERS
 
 # method.md section 2: the report's MMLU subjects (4,219 questions over test + validation + dev).
 REPORT_SUBJECTS = (

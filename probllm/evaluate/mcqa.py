@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
-from probllm.io import Record, RecordError, Stats, map_records, require
-from probllm.evaluate.templates import (LETTERS, TEMPLATES, Item, Prompt, answer_kind, build_prompt, cot_prompt,
+from probllm.io import Record, RecordError, Stats, map_records
+from probllm.records import LETTERS, extract_letter, parse_mcq, parse_passages
+from probllm.evaluate.templates import (TEMPLATES, Item, Prompt, answer_kind, build_prompt, cot_prompt,
                                        resolve_template)
 
 METHODS = ("loglik", "letter", "generate")
@@ -68,41 +69,11 @@ class EvalOptions:
 
 def parse_item(record: dict, context_field: str | None = None, max_passages: int = 5) -> Item:
     """Check an MCQ record (question, choices, answer letter, source, subject) and reduce it to an Item."""
-    question = require(record, "question", str)
-    choices = require(record, "choices", list)
-    if len(choices) < 2:
-        raise RecordError(f"needs at least 2 choices, got {len(choices)}", field="choices")
-    if len(choices) > len(LETTERS):
-        raise RecordError(f"at most {len(LETTERS)} choices, got {len(choices)}", field="choices")
-    for c in choices:
-        if not isinstance(c, str):
-            raise RecordError("every choice must be a string", field="choices")
-    answer = require(record, "answer", str)
-    letter = answer.strip().upper()
-    if len(letter) != 1 or letter not in LETTERS[: len(choices)]:
-        raise RecordError(f"expected a letter A-{LETTERS[len(choices) - 1]}, got {answer!r}", field="answer")
-    source = record.get("source") or "unknown"
-    subject = record.get("subject") or source
-    if not isinstance(source, str):
-        raise RecordError("expected a string", field="source")
-    if not isinstance(subject, str):
-        raise RecordError("expected a string", field="subject")
-    passages: list[str] = []
-    if context_field:
-        value = record.get(context_field)
-        if value is None:
-            raise RecordError("missing (asked for by --context)", field=context_field)
-        if not isinstance(value, list):
-            raise RecordError("expected an array of passages", field=context_field)
-        for p in value:
-            if isinstance(p, str):
-                passages.append(p)
-            elif isinstance(p, dict) and isinstance(p.get("text"), str):
-                passages.append(p["text"])
-            else:
-                raise RecordError("each passage must be a string or an object with 'text'", field=context_field)
-        passages = passages[:max_passages]
-    return Item(question, [str(c) for c in choices], LETTERS.index(letter), source, subject, passages)
+    mcq = parse_mcq(record, need_answer=True, min_choices=2)
+    source = mcq.source or "unknown"
+    passages = parse_passages(record, context_field, required=True) if context_field else []
+    return Item(mcq.question, mcq.choices, mcq.gold, source, mcq.subject or source,
+                [p["text"] for p in passages[:max_passages]])
 
 
 def select_shots(item: Item, dev: list[Item], n: int) -> list[Item]:
@@ -258,18 +229,6 @@ def extract_boxed(text: str) -> str | None:
                         return text[i + 1: j]
     m = re.findall(r"[Tt]he (?:final )?answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.|$)", text)
     return m[-1].strip() if m else None
-
-
-def extract_letter(text: str, n_choices: int) -> str | None:
-    letters = LETTERS[:n_choices]
-    m = re.findall(rf"[Aa]nswer(?: is)?:?\s*\(?\**([{letters}])\b", text)
-    if m:
-        return m[-1]
-    m = re.findall(rf"\(([{letters}])\)", text)
-    if m:
-        return m[-1]
-    m = re.findall(rf"\b([{letters}])\b", text)
-    return m[-1] if m else None
 
 
 def _norm_math(s: str) -> str:
@@ -535,13 +494,13 @@ def run_eval(
     max_new_tokens: int = 256,
     dtype: str = "auto",
     device: str = "auto",
-    summary_file=None,
     skip_invalid: bool = False,
     output: str | None = None,
     num_processes: int = 1,
     argv: list[str] | None = None,
 ) -> dict:
-    """The `eval` command: load, stream, score, write predictions; summary on stderr and in --summary.
+    """The `eval` command: load, stream, score, write predictions; the summary on stderr and, for the
+    command's --summary file, in `stats.figures`.
 
     `output`: append to this file instead of stdout, skipping what it already holds (resume); `num_processes`
     (with the command line `argv` to start the others) or a launcher's environment: shard across processes."""
@@ -577,7 +536,7 @@ def run_eval(
             raise UsageError("several processes (accelerate/torchrun) read the same records: give input files, "
                              "or use --num-processes, which shares stdin")
         result = _run_eval(files, stats, options, shard, model=model, adapter=adapter, dtype=dtype, device=device,
-                           limit=limit, summary_file=summary_file, skip_invalid=skip_invalid, output=output)
+                           limit=limit, skip_invalid=skip_invalid, output=output)
         failed = False
         return result
     finally:
@@ -606,9 +565,9 @@ def _note_dtype(model, device: str, main: bool) -> None:
 
 
 def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapter, dtype, device, limit,
-              summary_file, skip_invalid, output) -> dict:
+              skip_invalid, output) -> dict:
     from probllm.evaluate.output import ResumableOutput
-    from probllm.io import log, progress, read_records, write_json, write_records
+    from probllm.io import log, progress, read_records, write_records
     from probllm.models import load_model, load_tokenizer, model_label
 
     main = shard is None or shard.is_main
@@ -661,16 +620,15 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
     import torch
 
     result = summary.as_dict(
-        command="eval", model=model_label(model), adapter=adapter, method=options.method, template=options.template,
+        model=model_label(model), adapter=adapter, method=options.method, template=options.template,
         shots=options.shots, chat_template=options.chat_template, context=options.context_field,
         batch_size=options.batch_size, dtype=str(next(lm.parameters()).dtype).replace("torch.", ""),
         device=scorer.device, threads=torch.get_num_threads(), processes=shard.world if shard else 1,
-        load_seconds=round(load_s, 3), counts=stats.as_dict(),
+        load_seconds=round(load_s, 3),
     )
     if main:
         log(summary.table(result))
         log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
             f"model loaded in {load_s:.1f} s")
-        if summary_file is not None:
-            write_json(summary_file, result)
+        stats.figures.update(result)
     return result

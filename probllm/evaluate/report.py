@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from probllm.io import UsageError
+from probllm.summary import read_summary
 
 
 def _pct(m: dict, key: str) -> str:
@@ -17,16 +17,7 @@ def _pct(m: dict, key: str) -> str:
 def load_summary(spec: str) -> tuple[str, dict]:
     """`LABEL=FILE` or `FILE` (label = file stem) -> (label, summary dict)."""
     label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{path}: no such summary file")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not JSON ({e.msg})") from None
-    if not isinstance(data, dict) or "overall" not in data:
-        raise UsageError(f"{path}: not an `eval --summary` file (no 'overall')")
-    return label or p.stem, data
+    return label or Path(path).stem, read_summary(path)
 
 
 def ablation_markdown(rows: list[tuple[str, dict]]) -> str:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-LETTERS = "ABCDEFGHIJ"
+from probllm.records import LETTERS
+
 TEMPLATES = ("auto", "arc", "mmlu", "letter")
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"

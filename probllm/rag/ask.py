@@ -8,7 +8,8 @@ Two modes:
 - records (JSONL in, JSONL out): every record's question is answered and the record is written back with
   `answer` (the text) and `context_ids` (the chunk ids quoted in the prompt; empty without an index), so the
   output of a run with `--index` and one without feed `judge`. An input `answer` field (the gold letter of an
-  MCQ record) would be overwritten by that contract; it is kept as `reference_answer`.
+  MCQ record) would be overwritten by that contract; it is kept as `reference`, the field `judge` reads for
+  reference-guided grading.
 
 Questions with options are answered with a letter and an explanation. A 135M model cannot pick a letter by
 writing it (offline-models.md: below chance), so by default the letter is chosen by the log-likelihood of each
@@ -27,12 +28,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from itertools import islice
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
-from probllm.io import Record, RecordError, Stats, UsageError, require
+from probllm.io import Record, RecordError, Stats, UsageError
+from probllm.records import LETTERS, extract_letter, parse_mcq, parse_passages, parsed_batches
 
-LETTERS = "ABCDEFGHIJ"
 NOT_COVERED = "The notes do not cover this."
 
 SYSTEM_WITH_NOTES = (
@@ -228,13 +229,6 @@ def answer_prefix(q: Question, letter_index: int | None) -> str:
     return f"Answer: {LETTERS[letter_index]}. {q.choices[letter_index]}\nExplanation:"
 
 
-def extract_letter(text: str, n_choices: int) -> str | None:
-    allowed = LETTERS[:n_choices]
-    m = re.search(rf"\b(?:answer|option)\s*(?:is|:)?\s*\(?([{allowed}])\b", text, re.I) or \
-        re.match(rf"\s*\(?([{allowed}])[.):\s]", text + " ")
-    return m.group(1).upper() if m else None
-
-
 # ------------------------------------------------------------------------------------------ single question
 
 
@@ -315,30 +309,9 @@ def ask_one(
 
 
 def record_question(rec: dict, field: str, context_field: str | None) -> Question:
-    text = require(rec, field, str)
-    choices: list[str] = []
-    if "choices" in rec:
-        raw = rec["choices"]
-        if isinstance(raw, dict) and isinstance(raw.get("text"), list):  # Hugging Face ARC export
-            raw = raw["text"]
-        if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
-            raise RecordError("expected an array of strings", field="choices")
-        if len(raw) > len(LETTERS):
-            raise RecordError(f"at most {len(LETTERS)} choices", field="choices")
-        choices = list(raw)
-    passages: list[dict] = []
-    if context_field and context_field in rec:
-        value = rec[context_field]
-        if not isinstance(value, list):
-            raise RecordError("expected an array of passages", field=context_field)
-        for i, p in enumerate(value):
-            if isinstance(p, str):
-                passages.append({"id": f"{context_field}[{i}]", "text": p})
-            elif isinstance(p, dict) and isinstance(p.get("text"), str):
-                passages.append({"id": str(p.get("id", f"{context_field}[{i}]")), **p})
-            else:
-                raise RecordError("each passage must be a string or an object with 'text'", field=context_field)
-    return Question(text, choices, passages)
+    mcq = parse_mcq(rec, field)
+    passages = parse_passages(rec, context_field) if context_field else []
+    return Question(mcq.question, list(mcq.choices), passages)
 
 
 def ask_records(
@@ -357,18 +330,9 @@ def ask_records(
     """Answer every record, in input order, `batch_size` prompts per generate call."""
     from probllm.io import progress
 
-    it = iter(records)
+    read = partial(record_question, field=field, context_field=None if retriever else context_field)
     with progress("answering") as advance:
-        while True:
-            batch = list(islice(it, batch_size))
-            if not batch:
-                return
-            parsed: list[tuple[Record, Question]] = []
-            for rec in batch:
-                try:
-                    parsed.append((rec, record_question(rec, field, None if retriever else context_field)))
-                except RecordError as e:
-                    stats.reject(e, rec, skip_invalid)
+        for parsed in parsed_batches(records, read, stats, skip_invalid, batch_size):
             if retriever and parsed:
                 queries = [q.text + "".join(f"\n{c}" for c in q.choices) for _, q in parsed]
                 for (_, q), hits in zip(parsed, retriever.search(queries, k)):
@@ -387,13 +351,13 @@ def ask_records(
                 answer = f"{prefix} {text}".strip() if prefix else text
                 out = dict(rec)
                 if "answer" in out:
-                    out["reference_answer"] = out.pop("answer")
+                    out["reference"] = out.pop("answer")
                 out["answer"] = answer
                 if q.choices:
                     out["answer_letter"] = LETTERS[li] if li is not None else extract_letter(answer, len(q.choices))
                 out["context_ids"] = [p["id"] for p in q.passages]
                 yield out
-            advance(len(batch))
+            advance(len(parsed))
 
 
 def check_options(letter_method: str, k: int, max_new_tokens: int, batch_size: int) -> None:

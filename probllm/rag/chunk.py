@@ -17,6 +17,7 @@ at most 256 word pieces and silently truncates the rest).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -24,13 +25,9 @@ from typing import Callable, Iterable
 
 TokenCounter = Callable[[list[str]], list[int]]
 
-FRONT_MATTER = re.compile(r"\A(?:\ufeff)?---[ \t]*\r?\n.*?\r?\n(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.S)
 FENCE_OPEN = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})(.*)$")
 LIQUID_HIGHLIGHT_OPEN = re.compile(r"^\s*\{%-?\s*highlight\b\s*([\w+-]*)[^%]*-?%\}\s*$")
 LIQUID_HIGHLIGHT_CLOSE = re.compile(r"^\s*\{%-?\s*endhighlight\s*-?%\}\s*$")
-HEADING = re.compile(r"^[ \t]{0,3}(#{1,6})[ \t]+(.*?)[ \t#]*$")
-SETEXT_UNDERLINE = re.compile(r"^[ \t]{0,3}(=+|-+)[ \t]*$")
-MATH_FENCE = "$$"
 HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 LIQUID_TAG = re.compile(r"\{%-?.*?-?%\}", re.S)
 LIQUID_OUTPUT = re.compile(r"\{\{-?.*?-?\}\}", re.S)
@@ -93,118 +90,179 @@ def clean_inline(text: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def front_matter_end(text: str) -> int:
-    m = FRONT_MATTER.match(text)
-    return m.end() if m else 0
-
-
 # ----------------------------------------------------------------------------------------------------- blocks
+# Markdown structure is markdown-it-py's (CommonMark), with mdit-py-plugins for YAML front matter and `$$` math,
+# plus one small rule of ours for Jekyll's `{% highlight %}` blocks. Only the block level is parsed (no inline
+# pass): every block token carries its line range, which gives the offsets into the original text.
+
+CONTAINERS = {"bullet_list_open", "ordered_list_open", "blockquote_open", "table_open"}
+VERBATIM = {"fence", "code_block", "liquid_highlight", "math_block", "math_block_label"}
+NEWLINE = re.compile(r"\r\n?|\n")  # markdown-it's own line breaks, so its line numbers are ours
 
 
-def _lines_with_offsets(text: str, start: int) -> list[tuple[int, str]]:
-    out = []
-    pos = start
-    for line in text[start:].splitlines(keepends=True):
-        out.append((pos, line))
-        pos += len(line)
-    return out
+def _liquid_highlight(state, start_line: int, end_line: int, silent: bool) -> bool:
+    """`{% highlight lang %}` ... `{% endhighlight %}` (Jekyll) as a code block; it may interrupt a paragraph
+    and, unclosed, runs to the end of its container, like a fence."""
+    if state.sCount[start_line] - state.blkIndent >= 4:
+        return False
+    first = state.src[state.bMarks[start_line] + state.tShift[start_line]:state.eMarks[start_line]]
+    opening = LIQUID_HIGHLIGHT_OPEN.match(first)
+    if not opening:
+        return False
+    if silent:
+        return True
+    line = start_line + 1
+    while line < end_line and not LIQUID_HIGHLIGHT_CLOSE.match(state.src[state.bMarks[line]:state.eMarks[line]]):
+        line += 1
+    token = state.push("liquid_highlight", "code", 0)
+    token.info = opening.group(1)
+    token.content = state.getLines(start_line + 1, line, state.sCount[start_line], True)
+    token.map = [start_line, min(line + 1, end_line)]
+    token.block = True
+    state.line = min(line + 1, end_line)
+    return True
+
+
+def _probe_silently(rule):
+    """The plugin's math rule pushes its token even when only asked whether it matches (as a paragraph asks
+    before each line): ask it for real, then take the token back."""
+
+    def probe(state, start_line: int, end_line: int, silent: bool) -> bool:
+        if not silent:
+            return rule(state, start_line, end_line, False)
+        n_tokens, line = len(state.tokens), state.line
+        matched = rule(state, start_line, end_line, False)
+        del state.tokens[n_tokens:]
+        state.line = line
+        return matched
+
+    return probe
+
+
+@functools.lru_cache(maxsize=1)
+def _markdown_parser():
+    from markdown_it import MarkdownIt
+    from mdit_py_plugins.dollarmath import dollarmath_plugin
+    from mdit_py_plugins.dollarmath.index import math_block_dollar
+    from mdit_py_plugins.front_matter import front_matter_plugin
+
+    md = MarkdownIt("commonmark").use(front_matter_plugin).use(dollarmath_plugin, allow_blank_lines=True)
+    # Notes write `$$ ... $$` right under a line of prose: let a math block (and a Liquid highlight) end a
+    # paragraph, as a fence does.
+    interrupts = {"alt": ["paragraph", "reference", "blockquote", "list"]}
+    md.block.ruler.at("math_block", _probe_silently(math_block_dollar(True, None, True)), interrupts)
+    md.block.ruler.before("fence", "liquid_highlight", _liquid_highlight, interrupts)
+    md.disable("inline")  # the block structure is all we need; inline markup is cleaned as text
+    return md
+
+
+class _Lines:
+    """Character offsets of the lines of a text, as markdown-it numbers them."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.starts = [0] + [m.end() for m in NEWLINE.finditer(text)]
+        self.count = len(self.starts) if self.starts[-1] < len(text) else len(self.starts) - 1
+
+    def start(self, line: int) -> int:
+        return self.starts[line]
+
+    def end(self, line: int) -> int:
+        """End of `line` without its line break."""
+        stop = self.starts[line + 1] if line + 1 < len(self.starts) else len(self.text)
+        while stop > self.starts[line] and self.text[stop - 1] in "\r\n":
+            stop -= 1
+        return stop
+
+    def raw(self, first: int, stop: int) -> str:
+        return self.text[self.starts[first]:self.end(stop - 1)]
+
+    def last_filled(self, first: int, stop: int) -> int:
+        """The last line of [first, stop) that is not blank (container maps may end on blank lines)."""
+        stop = min(stop, self.count)
+        while stop - 1 > first and not self.raw(stop - 1, stop).strip():
+            stop -= 1
+        return stop - 1
+
+
+def _verbatim_block(token, lines: _Lines, heading: tuple[str, ...]) -> Block:
+    first, last = token.map[0], lines.last_filled(*token.map)
+    if token.type.startswith("math"):
+        text = f"$${token.content}$$" if token.type == "math_block" else lines.raw(first, last + 1).strip()
+        return Block("math", lines.start(first), lines.end(last), text, heading)
+    # Code is shown as a markdown fence whatever it was written as (indented, Liquid highlight included).
+    body = token.content.rstrip("\n")
+    return Block("code", lines.start(first), lines.end(last), f"```{token.info.strip()}\n{body}\n```", heading)
+
+
+def _text_block(lines: _Lines, first: int, stop: int, heading: tuple[str, ...]) -> Block | None:
+    last = lines.last_filled(first, stop)
+    cleaned = clean_inline(lines.raw(first, last + 1))
+    return Block("text", lines.start(first), lines.end(last), cleaned, heading) if cleaned else None
 
 
 def parse_blocks(text: str, markdown: bool = True) -> list[Block]:
     """Split a document into heading, text, code and math blocks with offsets into `text`.
 
     Plain text (markdown=False) is only split into paragraphs at blank lines."""
-    start = front_matter_end(text) if markdown else 0
-    lines = _lines_with_offsets(text, start)
+    if not markdown:
+        return _plain_blocks(text)
+    lines = _Lines(text)
+    tokens = _markdown_parser().parse(text.replace("\ufeff", " ", 1) if text.startswith("\ufeff") else text)
     blocks: list[Block] = []
     headings: list[tuple[int, str]] = []  # (level, title) stack
-    para: list[tuple[int, str]] = []
 
     def path() -> tuple[str, ...]:
         return tuple(t for _, t in headings)
 
-    def flush_para() -> None:
-        if not para:
-            return
-        raw = "".join(line for _, line in para)
-        cleaned = clean_inline(raw) if markdown else "\n".join(l.strip() for l in raw.splitlines() if l.strip())
-        if cleaned:
-            blocks.append(Block("text", para[0][0], para[-1][0] + len(para[-1][1].rstrip("\r\n")), cleaned, path()))
-        para.clear()
-
     i = 0
-    n = len(lines)
-    while i < n:
-        pos, line = lines[i]
-        stripped = line.strip()
-        if not markdown:
-            if stripped:
-                para.append((pos, line))
-            else:
-                flush_para()
-            i += 1
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token.level != 0 or token.map is None or token.type == "front_matter":
             continue
-        fence = FENCE_OPEN.match(line.rstrip("\r\n"))
-        liquid = LIQUID_HIGHLIGHT_OPEN.match(line)
-        if fence or liquid:
-            flush_para()
-            # A fenced block runs to its closing fence (same character, at least as long) or to the end.
-            j = i + 1
-            if fence:
-                mark = fence.group(1)
-                closes = lambda s: s.strip().startswith(mark[0] * len(mark)) and set(s.strip()) == {mark[0]}
-                lang = fence.group(2).strip()
-            else:
-                closes = lambda s: bool(LIQUID_HIGHLIGHT_CLOSE.match(s))
-                lang = liquid.group(1)
-            while j < n and not closes(lines[j][1]):
-                j += 1
-            body = "".join(l for _, l in lines[i + 1:j]).rstrip("\n")
-            end_line = lines[min(j, n - 1)]
-            end = end_line[0] + len(end_line[1].rstrip("\r\n"))
-            # Code is shown as a markdown fence whatever it was written as (Liquid highlight included).
-            blocks.append(Block("code", pos, end, f"```{lang}\n{body}\n```", path()))
-            i = j + 1
-            continue
-        if stripped.startswith(MATH_FENCE):
-            flush_para()
-            j = i
-            # `$$ x $$` on one line, or `$$` ... `$$` over several lines.
-            if MATH_FENCE not in stripped[2:]:
-                j = i + 1
-                while j < n and MATH_FENCE not in lines[j][1]:
-                    j += 1
-                j = min(j, n - 1)
-            raw = "".join(l for _, l in lines[i:j + 1])
-            end = lines[j][0] + len(lines[j][1].rstrip("\r\n"))
-            blocks.append(Block("math", pos, end, raw.strip(), path()))
-            i = j + 1
-            continue
-        heading = HEADING.match(line.rstrip("\r\n"))
-        setext = (para and len(para) == 1 and SETEXT_UNDERLINE.match(line.rstrip("\r\n"))
-                  and not para[0][1].strip().startswith(("-", "*", "|", "<")))
-        if heading or setext:
-            if heading:
-                flush_para()
-                level, raw_title, hpos = len(heading.group(1)), heading.group(2), pos
-            else:
-                level = 1 if stripped.startswith("=") else 2
-                hpos, raw_title = para[0][0], para[0][1].strip()
-                para.clear()
-            title = clean_inline(HEADING_ATTRS.sub("", raw_title)).replace("\n", " ").strip()
+        first, stop = token.map
+        if token.type == "heading_open":
+            level = int(token.tag[1])
+            title = clean_inline(HEADING_ATTRS.sub("", tokens[i].content)).replace("\n", " ").strip()
             while headings and headings[-1][0] >= level:
                 headings.pop()
             if title:
                 headings.append((level, title))
-                blocks.append(Block("heading", hpos, pos + len(line.rstrip("\r\n")), title, path(), level))
-            i += 1
-            continue
-        if not stripped:
-            flush_para()
-        else:
-            para.append((pos, line))
-        i += 1
-    flush_para()
+                blocks.append(Block("heading", lines.start(first), lines.end(stop - 1), title, path(), level))
+        elif token.type in VERBATIM:
+            blocks.append(_verbatim_block(token, lines, path()))
+        elif token.type in CONTAINERS:
+            # A list or quote is prose, except the code and math inside it, which stay whole blocks.
+            depth, j = 1, i
+            inner = []
+            while j < len(tokens) and depth:
+                depth += tokens[j].nesting
+                if tokens[j].type in VERBATIM and tokens[j].map:
+                    inner.append(tokens[j])
+                j += 1
+            i = j
+            for verbatim in inner:
+                if verbatim.map[0] > first:
+                    part = _text_block(lines, first, verbatim.map[0], path())
+                    blocks.extend([part] if part else [])
+                blocks.append(_verbatim_block(verbatim, lines, path()))
+                first = verbatim.map[1]
+            if first < stop:
+                part = _text_block(lines, first, stop, path())
+                blocks.extend([part] if part else [])
+        elif token.type in ("paragraph_open", "html_block"):
+            part = _text_block(lines, first, stop, path())
+            blocks.extend([part] if part else [])
+    return blocks
+
+
+def _plain_blocks(text: str) -> list[Block]:
+    """Paragraphs of plain text: runs of non-blank lines."""
+    blocks: list[Block] = []
+    for m in re.finditer(r"[^\r\n]*\S[^\r\n]*(?:\r?\n[^\r\n]*\S[^\r\n]*)*", text):
+        cleaned = "\n".join(line.strip() for line in m.group(0).splitlines() if line.strip())
+        blocks.append(Block("text", m.start(), m.end(), cleaned))
     return blocks
 
 

@@ -8,13 +8,13 @@ Records are embedded in small batches, so memory stays flat in the input size.
 
 from __future__ import annotations
 
-from itertools import islice
+from functools import partial
 from typing import Iterable, Iterator
 
-from probllm.io import Record, RecordError, Stats, UsageError, require
+from probllm.io import Record, Stats, UsageError
 from probllm.rag.index import Embedder, RagIndex
+from probllm.records import LETTERS, parse_mcq, parsed_batches
 
-LETTERS = "ABCDEFGHIJ"
 CONTEXT_KEYS = ("id", "score", "text", "source", "heading")
 
 
@@ -43,16 +43,10 @@ class Retriever:
 def query_text(record: dict, field: str, with_choices: bool = False) -> str:
     """The text to embed for a record: its question, and with `with_choices` its options (an MCQ's answer is
     often named only in the options, so they help find the right passage)."""
-    question = require(record, field, str)
-    if not with_choices or "choices" not in record:
-        return question
-    choices = require(record, "choices", list)
-    lines = [question]
-    for letter, choice in zip(LETTERS, choices):
-        if not isinstance(choice, str):
-            raise RecordError("every choice must be a string", field="choices")
-        lines.append(f"{letter}. {choice}")
-    return "\n".join(lines)
+    mcq = parse_mcq(record, field)
+    if not with_choices:
+        return mcq.question
+    return "\n".join([mcq.question] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, mcq.choices)])
 
 
 def context_entry(hit: dict) -> dict:
@@ -85,17 +79,8 @@ def retrieve_records(
 ) -> Iterator[dict]:
     """Hits for each record's question, in input order; bad records raise (or are counted with skip_invalid)."""
 
-    it = iter(records)
-    while True:
-        batch = list(islice(it, batch_size))
-        if not batch:
-            return
-        good: list[tuple[Record, str]] = []
-        for rec in batch:
-            try:
-                good.append((rec, query_text(rec, field, with_choices)))
-            except RecordError as e:
-                stats.reject(e, rec, skip_invalid)
+    read = partial(query_text, field=field, with_choices=with_choices)
+    for good in parsed_batches(records, read, stats, skip_invalid, batch_size):
         results = retriever.search([q for _, q in good], k)
         for (rec, _), hits in zip(good, results):
             if attach:
