@@ -333,9 +333,11 @@ def evaluate_records(
         chunk = list(islice(prepared, window))
         if not chunk:
             return
-        # Prompts with the same few-shot prefix together (the scorer then runs it once for several questions),
-        # and within them longest first (as lm-eval): similar lengths share a batch; a too-big batch fails early.
-        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"], -chunk[k]["tokens"]))
+        # Longest first (as lm-eval): similar lengths share a batch; a too-big batch fails early. With few-shot
+        # examples, prompts with the same examples first go together (the scorer runs them once for several
+        # questions); zero-shot prompts are sorted by length only (a shared task description is not worth it).
+        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"] if options.shots else "",
+                                                         -chunk[k]["tokens"]))
         batches = [order[b: b + options.batch_size] for b in range(0, len(order), options.batch_size)]
         results: dict[int, dict] = {}
         interrupted = False

@@ -18,11 +18,15 @@ separate sequence (same keys, same positions), up to float summation order. The 
 predicted by the context's last position, shared. Logits are computed only where a choice token is predicted
 (the full-vocabulary projection is a fifth of a small model's work per token).
 
-Prompts that share a long token prefix (few-shot examples, an MMLU subject's description) go one level further:
-several groups sit in one row behind one copy of the prefix (a tree: prefix -> each question -> its choices).
+Prompts that share a long token prefix (few-shot examples) go one level further: several groups sit in one row
+behind one copy of the prefix (a tree: prefix -> each question -> its choices), when the prefix is at least as
+long as each question's own part (attention in a row is dense, so sharing a short task description would cost
+more than it saves).
 
-Rows are sorted by length and cut into batches under a padded-token budget, so padding stays small on any data,
-and every batch is one forward pass and one transfer of results (no per-token Python work on the device).
+Rows are sorted by length; the longest pending row sets a batch's width, and shorter rows are packed several to
+a line of that width (each with its own positions and mask blocks), under a padded-token budget: padding stays
+small on any mix of lengths, and every batch is one forward pass and one transfer of results (no per-token
+Python work on the device).
 When a group does not fit `max_length`, it is split into one row per choice with lm-eval's left truncation
 (`(context + continuation)[-(max_length + 1):][:-1]`), so long prompts keep lm-eval's results too.
 """
@@ -150,18 +154,32 @@ def _rows(units: list[_Unit], min_shared: int, row_tokens: int) -> list[_Row]:
     return rows
 
 
-def _batches(rows: list[_Row], batch_tokens: int, max_rows: int) -> list[list[_Row]]:
-    """Rows longest first, cut so that rows x longest row stays within the token budget (length buckets)."""
-    rows = sorted(rows, key=lambda r: -r.length())
-    batches: list[list[_Row]] = []
-    current: list[_Row] = []
-    for row in rows:
-        if current and (len(current) >= max_rows or (len(current) + 1) * current[0].length() > batch_tokens):
-            batches.append(current)
-            current = []
-        current.append(row)
-    if current:
-        batches.append(current)
+def _batches(rows: list[_Row], batch_tokens: int, max_rows: int) -> list[list[list[_Row]]]:
+    """Length buckets, then packing: the longest pending row sets a batch's width T and its number of lines
+    (within the token budget); the pending rows, longest first, fill the lines first-fit, several short rows in
+    one line when they fit (each keeps its own positions and block of the mask). Padding stays small whatever
+    the mix of lengths; attention is never wider than the longest row."""
+    pending = sorted(rows, key=lambda r: -r.length())
+    batches: list[list[list[_Row]]] = []
+    while pending:
+        width = pending[0].length()
+        n_lines = max(1, min(max_rows, batch_tokens // max(width, 1)))
+        lines: list[list] = []  # [rows, used tokens]
+        rest: list[_Row] = []
+        for row in pending:
+            n = row.length()
+            for line in lines:
+                if line[1] + n <= width:
+                    line[0].append(row)
+                    line[1] += n
+                    break
+            else:
+                if len(lines) < n_lines:
+                    lines.append([[row], n])
+                else:
+                    rest.append(row)
+        batches.append([line[0] for line in lines])
+        pending = rest
     return batches
 
 
@@ -174,8 +192,9 @@ class _Layout:
 
     input_ids: list[list[int]]
     positions: list[list[int]]
-    segments: list[list[int]]  # per token: 0 shared prefix, then one id per unit context and per choice; -1 pad
-    parents: list[list[int]]  # per token: the segment its segment hangs from (-1: none)
+    segments: list[list[int]]  # per token: its block (a shared prefix, a unit's context, a choice); -1 padding
+    parents: list[list[int]]  # per token: the block its block hangs from (-1: none)
+    grands: list[list[int]]  # per token: its parent's parent (-1: none)
     pred_rows: list[int]
     pred_cols: list[int]
     target_pred: list[int]  # per scored token: index into the predicting positions
@@ -184,63 +203,77 @@ class _Layout:
     outputs: list[tuple[int, int]]
 
 
-def _layout(batch: list[_Row], pad_id: int) -> _Layout:
-    """Token ids, positions and the block structure of each row. Every token carries a segment id; a segment's
-    tokens attend causally within it and to every token of its ancestors: prefix (segment 0) <- unit context
-    <- each of its choices."""
-    T = max(r.length() for r in batch)
-    lay = _Layout([], [], [], [], [], [], [], [], [], [])
-    for b, row in enumerate(batch):
-        ids = list(row.prefix)
-        pos = list(range(len(row.prefix)))
-        seg = [0] * len(row.prefix)
-        par = [-1] * len(row.prefix)
-        next_seg = 1
-        P = len(row.prefix)
-        for unit in row.units:
-            ctx_seg = next_seg
-            next_seg += 1
-            rest = unit.context[P:]
-            ids += rest
-            pos += range(P, len(unit.context))
-            seg += [ctx_seg] * len(rest)
-            par += [0 if P else -1] * len(rest)
-            last = len(ids) - 1  # the context's last token predicts every choice's first token
-            last_pred = len(lay.pred_rows)
-            lay.pred_rows.append(b)
-            lay.pred_cols.append(last)
-            for cont, out in zip(unit.continuations, unit.outputs):
-                k = len(lay.outputs)
-                lay.outputs.append(out)
-                lay.target_pred.append(last_pred)
-                lay.targets.append(cont[0])
-                lay.target_cont.append(k)
-                body = cont[:-1]
-                if not body:
-                    continue
-                choice_seg = next_seg
+def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
+    """Token ids, positions and the block structure of each line (one or more packed rows). A block's tokens
+    attend causally within it and to every token of its ancestors: shared prefix <- unit context <- each of its
+    choices. Rows packed in one line share nothing: each starts again at position 0."""
+    T = max(sum(r.length() for r in line) for line in batch)
+    lay = _Layout([], [], [], [], [], [], [], [], [], [], [])
+    for b, line in enumerate(batch):
+        ids: list[int] = []
+        pos: list[int] = []
+        seg: list[int] = []
+        par: list[int] = []
+        grand: list[int] = []
+        next_seg = 0
+        for row in line:
+            P = len(row.prefix)
+            prefix_seg = -1
+            if P:
+                prefix_seg = next_seg
                 next_seg += 1
-                start = len(ids)
-                ids += body
-                pos += range(len(unit.context), len(unit.context) + len(body))
-                seg += [choice_seg] * len(body)
-                par += [ctx_seg] * len(body)
-                for t in range(len(body)):
-                    lay.pred_rows.append(b)
-                    lay.pred_cols.append(start + t)
-                    lay.target_pred.append(len(lay.pred_rows) - 1)
-                    lay.targets.append(cont[t + 1])
+                ids += row.prefix
+                pos += range(P)
+                seg += [prefix_seg] * P
+                par += [-1] * P
+                grand += [-1] * P
+            for unit in row.units:
+                ctx_seg = next_seg
+                next_seg += 1
+                rest = unit.context[P:]
+                ids += rest
+                pos += range(P, len(unit.context))
+                seg += [ctx_seg] * len(rest)
+                par += [prefix_seg] * len(rest)
+                grand += [-1] * len(rest)
+                last = len(ids) - 1  # the context's last token predicts every choice's first token
+                last_pred = len(lay.pred_rows)
+                lay.pred_rows.append(b)
+                lay.pred_cols.append(last)
+                for cont, out in zip(unit.continuations, unit.outputs):
+                    k = len(lay.outputs)
+                    lay.outputs.append(out)
+                    lay.target_pred.append(last_pred)
+                    lay.targets.append(cont[0])
                     lay.target_cont.append(k)
+                    body = cont[:-1]
+                    if not body:
+                        continue
+                    choice_seg = next_seg
+                    next_seg += 1
+                    start = len(ids)
+                    ids += body
+                    pos += range(len(unit.context), len(unit.context) + len(body))
+                    seg += [choice_seg] * len(body)
+                    par += [ctx_seg] * len(body)
+                    grand += [prefix_seg] * len(body)
+                    for t in range(len(body)):
+                        lay.pred_rows.append(b)
+                        lay.pred_cols.append(start + t)
+                        lay.target_pred.append(len(lay.pred_rows) - 1)
+                        lay.targets.append(cont[t + 1])
+                        lay.target_cont.append(k)
         n = len(ids)
         lay.input_ids.append(ids + [pad_id] * (T - n))
         lay.positions.append(pos + [0] * (T - n))
-        lay.segments.append(seg + [-1] * (T - n))  # -1: padding
+        lay.segments.append(seg + [-1] * (T - n))
         lay.parents.append(par + [-1] * (T - n))
+        lay.grands.append(grand + [-1] * (T - n))
     return lay
 
 
 def _attention_mask(segments, parents, grand, dtype):
-    """[B, 1, T, T] additive mask: query t sees key s <= t when s is in t's segment, its parent's, or its
+    """[B, 1, T, T] additive mask: query t sees key s <= t when s is in t's block, its parent's, or its
     grandparent's (choice -> unit context -> shared prefix). Padding sees itself only (no empty softmax rows)."""
     import torch
 
@@ -300,10 +333,7 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
             positions = torch.tensor(lay.positions, device=device)
             segments = torch.tensor(lay.segments, device=device)
             parents = torch.tensor(lay.parents, device=device)
-            # A segment's grandparent: the shared prefix (0) for choices of a row with a prefix, else none.
-            grand = torch.where(parents > 0, torch.zeros_like(parents), torch.full_like(parents, -1))
-            has_prefix = torch.tensor([bool(r.prefix) for r in batch], device=device).unsqueeze(1)
-            grand = torch.where(has_prefix, grand, torch.full_like(grand, -1))
+            grand = torch.tensor(lay.grands, device=device)
             mask = _attention_mask(segments, parents, grand, mask_dtype)
             pred_rows = torch.tensor(lay.pred_rows, device=device)
             pred_cols = torch.tensor(lay.pred_cols, device=device)
@@ -330,8 +360,8 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
                 results[g][j] = (s, m == 0)
             if stats is not None:
                 stats["passes"] = stats.get("passes", 0) + 1
-                stats["tokens"] = stats.get("tokens", 0) + sum(r.length() for r in batch)
-                stats["padded_tokens"] = stats.get("padded_tokens", 0) + len(batch) * ids.shape[1]
+                stats["tokens"] = stats.get("tokens", 0) + sum(r.length() for line in batch for r in line)
+                stats["padded_tokens"] = stats.get("padded_tokens", 0) + ids.numel()
                 stats["shared_prefix_tokens"] = stats.get("shared_prefix_tokens", 0) + sum(
-                    len(r.prefix) * (len(r.units) - 1) for r in batch)
+                    len(r.prefix) * (len(r.units) - 1) for line in batch for r in line)
     return results
