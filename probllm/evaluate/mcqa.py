@@ -315,6 +315,9 @@ def evaluate_records(
         if options.method == "letter":  # the letters must be in the prompt: MMLU's template or our lettered one
             template = "mmlu" if resolve_template(template, item) == "mmlu" else "letter"
         prompt = build_prompt(item, template, shots, chat)
+        if not hasattr(scorer, "score"):  # a served model (LMScorer) scores text; its server tokenizes
+            return {"record": rec, "item": item, "prompt": prompt, "group": prompt.shared, "tokens_ids": None,
+                    "tokens": len(scorer.encode(prompt.context))}
         # Tokenised once here (lm-eval's pair encoding); batches are cut by the packed length in tokens.
         pairs = [scorer.encode_pair(prompt.context, cont) for cont in prompt.continuations]
         context = pairs[0][0]
@@ -374,10 +377,13 @@ def _score_batch(batch: list[dict], scorer: Scorer, options: EvalOptions) -> lis
             outs.append({**p["record"], "pred": pred, "correct": idx == item.gold, "generation": text,
                          "extracted": value, "method": "generate"})
         return outs
-    all_scores = scorer.score([p["tokens_ids"] for p in batch])
-    for p, scored in zip(batch, all_scores):
+    if batch[0]["tokens_ids"] is not None:
+        all_scores = [[s for s, _ in scored] for scored in scorer.score([p["tokens_ids"] for p in batch])]
+    else:
+        prompts = [p["prompt"] for p in batch]
+        all_scores = scorer.loglik(prompts) if options.method == "loglik" else scorer.letter_scores(prompts)
+    for p, scores in zip(batch, all_scores):
         item = p["item"]
-        scores = [s for s, _ in scored]
         pred = _argmax(scores)
         out = {**p["record"], "pred": LETTERS[pred], "correct": pred == item.gold,
                "scores": [round(s, 6) for s in scores], "method": options.method}
@@ -500,12 +506,15 @@ def run_eval(
     output: str | None = None,
     num_processes: int = 1,
     argv: list[str] | None = None,
+    backend=None,
 ) -> dict:
     """The `eval` command: load, stream, score, write predictions; the summary on stderr and, for the
     command's --summary file, in `stats.figures`.
 
-    `output`: append to this file instead of stdout, skipping what it already holds (resume); `num_processes`
-    (with the command line `argv` to start the others) or a launcher's environment: shard across processes."""
+    `backend` (a `probllm.lm.BackendConfig`) with `backend="openai"` scores a served model instead of loading
+    one (see lm_scorer.py); `hf` (the default) loads the model here. `output`: append to this file instead of
+    stdout, skipping what it already holds (resume); `num_processes` (with the command line `argv` to start the
+    others) or a launcher's environment: shard across processes."""
     import sys
 
     from probllm.evaluate.parallel import Workers, shard_from_env, stdin_is_shared
@@ -524,6 +533,11 @@ def run_eval(
     if dev:
         options.dev = load_dev(dev)
     options.check()
+    openai = backend is not None and backend.backend == "openai"
+    if backend is not None and backend.backend not in ("hf", "openai"):
+        raise UsageError(f"--backend {backend.backend}: eval takes hf or openai")
+    if openai and num_processes > 1:
+        raise UsageError("--num-processes shards a local model; with --backend openai, raise --concurrency")
     reads_stdin = not files or list(files) == ["-"]
     workers = None
     if num_processes > 1:
@@ -538,7 +552,7 @@ def run_eval(
             raise UsageError("several processes (accelerate/torchrun) read the same records: give input files, "
                              "or use --num-processes, which shares stdin")
         result = _run_eval(files, stats, options, shard, model=model, adapter=adapter, dtype=dtype, device=device,
-                           limit=limit, skip_invalid=skip_invalid, output=output)
+                           limit=limit, skip_invalid=skip_invalid, output=output, backend=backend)
         failed = False
         return result
     finally:
@@ -567,7 +581,7 @@ def _note_dtype(model, device: str, main: bool) -> None:
 
 
 def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapter, dtype, device, limit,
-              skip_invalid, output) -> dict:
+              skip_invalid, output, backend=None) -> dict:
     from probllm.evaluate.output import ResumableOutput
     from probllm.io import log, progress, read_records, write_records
     from probllm.models import load_model, load_tokenizer, model_label
@@ -593,39 +607,57 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
             except (RecordError, KeyError):
                 pass  # not a prediction of this input: left in the file, counted nowhere
     t0 = time.perf_counter()
-    lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
-    tok = load_tokenizer(model)
-    if options.chat_template and not getattr(tok, "chat_template", None):
+    if backend is not None and backend.backend == "openai":
+        from probllm.evaluate.lm_scorer import LMScorer
         from probllm.io import UsageError
+        from probllm.lm import make_backend
 
-        raise UsageError("--chat-template: this model's tokenizer has no chat template")
+        if options.chat_template and options.method != "generate":
+            raise UsageError(f"--chat-template with --method {options.method} and --backend openai: a server "
+                             "applies its template to chats only; score plain prompts, or use --method generate")
+        backend.no_cache = True  # scores are cheap to ask again and must reflect the model served now
+        scorer = LMScorer(make_backend(backend), backend.model or "")
+        described = {"model": backend.model, "backend": "openai", "base_url": backend.base_url}
+    else:
+        import torch
+
+        lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
+        tok = load_tokenizer(model)
+        if options.chat_template and not getattr(tok, "chat_template", None):
+            from probllm.io import UsageError
+
+            raise UsageError("--chat-template: this model's tokenizer has no chat template")
+        scorer = Scorer(lm, tok)
+        _note_dtype(lm, scorer.device, main)
+        described = {"model": model_label(model), "adapter": adapter,
+                     "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "device": scorer.device,
+                     "threads": torch.get_num_threads(), "processes": shard.world if shard else 1}
     load_s = time.perf_counter() - t0
-    scorer = Scorer(lm, tok)
-    _note_dtype(lm, scorer.device, main)
     summary.started = time.perf_counter()
     records = read_records(files, stats, skip_invalid)
     if limit is not None:
         records = islice(records, limit)
     if resume is not None:
         records = resume.skip_done(records, stats)
-    with progress("eval") as advance:
-        predictions = evaluate_records(records, scorer, options, stats, summary, skip_invalid,
-                                       advance if main else None, shard=shard)
-        if not main:
-            for _ in predictions:  # other processes score their share; process 0 writes
-                pass
-        elif resume is not None:
-            resume.append(predictions, stats)
-            resume.finish()
-        else:
-            write_records(predictions, stats)
-    import torch
+    try:
+        with progress("eval") as advance:
+            predictions = evaluate_records(records, scorer, options, stats, summary, skip_invalid,
+                                           advance if main else None, shard=shard)
+            if not main:
+                for _ in predictions:  # other processes score their share; process 0 writes
+                    pass
+            elif resume is not None:
+                resume.append(predictions, stats)
+                resume.finish()
+            else:
+                write_records(predictions, stats)
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
 
     result = summary.as_dict(
-        model=model_label(model), adapter=adapter, method=options.method, template=options.template,
-        shots=options.shots, chat_template=options.chat_template, context=options.context_field,
-        batch_size=options.batch_size, dtype=str(next(lm.parameters()).dtype).replace("torch.", ""),
-        device=scorer.device, threads=torch.get_num_threads(), processes=shard.world if shard else 1,
+        **described, method=options.method, template=options.template, shots=options.shots,
+        chat_template=options.chat_template, context=options.context_field, batch_size=options.batch_size,
         load_seconds=round(load_s, 3),
     )
     if main:

@@ -305,14 +305,20 @@ def _decoder_and_head(model):
 
 def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None,
                  batch_tokens: int = BATCH_TOKENS, max_rows: int = MAX_ROWS, min_shared_prefix: int = MIN_SHARED_PREFIX,
-                 row_tokens: int = ROW_TOKENS, pad_id: int = 0, stats: dict | None = None
+                 row_tokens: int = ROW_TOKENS, pad_id: int = 0, stats: dict | None = None, **tuning
                  ) -> list[list[tuple[float, bool]]]:
     """For every continuation of every group, `(sum of its tokens' log-probs, is_greedy)`, in input order.
 
     Tuning (all optional): `batch_tokens` padded tokens per forward pass, `max_rows` rows per pass,
     `min_shared_prefix` tokens of common prompt prefix that put several groups in one row (a huge value turns
-    sharing off), `row_tokens` longest such row. `stats` (a dict) receives counts of tokens fed and passes."""
+    sharing off), `row_tokens` longest such row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a
+    dict) receives counts of tokens fed and passes."""
     import torch
+
+    if "batch_size" in tuning:
+        max_rows = int(tuning.pop("batch_size"))
+    if tuning:
+        raise TypeError(f"score_groups: unknown tuning {sorted(tuning)}")
 
     results: list[list[Any]] = [[None] * len(conts) for _, conts in groups]
     units = _units(groups, max_length, results)
