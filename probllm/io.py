@@ -4,6 +4,10 @@ Every command reads JSON records from stdin or files and writes JSON records to 
 format rules (JSONL, gzip, JSON arrays, folders of JSON files), the error contract (file, line and field in one
 line, a distinct exit code) and the counts that every command prints on stderr.
 
+Lines are parsed by `jsonlines` (the library the project asked for): it is handed our own line iterator, so
+decoding errors, gzip and BOM handling and the `file:line:field` locations stay ours while it does the JSON.
+`expand_paths` is the one place where path arguments become files, for every command.
+
 Command functions stay pure: they take and yield plain dicts and raise `RecordError` for bad data (without a
 location: `map_records` adds the location of the record being processed) or `Skip` for records they drop on
 purpose. Nothing here keeps more than one record in memory, except for `.json` array files, which JSON itself
@@ -12,8 +16,10 @@ does not let us stream.
 
 from __future__ import annotations
 
+import glob as globlib
 import gzip
 import io as _io
+import itertools
 import json
 import os
 import sys
@@ -23,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+import jsonlines
+
 # Exit codes, after sysexits.h where one fits: scripts can tell bad data from bad options from crashes.
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -31,7 +39,8 @@ EXIT_DATAERR = 65
 EXIT_INTERRUPTED = 130
 
 STDIN = "-"
-JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+JSONL_ONLY_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
 
 class Record(dict):
@@ -77,6 +86,10 @@ class RecordError(Exception):
             where += f":{self.line}"
         what = f" field '{self.field}':" if self.field else ""
         return f"{where}:{what} {self.reason}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command kept (e.g. "the index keeps the last committed state"), said once."""
 
 
 class Skip(Exception):
@@ -143,32 +156,80 @@ def log(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- input
 
-
-def _open_text(path: str) -> TextIO:
-    if path == STDIN:
-        # Read stdin as bytes and decode ourselves so that a binary stream gives our error, not a traceback.
-        return _io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict", newline="\n")
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict", newline="\n")
-    return open(path, encoding="utf-8", errors="strict", newline="\n")
+GLOB_CHARS = "*?["
 
 
-def expand_paths(paths: Iterable[str]) -> Iterator[str]:
-    """Files as given; folders expand (recursively, sorted) to the JSON and JSONL files inside them."""
-    for p in paths:
-        if p != STDIN and os.path.isdir(p):
-            found = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and str(f).endswith(JSON_SUFFIXES))
-            if not found:
-                raise UsageError(f"{p}: folder holds no .json or .jsonl files")
-            yield from found
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None = JSON_SUFFIXES,
+                 on_other: Callable[[str], None] | None = None, walk: bool = True) -> Iterator[str]:
+    """The one place where path arguments become files, for every command.
+
+    Each argument may be `-` (stdin, kept as is), a file, a folder (walked recursively in sorted order, hidden
+    entries skipped, keeping files that end with one of `suffixes`, all of them when None; others are passed to
+    `on_other` when given, e.g. to count them), `~/...`, or a glob, relative or absolute, `**` included (quoted,
+    so the shell left it to us; an unquoted one arrives already expanded as several arguments). A file named
+    explicitly is kept whatever its suffix (the caller decides). An argument that names nothing is a one-line
+    usage error. With `walk=False`, folders are kept as they are (for commands that take folders, like `plot`)."""
+    for arg in paths:
+        if arg == STDIN:
+            yield arg
+            continue
+        path = os.path.expanduser(arg)
+        if os.path.exists(path):
+            matches = [path]
+        elif any(ch in path for ch in GLOB_CHARS):
+            matches = sorted(globlib.glob(path, recursive=True))
+            if not matches:
+                raise UsageError(f"{arg}: no file matches")
         else:
-            yield p
+            raise UsageError(f"{arg}: no such file or folder")
+        for match in matches:
+            if not walk or not os.path.isdir(match):
+                yield match
+                continue
+            root = Path(match)
+            found = []
+            for f in sorted(root.rglob("*")):
+                if not f.is_file() or _is_hidden(f, root):
+                    continue
+                if suffixes is None or f.name.lower().endswith(suffixes):
+                    found.append(str(f))
+                elif on_other is not None:
+                    on_other(str(f))
+            if not found and on_other is None:
+                kinds = "/".join(s.lstrip(".") for s in suffixes) if suffixes else "readable"
+                raise UsageError(f"{arg}: folder holds no {kinds} files")
+            yield from found
 
 
-def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    fh = _open_text(path)
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _open_binary(path: str):
+    """The raw bytes of a file or stdin, un-gzipped when the bytes say gzip (whatever the name): stdin and
+    files accept the same things."""
+    if path == STDIN:
+        raw = sys.stdin.buffer
+        if not hasattr(raw, "peek"):
+            raw = _io.BufferedReader(raw)  # type: ignore[arg-type]
+        head = raw.peek(2)[:2]
+    else:
+        raw = open(path, "rb")
+        head = raw.read(2)
+        raw.seek(0)
+    if head == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    return raw, raw
+
+
+def _iter_lines(path: str) -> Iterator[str]:
+    """Decoded lines of a file or stdin (UTF-8; a leading BOM, as Excel and Notepad write, is dropped)."""
+    binary, raw = _open_binary(path)
+    # Decode ourselves so that a binary stream gives our error, not a traceback.
+    fh = _io.TextIOWrapper(binary, encoding="utf-8-sig", errors="strict", newline="\n")
     lineno = 0
     try:
         while True:
@@ -183,12 +244,13 @@ def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
             lineno += 1
             if "\x00" in line:
                 raise RecordError("not UTF-8 text (is this a binary file?)", source=path, line=lineno)
-            yield lineno, line
+            yield line
     finally:
         if path == STDIN:
-            fh.detach()  # never close the process's stdin: only our text wrapper around it
+            fh.detach()  # never close the process's stdin: only our wrappers around it
         else:
             fh.close()
+            raw.close()
 
 
 def _parse(text: str, path: str, lineno: int) -> Any:
@@ -198,42 +260,79 @@ def _parse(text: str, path: str, lineno: int) -> Any:
         raise RecordError(f"invalid JSON ({e.msg} at column {e.colno})", source=path, line=lineno)
 
 
+def _json_document(text: str, path: str) -> Iterator[Record | RecordError]:
+    """A whole JSON document: an object (one record, e.g. a MATH problem) or an array of records (e.g.
+    LLaMA-Factory data). JSON arrays cannot be streamed without a streaming parser; they are small in practice,
+    so they are read whole."""
+    if not text.strip():
+        return
+    try:
+        doc = _parse(text, path, 1)
+    except RecordError as e:
+        yield e
+        return
+    items = doc if isinstance(doc, list) else [doc]
+    for i, item in enumerate(items, 1):
+        where = i if isinstance(doc, list) else 1
+        if isinstance(item, dict):
+            yield Record(item, source=path, line=where)
+        else:
+            yield RecordError(f"expected a JSON object, got {_type_name(item)}", source=path, line=where)
+
+
+class _CountedLines:
+    """Lines handed to `jsonlines` one at a time, counting them: after a read, `lineno` is the record's line."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._lines = iter(lines)
+        self.lineno = 0
+
+    def __iter__(self) -> "_CountedLines":
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.lineno += 1
+        return line
+
+
 def _records_from(path: str) -> Iterator[Record | RecordError]:
-    """Records of one file; a bad line is yielded as a RecordError (so reading can go on past it with
-    --skip-invalid), while an unreadable file raises."""
+    """Records of one file or stdin; a bad line is yielded as a RecordError (so reading can go on past it with
+    --skip-invalid), while an unreadable file raises.
+
+    A `.json` file is one document; so is any other input whose first non-blank character is `[` (a JSON
+    array piped on stdin, say), detected from the bytes. Everything else is JSON Lines, read by `jsonlines`
+    one line at a time."""
     lines = _iter_lines(path)
     if is_json_doc_path(path):
-        # A .json file is one document: an object (one record, e.g. a MATH problem) or an array of records
-        # (e.g. LLaMA-Factory data). JSON arrays cannot be streamed without a streaming parser; they are small
-        # in practice, so read them whole.
-        text = "".join(line for _, line in lines)
-        if not text.strip():
-            return
-        try:
-            doc = _parse(text, path, 1)
-        except RecordError as e:
-            yield e
-            return
-        items = doc if isinstance(doc, list) else [doc]
-        for i, item in enumerate(items, 1):
-            where = i if isinstance(doc, list) else 1
-            if isinstance(item, dict):
-                yield Record(item, source=path, line=where)
-            else:
-                yield RecordError(f"expected a JSON object, got {_type_name(item)}", source=path, line=where)
+        yield from _json_document("".join(lines), path)
         return
-    for lineno, line in lines:
-        if not line.strip():
-            continue
+    head: list[str] = []
+    for line in lines:
+        head.append(line)
+        if line.strip():
+            break
+    if head and head[-1].lstrip().startswith("[") and not path.endswith(JSONL_ONLY_SUFFIXES):
+        yield from _json_document("".join(itertools.chain(head, lines)), path)
+        return
+    counted = _CountedLines(itertools.chain(head, lines))
+    reader = jsonlines.Reader(counted, loads=json.loads)
+    while True:
         try:
-            obj = _parse(line, path, lineno)
-        except RecordError as e:
-            yield e
+            obj = reader.read(skip_empty=True, allow_none=True)
+        except EOFError:
+            return
+        except jsonlines.InvalidLineError as e:
+            cause = e.__cause__
+            if isinstance(cause, json.JSONDecodeError):
+                yield RecordError(f"invalid JSON ({cause.msg} at column {cause.colno})", source=path, line=e.lineno)
+            else:
+                yield RecordError(f"invalid JSON ({e})", source=path, line=e.lineno)
             continue
         if isinstance(obj, dict):
-            yield Record(obj, source=path, line=lineno)
+            yield Record(obj, source=path, line=counted.lineno)
         else:
-            yield RecordError(f"expected a JSON object, got {_type_name(obj)}", source=path, line=lineno)
+            yield RecordError(f"expected a JSON object, got {_type_name(obj)}", source=path, line=counted.lineno)
 
 
 def is_json_doc_path(path: str) -> bool:
@@ -245,8 +344,10 @@ def read_records(
     stats: Stats | None = None,
     skip_invalid: bool = False,
     allow_empty: bool = False,
+    limit: int | None = None,
 ) -> Iterator[Record]:
-    """Stream records from files (JSONL, .gz, .json, folders) or stdin ('-' or no paths).
+    """Stream records from files (JSONL, .gz, .json, folders, globs) or stdin ('-' or no paths), at most `limit`
+    of them (`--limit`: reading stops there, so the rest is never read).
 
     Malformed lines raise RecordError, or with `skip_invalid` are counted and skipped. Empty input is an error
     unless `allow_empty`: in a pipeline it almost always means the step before failed.
@@ -256,10 +357,15 @@ def read_records(
         raise UsageError("no input: pipe JSONL records into this command or name input files")
     stats = stats if stats is not None else Stats()
     lines_seen = 0
-    for path in expand_paths(paths):
+    yielded = 0
+    for path in list(expand_paths(paths)):
         source = "<stdin>" if path == STDIN else path
+        if limit is not None and yielded >= limit:
+            break
         try:
             for item in _records_from(path):
+                if limit is not None and yielded >= limit:
+                    break
                 lines_seen += 1
                 stats.read += 1
                 if isinstance(item, RecordError):
@@ -267,6 +373,7 @@ def read_records(
                     stats.reject(item, skip_invalid=skip_invalid)
                     continue
                 item.source = source
+                yielded += 1
                 yield item
         except RecordError as e:
             if e.source in (None, STDIN):
@@ -303,15 +410,18 @@ def map_records(
             stats.reject(e, rec, skip_invalid)
 
 
+def _dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
 def write_records(records: Iterable[dict], stats: Stats | None = None, out: TextIO | None = None) -> int:
     """Write records as JSONL to stdout (or `out`), one per line, flushing per line only for a terminal."""
     out = out or sys.stdout
     interactive = out.isatty() if hasattr(out, "isatty") else False
+    writer = jsonlines.Writer(out, dumps=_dumps, flush=interactive)
     n = 0
     for rec in records:
-        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if interactive:
-            out.flush()
+        writer.write(rec)
         n += 1
         if stats is not None:
             stats.written += 1
@@ -326,8 +436,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     tmp = path.with_name(path.name + ".tmp")
     n = 0
     with open(tmp, "w", encoding="utf-8") as fh:
+        writer = jsonlines.Writer(fh, dumps=_dumps)
         for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            writer.write(rec)
             n += 1
     os.replace(tmp, path)
     return n

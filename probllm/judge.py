@@ -148,7 +148,7 @@ class JudgeOptions:
             raise UsageError("--judge-tries must be at least 1")
 
 
-def join_answer_sets(a_records: Iterable[Record], b_path: str, opts: JudgeOptions, stats: Stats,
+def join_answer_sets(a_records: Iterable[Record], b_paths: str | list[str], opts: JudgeOptions, stats: Stats,
                      skip_invalid: bool = False) -> Iterator[Record]:
     """Records of A with B's answer added as `answer_b` (A's answer becomes `answer_a`), joined on `opts.key`.
 
@@ -156,7 +156,7 @@ def join_answer_sets(a_records: Iterable[Record], b_path: str, opts: JudgeOption
     without sorting them."""
     b_answers: dict[str, tuple[str, object]] = {}
     b_stats = Stats(command=stats.command)
-    for rec in read_records([b_path], b_stats, skip_invalid):
+    for rec in read_records([b_paths] if isinstance(b_paths, str) else b_paths, b_stats, skip_invalid):
         try:
             key = _key_of(rec, opts.key)
             answer = require(rec, opts.answer_field, allow_empty=True)
@@ -413,16 +413,17 @@ async def _judge_one(rec: Record, backend, config: BackendConfig, opts: JudgeOpt
         return out
 
 
-def judge_input(a: list[str] | None, b: str | None, files: list[str] | None, opts: JudgeOptions, stats: Stats,
-                skip_invalid: bool) -> Iterator[Record]:
-    """The records to judge: `--a`/`--b` joined on the key, or input records that already hold both answers."""
-    if b is not None:
+def judge_input(a: list[str] | None, b: list[str] | str | None, files: list[str] | None, opts: JudgeOptions,
+                stats: Stats, skip_invalid: bool, limit: int | None = None) -> Iterator[Record]:
+    """The records to judge: `--a`/`--b` joined on the key, or input records that already hold both answers
+    (`limit`: the first N of A, or of the input)."""
+    if b:
         if not a:
             raise UsageError("--b needs --a (or give records holding both answers as input files)")
-        return join_answer_sets(read_records(a, stats, skip_invalid), b, opts, stats, skip_invalid)
+        return join_answer_sets(read_records(a, stats, skip_invalid, limit=limit), b, opts, stats, skip_invalid)
     if a:
         if opts.mode == "pairwise":
             raise UsageError("pairwise mode needs --b as well as --a (or --mode single to grade one set)")
         opts.a_field = opts.answer_field
-        return read_records(a, stats, skip_invalid)
-    return read_records(files, stats, skip_invalid)
+        return read_records(a, stats, skip_invalid, limit=limit)
+    return read_records(files, stats, skip_invalid, limit=limit)

@@ -83,9 +83,13 @@ def resolve_model(name: str | None) -> str:
     """A `--model` value to something `from_pretrained` takes: the offline default, a folder or a hub id."""
     if name is None or name in DEFAULT_MODEL_ALIASES:
         return str(smollm2_folder())
-    if os.path.isdir(name):
-        return name
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        return local
+    # A local-looking path that is not there: say so, rather than trying the hub with it. `runs/nope` is local
+    # when `runs/` exists here (a hub id is ORG/NAME; an org that shadows a local folder would be a surprise).
+    first = local.split("/")[0]
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(first)):
         raise UsageError(f"--model {name}: no such folder")
     return name  # a hub id; offline it fails in from_pretrained with its own clear message
 

@@ -19,7 +19,7 @@ if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
 
 # The report's settings, shortened for a CPU: 30 steps, 256 tokens, batch 4, warmup and evaluation scaled down.
 # --overwrite: a demo rerun starts again rather than resuming an older run.
-$PROBLLM dpo "${train[@]}" --eval "$OUT/pairs.test.jsonl" --out "$OUT/dpo" "${model_args[@]}" \
+$PROBLLM dpo "${train[@]}" --eval "$OUT/pairs.test.jsonl" --output "$OUT/dpo" "${model_args[@]}" \
   --seed "$SEED" --max-steps "$STEPS" --max-length 256 --batch-size 4 --warmup-steps 3 \
   --eval-steps 10 --logging-steps 2 --save-steps 10 --overwrite > "$OUT/dpo.summary.json"
 
@@ -27,5 +27,5 @@ $PROBLLM dpo "${train[@]}" --eval "$OUT/pairs.test.jsonl" --out "$OUT/dpo" "${mo
 $PROBLLM reward-eval "$OUT/pairs.test.jsonl" --adapter "$OUT/dpo" --summary "$OUT/dpo.test-rewards.json" \
   > "$OUT/pairs.test.rewards.jsonl"
 
-$PROBLLM plot "$OUT/dpo" --out "$OUT/plots"
+$PROBLLM plot "$OUT/dpo" --output "$OUT/plots"
 echo "demo-dpo: adapter in $OUT/dpo, curves in $OUT/plots/index.md" >&2

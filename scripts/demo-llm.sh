@@ -15,7 +15,7 @@ cache="$OUT/llm-cache.sqlite"
 
 # Rejected answers by the model (two of REMOVE / SUBSTITUTE / INSERT per record, picked with the seed).
 head -n "$RECORDS" examples/qa.jsonl \
-  | $PROBLLM corrupt --backend hf "${model_args[@]}" --max-tokens 64 --seed "$SEED" --cache "$cache" \
+  | $PROBLLM corrupt --backend hf "${model_args[@]}" --max-new-tokens 64 --seed "$SEED" --cache "$cache" \
       --summary "$OUT/corrupt.summary.json" > "$OUT/corrupted.jsonl"
 
 # The same recipe without a model, on every example: the baseline.

@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 QUESTION="What is the worst-case running time of heapsort, and why?"
 
 # Incremental: a second `make demo` embeds nothing new (the summary line says so).
-$PROBLLM index examples/notes --out "$OUT/notes.idx" --seed "$SEED"
+$PROBLLM index examples/notes --output "$OUT/notes.idx" --seed "$SEED"
 
 $PROBLLM retrieve --index "$OUT/notes.idx" -k 3 "$QUESTION" > "$OUT/rag.retrieved.jsonl"
 

@@ -45,7 +45,7 @@ if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
 run() {  # name, training files...
   local name="$1"; shift
   # shellcheck disable=SC2086
-  $PROBLLM dpo "$@" --eval "$EXP/student.test.jsonl" --out "$EXP/$name" "${model_args[@]}" --seed "$SEED" \
+  $PROBLLM dpo "$@" --eval "$EXP/student.test.jsonl" --output "$EXP/$name" "${model_args[@]}" --seed "$SEED" \
     --max-steps "$STEPS" --overwrite $DPO_ARGS > "$EXP/$name.summary.json"
   # Train reward accuracy on the student training pairs (the report's column), test on the held-out 20%.
   $PROBLLM reward-eval "$EXP/student.train.jsonl" --adapter "$EXP/$name" --summary "$EXP/$name.train-rewards.json" > /dev/null
@@ -68,4 +68,4 @@ for name, label in (("student-only", "student data only"), ("all-data", "all dat
     print(f"| {label} | {s['pairs']} | {s['steps']} | {s['eval']['eval_loss']:.4f} | "
           f"{tr['reward_accuracy']:.4f} | {te['reward_accuracy']:.4f} |")
 PY
-$PROBLLM plot "$EXP/student-only" "$EXP/all-data" --out "$EXP/plots"
+$PROBLLM plot "$EXP/student-only" "$EXP/all-data" --output "$EXP/plots"

@@ -61,11 +61,11 @@ def test_records_keep_fields_and_get_answer_and_context_ids(tiny_generator):
     out = list(ask_records(records, tiny_generator, Stats(), max_new_tokens=6, batch_size=2))
     assert [r["id"] for r in out] == ["m1", "o1"]
     mcq, open_q = out
-    assert mcq["reference_answer"] == "B" and mcq["subject"] == "physics" and mcq["context"][0]["id"] == "mech#1"
+    assert mcq["reference"] == "B" and mcq["subject"] == "physics" and mcq["context"][0]["id"] == "mech#1"
     assert mcq["context_ids"] == ["mech#1"]
     assert mcq["answer_letter"] in ("A", "B") and mcq["answer"].startswith(f"Answer: {mcq['answer_letter']}.")
     assert open_q["extra"] == [1, 2] and open_q["context_ids"] == [] and isinstance(open_q["answer"], str)
-    assert "reference_answer" not in open_q and "answer_letter" not in open_q
+    assert "reference" not in open_q and "answer_letter" not in open_q
     # Batched generation gives what one-by-one generation gives (greedy, left padding).
     alone = list(ask_records(records[1:], tiny_generator, Stats(), max_new_tokens=6, batch_size=1))
     assert alone[0]["answer"] == open_q["answer"]
@@ -109,7 +109,7 @@ def test_cli_jsonl_mode_is_a_pipe(cli, tiny_model_dir):
               input="".join(json.dumps(r) + "\n" for r in lines))
     assert run.code == 0, run.stderr[-2000:]
     assert [r["id"] for r in run.records] == ["a", "b"]  # stdout: records only
-    assert run.records[0]["context_ids"] == ["context[0]"] and run.records[1]["reference_answer"] == "B"
+    assert run.records[0]["context_ids"] == ["context[0]"] and run.records[1]["reference"] == "B"
     assert "probllm ask: 2 in, 2 out" in run.stderr
     bad = cli("ask", "--model", tiny_model_dir, input='{"id": "c"}\n')
     assert bad.code == 65 and "<stdin>:1: field 'question': missing" in bad.stderr and "Traceback" not in bad.stderr

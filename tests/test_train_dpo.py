@@ -150,9 +150,19 @@ def test_plot_writes_the_17_curves(trained, tmp_path):
 
 
 def test_cli_pipe_contract_and_bad_input(cli, tiny_model_dir, data, tmp_path):
-    run = cli("dpo", str(data["train"]), "--model", tiny_model_dir, "--out", str(tmp_path / "c"), "--max-steps",
-              "2", "--batch-size", "4", "--logging-steps", "1", "--no-bf16", "--max-length", "64")
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        run = cli("dpo", str(data["train"]), "--model", tiny_model_dir, "--out", str(tmp_path / "c"), "--max-steps",
+                  "2", "--batch-size", "4", "--logging-steps", "1", "--no-bf16", "--max-length", "64")
+    finally:
+        os.umask(umask)
     assert run.code == 0, run.stderr
+    # The adapter folder as the umask asks (issue 14 item 8): others can read what a run wrote.
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "c" / "adapter_model.safetensors").stat().st_mode) == 0o644
     assert len(run.records) == 1 and run.records[0]["steps"] == 2
     assert "step 2/2" in run.stderr and "32 in, 1 out" in run.stderr
     again = cli("dpo", str(data["train"]), "--model", tiny_model_dir, "--out", str(tmp_path / "c"))

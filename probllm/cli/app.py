@@ -5,6 +5,7 @@ Commands live in one module per family (data, llm, train, evaluate, rag) and onl
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -17,33 +18,198 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from probllm import __version__
-from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, RecordError, Stats, UsageError, \
-    log
+from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RecordError, Stats, \
+    UsageError, log
 from probllm.summary import write_summary
 
-app = typer.Typer(
+# Typer 0.29 vendors click; its usage-error class is not re-exported, but BadParameter (public) derives from it.
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption  # noqa: E402
+
+ClickUsageError = typer.BadParameter.__mro__[1]
+
+# Old spellings of renamed options, per command: still accepted, never shown in --help (one vocabulary: --output,
+# --max-new-tokens, --question-field, ...). Filled by `hidden_aliases()` next to each command.
+HIDDEN_ALIASES: dict[str, dict[str, str]] = {}
+
+
+def hidden_aliases(command_name: str, **old_to_new: str) -> None:
+    """Register old option spellings for a command, e.g. `hidden_aliases("dpo", out="--output")`."""
+    HIDDEN_ALIASES.setdefault(command_name, {}).update(
+        {"--" + old.replace("_", "-"): new for old, new in old_to_new.items()})
+
+
+def _rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        flag, eq, value = arg.partition("=")
+        if flag in aliases:
+            arg = aliases[flag] + eq + value
+        out.append(arg)
+    return out
+
+
+def _inputs_as_arguments(args: list[str]) -> list[str]:
+    """`-i FILE` / `--input FILE` mean the same as a positional FILE in every command that reads records, so
+    that `-i` works everywhere (ask and retrieve, whose positional argument is a question, take only `-i`)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if arg in ("-i", "--input") and i + 1 < len(args):
+            out.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--input="):
+            arg = arg.split("=", 1)[1]
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _usage_error(ctx, error) -> None:
+    """Bad or misspelt options: one line on stderr, exit 2, like every other user error of probllm."""
+    name = ctx.command_path if ctx is not None else "probllm"
+    log(f"{name}: error: {error.format_message()} (see {name} --help)")
+    raise typer.Exit(EXIT_USAGE)
+
+
+class ProbllmCommand(TyperCommand):
+    """A command whose help pastes (examples printed as written) and whose option errors are one line."""
+
+    def parse_args(self, ctx, args):
+        args = _rewrite_aliases(list(args), HIDDEN_ALIASES.get(self.name or "", {}))
+        if any(p.name in ("files", "sources", "paths") and isinstance(p, TyperArgument) for p in self.params):
+            args = _inputs_as_arguments(args)
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as e:
+            _usage_error(ctx, e)
+
+    def format_help_text(self, ctx, formatter) -> None:
+        write_help_text(self.help, formatter)
+
+
+def _is_example_block(lines: list[str]) -> bool:
+    # cleandoc leaves examples indented, except when the docstring has only one line of prose before them.
+    return bool(lines) and (all(line.startswith("    ") for line in lines) or lines[0].startswith("probllm "))
+
+
+def write_help_text(help_text: str | None, formatter) -> None:
+    """Prose paragraphs are rewrapped to the terminal; example blocks are written exactly as in the docstring,
+    one command per line, so that they paste as they are (click would join their lines)."""
+    text = inspect.cleandoc(help_text or "").partition("\f")[0]
+    if not text:
+        return
+    formatter.write_paragraph()
+    with formatter.indentation():
+        for i, block in enumerate(text.split("\n\n")):
+            lines = block.splitlines()
+            if i:
+                formatter.write_paragraph()
+            if _is_example_block(lines):
+                indent = min(len(line) - len(line.lstrip()) for line in lines)
+                for line in lines:
+                    formatter.write(" " * (formatter.current_indent + 2) + line[indent:] + "\n")
+            else:
+                formatter.write_text(block)
+
+
+class ProbllmGroup(TyperGroup):
+    """`probllm` alone prints the help and exits 0; an unknown command is a one-line error."""
+
+    def format_help_text(self, ctx, formatter) -> None:
+        write_help_text(self.help, formatter)
+
+    def parse_args(self, ctx, args):
+        if not args:
+            typer.echo(ctx.get_help())
+            ctx.exit(0)
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as e:
+            _usage_error(ctx, e)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except ClickUsageError as e:
+            _usage_error(ctx, e)
+
+
+_TYPER_DISPLAY_TYPE = TyperOption.display_type
+_STANDARD_METAVARS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "bool": "BOOLEAN"}
+
+
+def _standard_metavar(self, ctx) -> str:
+    """click's usual metavars (TEXT, INTEGER, PATH, [a|b|c]) instead of Typer 0.29's `<str>` labels."""
+    if self.metavar is not None:
+        return self.metavar
+    label = _TYPER_DISPLAY_TYPE(self, ctx).strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]
+    if "|" in label:
+        return f"[{label}]"
+    base, ranged, _ = label.partition(" range")
+    return _STANDARD_METAVARS.get(base.lower(), base.upper()) + (" RANGE" if ranged else "")
+
+
+def _usage_name(self) -> str:
+    """SOURCE and [FILES]... in the usage line, as click and man pages write them (Typer 0.29: `{source}`)."""
+    name = (self.metavar or self.name or "").upper()
+    name = name if self.required else f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+def _display_name(self) -> str:
+    return (self.metavar or (self.name or "").upper()) + ("..." if self.metavar is None and self.nargs != 1 else "")
+
+
+for _param_class in (TyperOption, TyperArgument):
+    _param_class.display_type = _standard_metavar  # type: ignore[method-assign]
+TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+TyperArgument._rich_display_name = _display_name  # type: ignore[method-assign]
+
+
+class ProbllmTyper(typer.Typer):
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", ProbllmCommand)
+        return super().command(*args, **kwargs)
+
+
+app = ProbllmTyper(
     name="probllm",
+    cls=ProbllmGroup,
     help=(
         "Turn an open LLM into a helper for university science multiple-choice questions: preference data, "
         "MCQ sets, DPO with LoRA, evaluation, quantization and retrieval, as small commands that read and "
         "write JSONL.\n\n"
         "Example:\n\n"
-        "    probllm mcqify --source gsm8k examples/gsm8k.jsonl | probllm split --part test | head -n 2"
+        "    probllm mcqify --source gsm8k examples/gsm8k.jsonl \\\n"
+        "        | probllm split --part test | head -n 2"
     ),
-    no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 # ----------------------------------------------------------------------------------------- shared option types
 
 InputFiles = Annotated[
     Optional[list[str]],
-    typer.Argument(help="Input files (.jsonl, .jsonl.gz, .json) or folders; none or '-' reads stdin.",
-                   show_default=False),
+    typer.Argument(help="Input files (.jsonl, .json, .gz), folders, `~` or globs (quoted or not; also as "
+                        "-i/--input FILE); none or '-' reads stdin.", show_default=False),
 ]
+InputOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--input", "-i", help="Input files (.jsonl, .json, .gz), folders or globs; none or '-' reads "
+                                       "stdin. Repeat for several.", show_default=False),
+]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="Only the first N input records.",
+                                              show_default=False, min=0)]
 SkipInvalid = Annotated[
     bool, typer.Option("--skip-invalid", help="Skip bad records (counted on stderr) instead of stopping.")
 ]
@@ -93,8 +259,9 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     except UsageError as e:
         log(f"probllm {name}: error: {e}")
         code = EXIT_USAGE
-    except KeyboardInterrupt:
-        log(f"probllm {name}: interrupted")
+    except KeyboardInterrupt as e:
+        note = str(e) if isinstance(e, Interrupted) and str(e) else ""
+        log(f"probllm {name}: interrupted" + (f"; {note}" if note else ""))
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error. Point stdout at devnull so the final flush is quiet.

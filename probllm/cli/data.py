@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputFiles, Seed, SkipInvalid, SummaryFile, app, command
+from probllm.cli.app import InputFiles, Limit, Seed, SkipInvalid, SummaryFile, app, command
+from probllm.io import JSON_SUFFIXES
+from probllm.cli.choices import ArcSet, LoadFormat, McqSource, Part, PostsFormat, value
 
 
 @app.command("load")
 def load_command(
-    source: Annotated[str, typer.Argument(help="Hub dataset name, or a local file, folder or glob "
-                                          "(json, jsonl, csv, parquet).", show_default=False)],
+    sources: Annotated[list[str], typer.Argument(help="Hub dataset names, local files, folders or globs (json, "
+                                                "jsonl, csv, parquet; quoted or not), or '-' for JSON records "
+                                                "on stdin; several are read in turn.", show_default=False,
+                                                metavar="SOURCE...")],
     config: Annotated[Optional[str], typer.Option("--config", help="Hub dataset configuration (subset).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Split to read; none: every split, each "
                                                  "record tagged with `split`.")] = None,
     streaming: Annotated[bool, typer.Option("--streaming", help="Stream a hub dataset instead of downloading "
                                             "it whole (local files always stream).")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="auto (from the extension), json, csv, parquet, or "
-                                     "mmlu-csv (header-less question,A,B,C,D,answer; subject from the file "
-                                     "name).")] = "auto",
+    fmt: Annotated[LoadFormat, typer.Option("--format", help="auto: from the extension; mmlu-csv: header-less "
+                                            "question,A,B,C,D,answer, subject from the file name.")]
+    = LoadFormat.auto,
     columns: Annotated[Optional[str], typer.Option("--columns", help="Column names of a header-less CSV, "
                                                    "comma-separated.")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Hub dataset data_dir.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N records.")] = None,
+    limit: Limit = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -33,6 +38,7 @@ def load_command(
 
         probllm load examples/mmlu --format mmlu-csv | probllm mcqify --source mmlu
         probllm load examples/gsm8k.jsonl --limit 5
+        probllm load 'examples/*.jsonl' ~/data/extra.jsonl.gz
         probllm load allenai/ai2_arc --config ARC-Easy --split test --streaming
     """
     from probllm.cli.app import fail
@@ -41,7 +47,7 @@ def load_command(
 
     with command("load", summary) as stats:
         cols = [c.strip() for c in columns.split(",")] if columns else None
-        records = load_records(source, stats, fmt=fmt, config=config, split=split, streaming=streaming,
+        records = load_records(sources, stats, fmt=value(fmt), config=config, split=split, streaming=streaming,
                                columns=cols, data_dir=data_dir, limit=limit, skip_invalid=skip_invalid)
         try:
             write_records(records, stats)
@@ -64,6 +70,7 @@ def pair_annotated_command(
     = "overall",
     correctness_key: Annotated[str, typer.Option("--correctness-key", help="Criterion whose `None` (both "
                                                  "wrong) drops a comparison.")] = "correctness",
+    limit: Limit = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -72,7 +79,8 @@ def pair_annotated_command(
     Drops ties, missing `overall`, and comparisons where `correctness` is `None` (both wrong); counts each
     reason on stderr. Input fields are kept (the comparisons list is replaced by the pair).
 
-        probllm pair-annotated examples/annotated.jsonl | probllm split --part train > pairs.train.jsonl
+        probllm pair-annotated examples/annotated.jsonl \\
+            | probllm split --part train > pairs.train.jsonl
     """
     from probllm.data.annotated import AnnotatedFields, pairs_from_annotated
     from probllm.io import map_records, read_records, write_records
@@ -80,7 +88,7 @@ def pair_annotated_command(
     fields = AnnotatedFields(question=question_field, comparisons=comparisons_field, a=a_field, b=b_field,
                              criteria=criteria_field, overall=overall_key, correctness=correctness_key)
     with command("pair-annotated", summary) as stats:
-        records = read_records(files, stats, skip_invalid)
+        records = read_records(files, stats, skip_invalid, limit=limit)
         write_records(map_records(records, lambda r: pairs_from_annotated(r, stats, fields), stats, skip_invalid),
                       stats)
 
@@ -98,11 +106,13 @@ def pair_stackexchange_command(
                                                  "`stackoverflow,math,physics` or full hosts).")] = None,
     site: Annotated[Optional[str], typer.Option("--site", help="Posts.xml: the dump's site (default: its "
                                                 "folder name, e.g. math.stackexchange.com).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto (Posts.xml by the .xml/.xml.gz name, else HF JSONL), "
-                                     "hf, or posts-xml (e.g. a dump piped on stdin).")] = "auto",
+    fmt: Annotated[PostsFormat, typer.Option("--format", help="auto: Posts.xml by the .xml/.xml.gz name, else HF "
+                                             "JSONL; posts-xml: e.g. a dump piped on stdin.")] = PostsFormat.auto,
     html: Annotated[bool, typer.Option("--html", help="Keep the HTML instead of converting to markdown.")]
     = False,
     seed: Seed = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N input records (Posts.xml: the "
+                                                 "first N pairs).", show_default=False, min=0)] = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -113,27 +123,33 @@ def pair_stackexchange_command(
     `--chosen-min`; rejected = one answer (seeded pick) scored within `--rejected-min`..`--rejected-max`.
     HTML becomes markdown with code blocks and LaTeX kept.
 
-        probllm pair-stackexchange --sites stackoverflow,math examples/stackexchange.jsonl
-        probllm pair-stackexchange --chosen-min 3 --rejected-min 0 --rejected-max 2 examples/Posts.xml
-        gzip -dc Posts.xml.gz | probllm pair-stackexchange --format posts-xml --site physics.stackexchange.com
+        probllm pair-stackexchange --sites math examples/stackexchange.jsonl
+        probllm pair-stackexchange --chosen-min 3 --rejected-min 0 \\
+            --rejected-max 2 examples/Posts.xml
+        gzip -dc Posts.xml.gz \\
+            | probllm pair-stackexchange --format posts-xml \\
+                --site physics.stackexchange.com
     """
     from probllm.data.stackexchange import PairRule, is_posts_xml, pair_from_hf, pairs_from_posts_xml, \
         parse_sites
-    from probllm.io import UsageError, map_records, read_records, write_records
+    from probllm.io import expand_paths, map_records, read_records, write_records
 
+    fmt = value(fmt)
     with command("pair-stackexchange", summary) as stats:
-        if fmt not in ("auto", "hf", "posts-xml"):
-            raise UsageError("--format must be auto, hf or posts-xml")
         rule = PairRule(chosen_min=chosen_min, rejected_min=rejected_min, rejected_max=rejected_max,
                         sites=parse_sites(sites), markdown=not html)
         rng = random.Random(seed)
-        paths = list(files or ["-"])
+        paths = list(expand_paths(files or ["-"], suffixes=JSON_SUFFIXES + (".xml", ".xml.gz")))
         for path in paths:
+            left = None if limit is None else limit - stats.written
+            if left is not None and left <= 0:
+                break
             if fmt == "posts-xml" or (fmt == "auto" and is_posts_xml(path)):
-                write_records(pairs_from_posts_xml(path, rule, rng, stats, site=site, skip_invalid=skip_invalid),
-                              stats)
+                pairs = pairs_from_posts_xml(path, rule, rng, stats, site=site, skip_invalid=skip_invalid)
+                write_records(itertools.islice(pairs, left), stats)
             else:
-                records = read_records([path], stats, skip_invalid)
+                records = read_records([path], stats, skip_invalid, limit=None if limit is None else
+                                       limit - stats.read)
                 write_records(map_records(records, lambda r: pair_from_hf(r, rule, rng), stats, skip_invalid),
                               stats)
 
@@ -141,13 +157,14 @@ def pair_stackexchange_command(
 @app.command("mcqify")
 def mcqify_command(
     files: InputFiles = None,
-    source: Annotated[str, typer.Option("--source", help="gsm8k, math, arc, mmlu, or auto (per record, from "
-                                        "its fields).")] = "auto",
+    source: Annotated[McqSource, typer.Option("--source", help="Benchmark of the input; auto: per record, from "
+                                              "its fields.")] = McqSource.auto,
     subjects: Annotated[Optional[str], typer.Option("--subjects", help="MMLU: `report` (the 23 subjects of "
                                                     "the report), or a comma list; default: all.")] = None,
-    arc_set: Annotated[Optional[str], typer.Option("--arc-set", help="ARC: easy or challenge (default: from "
-                                                   "the file name).")] = None,
+    arc_set: Annotated[Optional[ArcSet], typer.Option("--arc-set", help="ARC: which set (default: from the file "
+                                                      "name).")] = None,
     seed: Seed = 0,
+    limit: Limit = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -162,16 +179,12 @@ def mcqify_command(
         probllm load examples/arc.jsonl | probllm mcqify --source arc --arc-set easy
     """
     from probllm.data.load import read_inputs
-    from probllm.data.mcq import SOURCES, converter, parse_subjects
-    from probllm.io import UsageError, log, map_records, write_records
+    from probllm.data.mcq import converter, parse_subjects
+    from probllm.io import log, map_records, write_records
 
     with command("mcqify", summary) as stats:
-        if source not in SOURCES:
-            raise UsageError(f"--source must be one of {', '.join(SOURCES)}")
-        if arc_set not in (None, "easy", "challenge"):
-            raise UsageError("--arc-set must be easy or challenge")
         rng = random.Random(seed)
-        convert = converter(source, rng, parse_subjects(subjects), arc_set)
+        convert = converter(value(source), rng, parse_subjects(subjects), value(arc_set))
         reported = [0]
 
         def convert_and_report(record):
@@ -188,7 +201,7 @@ def mcqify_command(
                         f"{str(record.get('solution', ''))[-60:]!r}")
                 raise
 
-        records = read_inputs(files, stats, skip_invalid)
+        records = itertools.islice(read_inputs(files, stats, skip_invalid), limit)
         write_records(map_records(records, convert_and_report, stats, skip_invalid), stats)
 
 
@@ -197,10 +210,11 @@ def split_command(
     files: InputFiles = None,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of keys in the test part.")]
     = 0.2,
-    part: Annotated[str, typer.Option("--part", help="train or test.")] = "train",
+    part: Annotated[Part, typer.Option("--part", help="Which part to write.")] = Part.train,
     key: Annotated[Optional[str], typer.Option("--key", help="Field hashed to decide the side (default: "
                                                "prompt, else question, problem, id).")] = None,
     seed: Seed = 0,
+    limit: Limit = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
@@ -208,12 +222,13 @@ def split_command(
 
     All records with the same key (e.g. every pair of one question) land on the same side; it streams.
 
-        probllm pair-annotated examples/annotated.jsonl | probllm split --part test --test-fraction 0.2
+        probllm pair-annotated examples/annotated.jsonl \\
+            | probllm split --part test --test-fraction 0.2
     """
     from probllm.data.split import Splitter
     from probllm.io import map_records, read_records, write_records
 
     with command("split", summary) as stats:
-        splitter = Splitter(test_fraction, part, seed, key)
-        records = read_records(files, stats, skip_invalid)
+        splitter = Splitter(test_fraction, value(part), seed, key)
+        records = read_records(files, stats, skip_invalid, limit=limit)
         write_records(map_records(records, splitter, stats, skip_invalid), stats)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import Seed, SkipInvalid, SummaryFile, app, command
+from probllm.cli.app import InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.choices import Dtype, LetterMethod, value
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(
@@ -16,14 +18,20 @@ EmbedderOpt = Annotated[Optional[str], typer.Option(
                        "all-MiniLM-L6-v2 for a new index.")]
 EfOpt = Annotated[Optional[int], typer.Option("--ef", help="hnswlib search breadth (higher: better recall, "
                                                            "slower); default: the index's.")]
-KOpt = Annotated[int, typer.Option("-k", "--top-k", help="Passages per question.")]
+KOpt = Annotated[int, typer.Option("--top-k", "-k", help="Passages per question.", min=1)]
+QuestionField = Annotated[str, typer.Option("--question-field", help="Record field holding the question.")]
+
+hidden_aliases("index", out="--output")
+hidden_aliases("retrieve", field="--question-field")
+hidden_aliases("ask", field="--question-field")
 
 
 @app.command("index")
 def index_command(
     paths: Annotated[list[str], typer.Argument(help="Notes: markdown/text files, folders of them, or JSONL/JSON "
                                                     "records with a text field.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder (created, or updated in place).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Index folder (created, or updated in place).",
+                                      show_default=False)],
     embedder: EmbedderOpt = None,
     chunk_tokens: Annotated[Optional[int], typer.Option("--chunk-tokens", help="Chunk budget in embedder tokens "
                                                         "[default: 200, or the index's].")] = None,
@@ -47,13 +55,13 @@ def index_command(
     HTML and Liquid markup are cleaned; chunks follow headings and paragraphs, never splitting code or math.
     PDF is not read (no PDF library is installed): convert it to text first.
 
-        probllm index examples/notes --out runs/demo/notes.idx
-        probllm index lectures.jsonl --text-field body --out notes.idx --chunk-tokens 128
+        probllm index examples/notes -o runs/demo/notes.idx
+        probllm index 'notes/*/*.md' ~/lectures.jsonl --text-field body -o notes.idx
     """
     from probllm.rag.index import build_index
 
     with command("index", summary_file=summary) as stats:
-        build_index(paths, str(out), stats, embedder=embedder, chunk_tokens=chunk_tokens, overlap=overlap, M=M,
+        build_index(paths, str(output), stats, embedder=embedder, chunk_tokens=chunk_tokens, overlap=overlap, M=M,
                     ef_construction=ef_construction, ef=ef, text_field=text_field, id_field=id_field,
                     skip_invalid=skip_invalid, seed=seed)
 
@@ -63,10 +71,10 @@ def retrieve_command(
     query: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are read from "
                                                         "--input files or stdin.", show_default=False)] = None,
     index: Annotated[str, typer.Option("--index", help="Index folder built by `probllm index`.")] = ...,
-    files: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="JSONL files of records (default: "
-                                                       "stdin).")] = None,
+    files: InputOption = None,
     k: KOpt = 5,
-    field: Annotated[str, typer.Option("--field", help="Record field holding the question.")] = "question",
+    field: QuestionField = "question",
+    limit: Limit = None,
     attach: Annotated[bool, typer.Option("--attach", help="Write the input records with a `context` list "
                                          "instead of one record per passage.")] = False,
     context_field: Annotated[str, typer.Option("--context-field", help="Name of the attached field.")] = "context",
@@ -82,8 +90,9 @@ def retrieve_command(
     One record per passage (`id`, `score`, `text`, `source`, `heading`, `rank`, offsets), or with `--attach`
     the input records with a `context` list, which `eval --context context` and `ask` read.
 
-        probllm retrieve --index runs/demo/notes.idx "What is the worst case of heapsort?" -k 3
-        probllm retrieve --index notes.idx --attach --with-choices -i mcq.jsonl | probllm eval --context context
+        probllm retrieve --index notes.idx "Worst case of heapsort?" -k 3
+        probllm retrieve --index notes.idx --attach --with-choices -i mcq.jsonl \\
+            | probllm eval --context context
     """
     from probllm.io import read_records, write_records
     from probllm.rag.retrieve import Retriever, retrieve_records, retrieve_text
@@ -98,7 +107,7 @@ def retrieve_command(
             stats.read = 1
             write_records(retrieve_text(retriever, query, k), stats)
         else:
-            records = read_records(files, stats=stats, skip_invalid=skip_invalid)
+            records = read_records(files, stats=stats, skip_invalid=skip_invalid, limit=limit)
             write_records(retrieve_records(records, retriever, stats, k=k, field=field, attach=attach,
                                            context_field=context_field, with_choices=with_choices,
                                            skip_invalid=skip_invalid), stats)
@@ -111,18 +120,18 @@ def ask_command(
     index: IndexOpt = None,
     choice: Annotated[Optional[list[str]], typer.Option("--choice", "-c", help="An option of a multiple-choice "
                                                         "question (repeat: A, B, C...).")] = None,
-    files: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="JSONL files of records (default: "
-                                                       "stdin).")] = None,
+    files: InputOption = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, folder (also a `quantize` output) or "
                                                  "nothing for the offline SmolLM2-135M-Instruct.")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder (a `dpo` output).")] = None,
     k: KOpt = 4,
-    field: Annotated[str, typer.Option("--field", help="Record field holding the question.")] = "question",
+    field: QuestionField = "question",
+    limit: Limit = None,
     context_field: Annotated[str, typer.Option("--context", help="Without --index: record field with passages "
                                                "(from `retrieve --attach`) to quote.")] = "context",
-    letter: Annotated[str, typer.Option("--letter", help="Options: pick the letter by each option's likelihood "
-                                        "(loglik; reliable for small models) or let the model write it "
-                                        "(generate).")] = "loglik",
+    letter: Annotated[LetterMethod, typer.Option("--letter", help="Options: pick the letter by each option's "
+                                                 "likelihood (loglik; reliable for small models) or let the model "
+                                                 "write it (generate).")] = LetterMethod.loglik,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples, "
                                                "seeded by --seed.")] = 0.0,
@@ -134,7 +143,7 @@ def ask_command(
                                                    "--key is already there are skipped).")] = None,
     key: Annotated[str, typer.Option("--key", help="With --output: the field that names a record.")] = "id",
     embedder: EmbedderOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU), float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: float32 on CPU.")] = Dtype.auto,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
     seed: Seed = 0,
     summary: SummaryFile = None,
@@ -144,31 +153,45 @@ def ask_command(
 
     With a QUESTION, the sources used are listed on stderr and the answer streams to stdout as it is
     generated. Without one, JSONL records are read and written back with `answer` and `context_ids` (an input
-    `answer` is kept as `reference_answer`), for `judge`. Greedy decoding unless --temperature.
+    `answer` is kept as `reference`), for `judge`. Greedy decoding unless --temperature.
 
-        probllm ask "What is the worst-case running time of heapsort?" --index runs/demo/notes.idx
+        probllm ask "What is the worst case of heapsort?" --index notes.idx
         probllm ask "Unit of force?" -c joule -c newton -c watt -c pascal
-        probllm retrieve --index notes.idx --attach -i questions.jsonl | probllm ask > answers.rag.jsonl
-        probllm ask --index notes.idx -i questions.jsonl -o answers.rag.jsonl   # resumable
+        probllm retrieve --index notes.idx --attach -i questions.jsonl \\
+            | probllm ask > rag.jsonl
+        probllm ask --index notes.idx -i examples/questions.jsonl -o rag.jsonl
     """
-    from probllm.io import read_records, write_records
+    from probllm.io import log, read_records, write_records
     from probllm.rag.ask import Generator, ask_one, ask_records, check_options, show_sources
 
+    letter, dtype = value(letter), value(dtype)
     with command("ask", summary_file=summary, quiet_summary=question is not None) as stats:
         check_options(letter, k, max_new_tokens, batch_size)
+        if question is not None and files:
+            from probllm.io import UsageError
+
+            raise UsageError("give either a QUESTION or --input records, not both")
+        records = None
+        if question is None:
+            from probllm.rag.ask import answered_keys, skip_answered
+
+            records = read_records(files, stats=stats, skip_invalid=skip_invalid, limit=limit)
+            if output is not None:
+                records = skip_answered(records, answered_keys(str(output), key), key, stats)
+                # Check first, load later: a rerun with everything answered loads no model and no index.
+                first = next(records, None)
+                if first is None:
+                    log(f"probllm ask: every record is already in {output}; nothing to do")
+                    return
+                records = itertools.chain([first], records)
         retriever = None
         if index:
             from probllm.rag.retrieve import Retriever
 
             retriever = Retriever(index, embedder=embedder)
+        generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
+                              temperature=temperature, repetition_penalty=repetition_penalty)
         if question is not None:
-            if files:
-                from probllm.io import UsageError
-
-                raise UsageError("give either a QUESTION or --input records, not both")
-            generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
-                                  temperature=temperature, repetition_penalty=repetition_penalty)
-
             def write(text: str) -> None:
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -179,13 +202,8 @@ def ask_command(
             sys.stdout.write("\n")
             stats.written = 1
         else:
-            from probllm.rag.ask import answered_keys, append_records, skip_answered
+            from probllm.rag.ask import append_records
 
-            records = read_records(files, stats=stats, skip_invalid=skip_invalid)
-            if output is not None:
-                records = skip_answered(records, answered_keys(str(output), key), key, stats)
-            generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
-                                  temperature=temperature, repetition_penalty=repetition_penalty)
             answers = ask_records(records, generator, stats, retriever=retriever, field=field,
                                   context_field=context_field, k=k, max_new_tokens=max_new_tokens,
                                   letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid)

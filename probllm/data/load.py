@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from probllm.data.mcq import subject_from_filename
-from probllm.io import Record, RecordError, Stats, UsageError, read_records
+from probllm.io import GLOB_CHARS, JSON_SUFFIXES, STDIN, Record, RecordError, Stats, UsageError, expand_paths, read_records
 
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+CSV_SUFFIXES = (".csv", ".csv.gz")
 FORMATS = ("auto", "json", "csv", "parquet", "mmlu-csv")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet",
              ".tsv": "csv"}
@@ -43,25 +44,19 @@ def _builder_for(path: str) -> str | None:
 
 
 def local_files(source: str, fmt: str) -> list[str] | None:
-    """The local files a SOURCE names (a file, a folder, a glob), or None when it is not local (a hub name)."""
-    p = Path(source)
-    if p.is_file():
-        return [str(p)]
-    if p.is_dir():
-        wanted = {"mmlu-csv": "csv"}.get(fmt, fmt)
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _builder_for(str(f)) and
-                       (wanted == "auto" or _builder_for(str(f)) == wanted))
-        if not files:
-            raise UsageError(f"{source}: folder holds no json/jsonl/csv/parquet files")
-        return files
-    if any(ch in source for ch in "*?["):
-        files = sorted(str(f) for f in Path().glob(source) if f.is_file())
-        if not files:
-            raise UsageError(f"{source}: no file matches")
-        return files
-    if source.startswith((".", "/")) or os.path.splitext(source)[1] in _BUILDERS:
-        raise UsageError(f"{source}: no such file")
-    return None
+    """The local files a SOURCE names (`-`, a file, a folder, `~`, a glob), or None when it is not local (a hub
+    name). Expansion is io.expand_paths, the same as every other command's."""
+    if source == STDIN:
+        return [STDIN]
+    plain = source.removesuffix(".gz")
+    looks_local = (os.path.exists(os.path.expanduser(source)) or any(ch in source for ch in GLOB_CHARS)
+                   or source.startswith((".", "/", "~")) or os.path.splitext(plain)[1] in _BUILDERS)
+    if not looks_local:
+        return None
+    wanted = {"mmlu-csv": "csv"}.get(fmt, fmt)
+    suffixes = tuple(ext + gz for ext, builder in _BUILDERS.items() for gz in ("", ".gz")
+                     if wanted == "auto" or builder == wanted)
+    return list(expand_paths([source], suffixes))
 
 
 def to_json_value(value: Any) -> Any:
@@ -85,7 +80,7 @@ def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject
     """Rows of a header-less CSV as records named by `columns`, streamed (one row in memory)."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
-        fh = opener(path, "rt", encoding="utf-8", errors="strict", newline="")
+        fh = opener(path, "rt", encoding="utf-8-sig", errors="strict", newline="")
     except OSError as e:
         raise UsageError(f"{path}: {e}")
     subject = subject_from_filename(path)
@@ -116,19 +111,23 @@ def read_headerless_csv(path: str, columns: list[str], stats: Stats, add_subject
             yield rec
 
 
-def load_records(source: str, stats: Stats, *, fmt: str = "auto", config: str | None = None,
+def load_records(sources: str | list[str], stats: Stats, *, fmt: str = "auto", config: str | None = None,
                  split: str | None = None, streaming: bool = False, columns: list[str] | None = None,
                  data_dir: str | None = None, limit: int | None = None,
                  skip_invalid: bool = False) -> Iterator[dict]:
-    """Records of SOURCE (hub name, file, folder or glob), at most `limit`; bad rows stop the run or, with
-    `skip_invalid`, are counted; a source without records is an error."""
+    """Records of every SOURCE in turn (hub name, file, folder, glob or `-`), at most `limit` in all; bad rows
+    stop the run or, with `skip_invalid`, are counted; sources without records are an error."""
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    for source in sources:  # every local source checked before the first record is read
+        local_files(source, fmt)
+    records = itertools.chain.from_iterable(
+        _load(source, stats, fmt, config, split, streaming, columns, data_dir, skip_invalid) for source in sources)
     n = 0
-    for rec in itertools.islice(_load(source, stats, fmt, config, split, streaming, columns, data_dir,
-                                      skip_invalid), limit):
+    for rec in itertools.islice(records, limit):
         n += 1
         yield rec
     if n == 0 and stats.read == 0:
-        raise RecordError("no input records (empty input)", source=source)
+        raise RecordError("no input records (empty input)", source=", ".join(sources))
 
 
 def _load(source: str, stats: Stats, fmt: str, config: str | None, split: str | None, streaming: bool,
@@ -145,12 +144,14 @@ def _load(source: str, stats: Stats, fmt: str, config: str | None, split: str | 
             yield from read_headerless_csv(path, columns, stats, add_subject=fmt == "mmlu-csv",
                                            skip_invalid=skip_invalid)
         return
-    if files is not None and fmt in ("auto", "json") and all(_builder_for(f) == "json" for f in files):
+    if files is not None and fmt in ("auto", "json") and all(f == STDIN or _builder_for(f) == "json" for f in files):
         # Local JSON/JSONL: probllm's own reader streams the same records and names file:line on bad input,
         # which the datasets library (block-wise Arrow parsing) cannot.
         yield from read_records(files, stats, skip_invalid)
         return
     if files is not None:
+        if STDIN in files:
+            raise UsageError("stdin holds JSON records only; name csv/parquet files")
         for f in files:
             if os.path.getsize(f) == 0:
                 raise RecordError("no input records (empty input)", source=f)
@@ -192,13 +193,14 @@ def _load(source: str, stats: Stats, fmt: str, config: str | None, split: str | 
 
 
 def _csv_files(path: str) -> list[str] | None:
-    """The CSV files a path names for MMLU input (a .csv file or a folder of them), else None."""
-    if path.lower().endswith((".csv", ".csv.gz")):
-        return [path]
-    if os.path.isdir(path):
-        found = sorted(str(f) for f in Path(path).rglob("*") if str(f).lower().endswith((".csv", ".csv.gz")))
-        return found or None
-    return None
+    """The CSV files a path argument names for MMLU input (a .csv file, a folder or glob of them), else None."""
+    if path == STDIN:
+        return None
+    files = list(expand_paths([path], JSON_SUFFIXES + CSV_SUFFIXES))
+    csvs = [f for f in files if f.lower().endswith(CSV_SUFFIXES)]
+    if csvs and len(csvs) != len(files):
+        raise UsageError(f"{path}: holds both CSV and JSON files; name them separately")
+    return csvs or None
 
 
 def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = False) -> Iterator[Record]:
@@ -206,12 +208,13 @@ def read_inputs(paths: list[str] | None, stats: Stats, skip_invalid: bool = Fals
     `mcqify --source mmlu data/dev/` works without a `load` step."""
 
     paths = list(paths or [])
-    if not any(_csv_files(p) for p in paths):
+    csv_files = {p: _csv_files(p) for p in paths}
+    if not any(csv_files.values()):
         yield from read_records(paths, stats, skip_invalid)
         return
     before = stats.read
     for p in paths:
-        csvs = _csv_files(p)
+        csvs = csv_files[p]
         if csvs is None:
             yield from read_records([p], stats, skip_invalid, allow_empty=True)
             continue

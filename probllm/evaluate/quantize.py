@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from probllm.io import UsageError, log
@@ -69,9 +70,7 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
     if is_quantized_folder(source):
         raise UsageError(f"--model {model}: already quantized; quantize the full-precision model")
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        if not _marker_path(out).exists():
-            raise UsageError(f"--output {output}: folder exists and is not a quantize output; refusing to overwrite")
+    check_output(out, overwrite=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     merged_dir = None
@@ -126,6 +125,7 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
             "created_by": "probllm quantize",
         }
         _marker_path(tmp_out).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        publish_permissions(tmp_out)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp_out, out)
@@ -134,6 +134,28 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
         for d in (tmp_out, merged_dir):
             if d is not None and Path(d).exists():
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing `--output` unless `--overwrite` (as `dpo` does), and never a folder that
+    is not a quantize output. Called before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not _marker_path(out).exists():
+            raise UsageError(f"--output {out}: folder exists and is not a quantize output; refusing to overwrite")
+        if not overwrite:
+            raise UsageError(f"--output {out}: holds a quantized model already; pass --overwrite to replace it")
+
+
+def publish_permissions(folder: str | os.PathLike) -> None:
+    """Give a finished output folder the modes the user's umask asks for (0755/0644 under umask 022):
+    mkdtemp makes it 0700, and some writers create files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def load_quantized(path: str, device: str = "cpu"):
@@ -158,7 +180,14 @@ def load_quantized(path: str, device: str = "cpu"):
         if device != "cpu":
             raise UsageError(f"--model {path}: torch dynamic int8 runs on CPU only (got --device {device})")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():
+            # torch 2.13 announces on every load that its quantized tensor types (and torch.ao.quantization) will
+            # be removed in a future release: a note to library authors, not to users of a quantized folder.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated",
+                                    category=UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model.eval()
     return model
 
@@ -171,7 +200,7 @@ def weights_size(folder: str) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def measure(model: str | None, adapter: str | None = None, eval_file: str | None = None,
+def measure(model: str | None, adapter: str | None = None, eval_file: list[str] | str | None = None,
             eval_limit: int | None = None, batch_size: int = 16) -> dict:
     """In THIS process (call it in a fresh one): resident memory added by loading, greedy tokens/s, accuracy."""
     import psutil
@@ -215,7 +244,8 @@ def measure(model: str | None, adapter: str | None = None, eval_file: str | None
 
         summary = Summary()
         stats = Stats(command="probllm quantize --eval")
-        for _ in evaluate_records(read_records([eval_file], stats), Scorer(lm, tok),
+        files = [eval_file] if isinstance(eval_file, str) else eval_file
+        for _ in evaluate_records(read_records(files, stats), Scorer(lm, tok),
                                   EvalOptions(batch_size=batch_size, limit=eval_limit), stats, summary):
             pass
         figures = summary.as_dict()
@@ -226,7 +256,7 @@ def measure(model: str | None, adapter: str | None = None, eval_file: str | None
     return result
 
 
-def measure_in_subprocess(model: str | None, adapter: str | None, eval_file: str | None, eval_limit: int | None,
+def measure_in_subprocess(model: str | None, adapter: str | None, eval_file: list[str] | None, eval_limit: int | None,
                           batch_size: int) -> dict:
     """Resident memory only means something in a fresh process: run `measure` in one and read its JSON."""
     args = [sys.executable, "-m", "probllm.evaluate.quantize", "measure", json.dumps(
@@ -240,14 +270,18 @@ def measure_in_subprocess(model: str | None, adapter: str | None, eval_file: str
 
 
 def run_quantize(stats, *, output: str, method: str, model: str | None = None, adapter: str | None = None,
-                 double_quant: bool = True, eval_file: str | None = None, eval_limit: int | None = None,
-                 batch_size: int = 16, measure: bool = True) -> dict:
+                 double_quant: bool = True, eval_file: list[str] | str | None = None, eval_limit: int | None = None,
+                 batch_size: int = 16, measure: bool = True, overwrite: bool = False) -> dict:
     """The `quantize` command: write the folder, measure it and the full-precision model, print one record."""
-    from probllm.io import write_records
+    from probllm.io import expand_paths, write_records
     from probllm.models import model_label, resolve_model
 
-    if eval_file and not os.path.exists(eval_file):
-        raise UsageError(f"--eval {eval_file}: no such file")
+    # Check first, load later: a refusal or a typo in a path costs no model load.
+    check_output(Path(output), overwrite)
+    if isinstance(eval_file, str):
+        eval_file = [eval_file]
+    eval_file = list(expand_paths(eval_file)) if eval_file else None
+    resolve_model(model)
     t0 = time.perf_counter()
     meta = quantize_to_folder(model, method, output, adapter=adapter, double_quant=double_quant)
     quantize_s = time.perf_counter() - t0

@@ -8,7 +8,8 @@ Two modes:
 - records (JSONL in, JSONL out): every record's question is answered and the record is written back with
   `answer` (the text) and `context_ids` (the chunk ids quoted in the prompt; empty without an index), so the
   output of a run with `--index` and one without feed `judge`. An input `answer` field (the gold letter of an
-  MCQ record) would be overwritten by that contract; it is kept as `reference_answer`.
+  MCQ record) would be overwritten by that contract; it is kept as `reference`, the field `judge` reads for
+  reference-guided grading.
 
 Questions with options are answered with a letter and an explanation. A 135M model cannot pick a letter by
 writing it (offline-models.md: below chance), so by default the letter is chosen by the log-likelihood of each
@@ -350,7 +351,7 @@ def ask_records(
                 answer = f"{prefix} {text}".strip() if prefix else text
                 out = dict(rec)
                 if "answer" in out:
-                    out["reference_answer"] = out.pop("answer")
+                    out["reference"] = out.pop("answer")
                 out["answer"] = answer
                 if q.choices:
                     out["answer_letter"] = LETTERS[li] if li is not None else extract_letter(answer, len(q.choices))

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from probllm.io import RecordError, Stats, UsageError, log, progress, read_records, require, write_json
+from probllm.io import Interrupted, RecordError, Stats, UsageError, expand_paths, log, progress, read_records, \
+    require, write_json
 from probllm.rag.chunk import Chunk, chunk_document, token_counter
 
 FORMAT = "probllm-rag-index/1"
@@ -140,7 +141,7 @@ def check_embedder(manifest: dict, folder: str, name: str | None) -> None:
         raise UsageError(
             f"{folder} was built with embedder {built} ({manifest['embedder']['dim']}-d); --embedder {wanted} "
             f"would compare vectors from another model. Drop --embedder (the index's own is used), or build a "
-            f"new index with --out")
+            f"new index with --output")
 
 
 class RagIndex:
@@ -152,7 +153,7 @@ class RagIndex:
         self.folder = str(folder)
         manifest = read_manifest(folder)
         if manifest is None:
-            raise UsageError(f"{folder}: no index here (build one with `probllm index NOTES --out {folder}`)")
+            raise UsageError(f"{folder}: no index here (build one with `probllm index NOTES --output {folder}`)")
         self.manifest = manifest
         self.dim = int(manifest["embedder"]["dim"])
         self.count = int(manifest["chunks"])
@@ -235,31 +236,26 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 def iter_documents(paths: Iterable[str], stats: Stats, text_field: str = "text", id_field: str = "id",
                    skip_invalid: bool = False) -> Iterator[Document]:
-    """Documents from files and folders: markdown and plain text files as one document each, JSONL/JSON
-    records as one document per record (its `text_field`). Folders are walked recursively in sorted order;
-    hidden folders are skipped, unsupported files counted."""
-    for given in paths:
-        p = Path(given)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not _is_hidden(f, p))
-            for f in files:
-                kind = _file_kind(str(f))
-                if kind is None:
-                    reason = ("PDF (no PDF library installed)" if f.suffix.lower() == ".pdf"
-                              else f"unsupported file type {f.suffix or '(none)'}")
-                    stats.skip(reason)
-                    continue
-                yield from _file_documents(str(f), kind, stats, text_field, id_field, skip_invalid)
-        elif p.is_file():
-            kind = _file_kind(given)
-            if kind is None:
-                if p.suffix.lower() == ".pdf":
-                    raise UsageError(f"{given}: PDF is not supported (no PDF library is installed); "
-                                     f"convert it to text or markdown first")
-                raise UsageError(f"{given}: unsupported file type (markdown, text, JSONL or JSON)")
-            yield from _file_documents(given, kind, stats, text_field, id_field, skip_invalid)
-        else:
-            raise UsageError(f"{given}: no such file or folder")
+    """Documents from files, folders and globs (expanded by io.expand_paths, like every command's paths):
+    markdown and plain text files as one document each, JSONL/JSON records as one document per record (its
+    `text_field`). Folders are walked recursively in sorted order; hidden entries are skipped, unsupported files
+    in folders counted, an unsupported file named on its own is an error."""
+
+    def skip_unsupported(path: str) -> None:
+        stats.skip("PDF (no PDF library installed)" if path.lower().endswith(".pdf")
+                   else f"unsupported file type {Path(path).suffix or '(none)'}")
+
+    suffixes = tuple(JSONL_SUFFIXES) + tuple(TEXT_SUFFIXES)
+    for given in expand_paths(paths, suffixes=suffixes, on_other=skip_unsupported):
+        if given == "-":
+            raise UsageError("index reads notes from files or folders, not stdin")
+        kind = _file_kind(given)
+        if kind is None:
+            if given.lower().endswith(".pdf"):
+                raise UsageError(f"{given}: PDF is not supported (no PDF library is installed); "
+                                 f"convert it to text or markdown first")
+            raise UsageError(f"{given}: unsupported file type (markdown, text, JSONL or JSON)")
+        yield from _file_documents(given, kind, stats, text_field, id_field, skip_invalid)
 
 
 def _file_kind(path: str) -> str | None:
@@ -534,6 +530,41 @@ class IndexReport:
     documents: int = 0
 
 
+def _unchanged_report(paths: list[str], out: str, manifest: dict, settings: Settings, stats: Stats,
+                      text_field: str, id_field: str, skip_invalid: bool) -> IndexReport | None:
+    """The report of a re-index that would change nothing (same settings, same documents, same texts), read
+    from the committed index without loading the embedder; None as soon as anything differs."""
+    if Settings(**manifest["settings"]) != settings:
+        return None
+    db = sqlite3.connect(f"file:{Path(out) / manifest['files']['chunks']}?mode=ro", uri=True)
+    try:
+        known = {k: h for k, h in db.execute("SELECT key, content_hash FROM documents")}
+    finally:
+        db.close()
+    scan = Stats(command=stats.command)
+    seen: set[str] = set()
+    for doc in iter_documents(paths, scan, text_field=text_field, id_field=id_field, skip_invalid=skip_invalid):
+        if doc.key in seen:
+            scan.skip("duplicate document key")
+            continue
+        if known.get(doc.key) != content_hash(doc, settings):
+            return None
+        seen.add(doc.key)
+    if seen != set(known):
+        return None
+    stats.read += scan.read
+    stats.skipped.update(scan.skipped)
+    stats.invalid.update(scan.invalid)
+    report = IndexReport(documents=len(seen), unchanged=len(seen), chunks_total=int(manifest["chunks"]))
+    stats.written = report.chunks_total
+    stats.notes.update({
+        "documents": report.documents, "added": 0, "changed": 0, "unchanged": report.unchanged, "removed": 0,
+        "chunks embedded": 0, "chunks reused": 0, "embedder": manifest["embedder"]["name"],
+        "embedder loaded": "no (nothing changed)",
+    })
+    return report
+
+
 def build_index(
     paths: list[str],
     out: str,
@@ -560,7 +591,7 @@ def build_index(
         raise UsageError("name the notes to index: files or folders (markdown, text, JSONL)")
     manifest = read_manifest(out) if os.path.isdir(out) else None
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out}: exists and is not an index folder")
+        raise UsageError(f"--output {out}: exists and is not an index folder")
     settings = Settings(**manifest["settings"]) if manifest else Settings()
     for name, value in (("chunk_tokens", chunk_tokens), ("overlap", overlap), ("ef", ef)):
         if value is not None:
@@ -570,7 +601,7 @@ def build_index(
             continue
         if manifest and manifest["chunks"] and getattr(settings, name) != value:
             raise UsageError(f"--{name.replace('_', '-')} {value}: {out} was built with {getattr(settings, name)}; "
-                             f"the graph cannot change its {name} in place (build a new index with --out)")
+                             f"the graph cannot change its {name} in place (build a new index with --output)")
         setattr(settings, name, value)
     if settings.chunk_tokens < 8:
         raise UsageError("--chunk-tokens must be at least 8")
@@ -583,12 +614,18 @@ def build_index(
     else:
         if manifest:
             check_embedder(manifest, out, embedder)
+            # Check first, load later: a re-index where nothing changed needs no embedder (seconds to load).
+            report = _unchanged_report(paths, out, manifest, settings, stats, text_field, id_field, skip_invalid)
+            if report is not None:
+                return report
             embedder = Embedder(embedder or manifest["embedder"]["name"])
         else:
             embedder = Embedder(embedder)
     if manifest and int(manifest["embedder"]["dim"]) != embedder.dim:
         raise UsageError(f"{out}: built with {manifest['embedder']['dim']}-d vectors, embedder gives {embedder.dim}")
 
+    list(expand_paths(paths, suffixes=None))  # a path that names nothing fails here, before a folder is made
+    created = not os.path.exists(out)
     writer = IndexWriter(out, embedder, settings, seed=seed, hook=hook)
     report = IndexReport()
     known = writer.known_documents()
@@ -638,12 +675,15 @@ def build_index(
                 writer.abandon()  # nothing changed: keep the current generation as it is
             completed = True
     except KeyboardInterrupt:
-        log(f"{stats.command}: interrupted; the index keeps the last committed state "
-            f"({writer.committed_generations} checkpoint(s) this run); run the same command again to continue")
-        raise
+        if created and not writer.committed_generations:
+            raise Interrupted("nothing was indexed yet; no index folder is left behind") from None
+        raise Interrupted(f"the index keeps the last committed state ({writer.committed_generations} "
+                          f"checkpoint(s) this run); run the same command again to continue") from None
     finally:
         if not completed:
             writer.abandon()
+            if created and not writer.committed_generations:
+                shutil.rmtree(out, ignore_errors=True)  # a failed first build leaves no empty folder behind
     report.chunks_total = writer.live
     stats.written = report.chunks_total
     stats.notes.update({

@@ -26,41 +26,54 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
+def _setting(default: Any, help: str, flag: str | None = None) -> Any:
+    """A setting's default and its help: the CLI's `dpo` options are generated from these (probllm/cli/train.py)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class Settings:
-    """Every training setting, with the report's values as defaults; names match the CLI flags and YAML keys."""
+    """Every training setting, with the report's values as defaults; names match the CLI flags and YAML keys.
 
-    seed: int = 0
-    bf16: bool = True
-    optim: str = "paged_adamw_32bit"
-    max_steps: int = 2000
-    epochs: float | None = None  # used only when max_steps is not given (max_steps wins, as in transformers)
-    lr: float = 5e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    beta: float = 0.05
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target: str = "all-linear"
-    batch_size: int = 8
-    eval_batch_size: int | None = None  # default: batch_size
-    grad_accum: int = 1
-    eval_steps: int = 100
+    This is the one definition: `probllm dpo`'s options, their help and the `--config` keys come from it."""
+
+    seed: int = _setting(0, "Seed for data order, LoRA init and dropout.")
+    bf16: bool = _setting(True, "bfloat16 where supported.", "--bf16/--no-bf16")
+    optim: str = _setting("paged_adamw_32bit", "Optimizer (adamw_torch without CUDA).")
+    max_steps: int = _setting(2000, "Training steps.")
+    # used only when max_steps is not given (max_steps wins, as in transformers)
+    epochs: float | None = _setting(None, "Epochs, used when --max-steps is not given.")
+    lr: float = _setting(5e-4, "Peak learning rate.")
+    lr_scheduler: str = _setting("cosine", "Learning-rate schedule (transformers' names).")
+    warmup_steps: int = _setting(100, "Warmup steps (scaled down to 5% of a shorter --max-steps).")
+    weight_decay: float = _setting(0.05, "Weight decay.")
+    max_grad_norm: float = _setting(1.0, "Gradient clipping.")
+    adam_beta1: float = _setting(0.9, "Adam beta1.")
+    adam_beta2: float = _setting(0.999, "Adam beta2.")
+    adam_epsilon: float = _setting(1e-8, "Adam epsilon.")
+    beta: float = _setting(0.05, "DPO beta.")
+    lora_r: int = _setting(8, "LoRA rank.")
+    lora_alpha: int = _setting(16, "LoRA alpha.")
+    lora_dropout: float = _setting(0.05, "LoRA dropout.")
+    lora_target: str = _setting("all-linear", "LoRA target modules.")
+    batch_size: int = _setting(8, "Pairs per device per step.")
+    eval_batch_size: int | None = _setting(None, "Pairs per device per evaluation step (default: --batch-size).")
+    grad_accum: int = _setting(1, "Gradient accumulation steps.")
+    eval_steps: int = _setting(100, "Evaluate every N steps.")
     # Not fixed by the report: ours, each a flag.
-    max_length: int = 1024
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 3
-    gradient_checkpointing: bool | None = None  # None: on with CUDA (7B fits), off on CPU (it only slows)
-    loss_type: str = "sigmoid"
-    precompute_ref: bool = False  # reference log-probs once, cached on disk (see RefLogpCache)
-    model: str | None = None
+    max_length: int = _setting(1024, "Max tokens of prompt+answer.")
+    logging_steps: int = _setting(10, "Log metrics every N steps.")
+    save_steps: int = _setting(100, "Checkpoint every N steps.")
+    save_total_limit: int = _setting(3, "Checkpoints kept.")
+    # None: on with CUDA (7B fits), off on CPU (it only slows)
+    gradient_checkpointing: bool | None = _setting(None, "Gradient checkpointing (default: on with CUDA, off on "
+                                                         "CPU).", "--gradient-checkpointing/--no-gradient-checkpointing")
+    loss_type: str = _setting("sigmoid", "TRL loss type.")
+    # reference log-probs once, cached on disk (see RefLogpCache)
+    precompute_ref: bool = _setting(False, "Compute reference log-probs once and cache them on disk, keyed by "
+                                           "model, data and max length: reruns with other hyperparameters skip "
+                                           "that pass.", "--precompute-ref/--no-precompute-ref")
+    model: str | None = _setting(None, "Causal LM (hub id or folder); default: offline SmolLM2-135M-Instruct.")
 
     @classmethod
     def names(cls) -> set[str]:
@@ -105,6 +118,17 @@ def resolve_settings(config_file: str | None = None, **overrides: Any) -> Settin
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
     if settings.max_steps == 0 or (settings.max_steps < 0 and not settings.epochs):
         raise UsageError("--max-steps must be positive (or give --epochs)")
+    if 0 < settings.max_steps <= settings.warmup_steps:
+        if "warmup_steps" in values:
+            log(f"probllm dpo: --warmup-steps {settings.warmup_steps} >= --max-steps {settings.max_steps}: the "
+                f"learning rate never reaches --lr {settings.lr:g}")
+        else:
+            # The report's 100 warmup steps belong to its 2000-step runs: keep that share (5%) for short runs,
+            # instead of a run that is all warmup and logs a learning rate of 0 at step 1.
+            scaled = settings.max_steps * Settings.warmup_steps // Settings.max_steps
+            log(f"probllm dpo: --max-steps {settings.max_steps} is shorter than the default {settings.warmup_steps} "
+                f"warmup steps; warmup scaled to {scaled} (5% of the steps, as in the report's 100 of 2000)")
+            settings.warmup_steps = scaled
     return settings
 
 
@@ -362,6 +386,20 @@ def _last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def check_output(out: str | os.PathLike, resume: bool, overwrite: bool) -> bool:
+    """Refuse to start over an earlier run's checkpoints unless --resume or --overwrite; True when they are to
+    be discarded. Cheap on purpose: the CLI calls it before anything heavy is imported or loaded."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: exists and is not a folder")
+    if out.exists() and (out / CHECKPOINTS).exists() and not resume:
+        if not overwrite:
+            raise UsageError(f"--output {out}: holds checkpoints of an earlier run; pass --resume to continue it "
+                             "or --overwrite to start again")
+        return True
+    return False
+
+
 def train(
     train_records: Iterable[dict],
     settings: Settings,
@@ -387,12 +425,8 @@ def train(
     # transformers 5 renames gradient_checkpointing and warns on every use; the name is still the working one.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     out = Path(out)
-    if out.exists() and (out / CHECKPOINTS).exists() and not resume:
-        if not overwrite:
-            raise UsageError(f"--out {out}: holds checkpoints of an earlier run; pass --resume to continue it "
-                             "or --overwrite to start again")
-        if is_main_process():
-            shutil.rmtree(out / CHECKPOINTS)
+    if check_output(out, resume, overwrite) and is_main_process():
+        shutil.rmtree(out / CHECKPOINTS)
     resolved, notes = machine_fallbacks(settings)
     if is_main_process():
         for note in notes:
@@ -469,8 +503,11 @@ def train(
         else:
             eval_metrics = trainer.evaluate()
     if is_main_process():
+        from probllm.evaluate.quantize import publish_permissions
+
         trainer.model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
+        publish_permissions(out)
     train_logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
     summary = {
         "out": str(out),

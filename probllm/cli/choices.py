@@ -1,0 +1,102 @@
+"""Every option that takes one of a fixed set of words, as an Enum: `--help` lists the words and Typer rejects
+any other (one line, exit 2) before a command starts. Commands pass `.value` on to the library."""
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    def __str__(self) -> str:  # in messages and defaults: the word, not `Backend.hf`
+        return self.value
+
+
+class Backend(Choice):
+    openai = "openai"
+    hf = "hf"
+    rules = "rules"
+
+
+class JudgeBackend(Choice):
+    """`rules` needs no model and only corrupts; a judge needs a model."""
+    openai = "openai"
+    hf = "hf"
+
+
+class LoadFormat(Choice):
+    auto = "auto"
+    json = "json"
+    csv = "csv"
+    parquet = "parquet"
+    mmlu_csv = "mmlu-csv"
+
+
+class PostsFormat(Choice):
+    auto = "auto"
+    hf = "hf"
+    posts_xml = "posts-xml"
+
+
+class McqSource(Choice):
+    auto = "auto"
+    gsm8k = "gsm8k"
+    math = "math"
+    arc = "arc"
+    mmlu = "mmlu"
+
+
+class ArcSet(Choice):
+    easy = "easy"
+    challenge = "challenge"
+
+
+class Part(Choice):
+    train = "train"
+    test = "test"
+
+
+class JudgeMode(Choice):
+    pairwise = "pairwise"
+    single = "single"
+
+
+class VerdictFrom(Choice):
+    generation = "generation"
+    likelihood = "likelihood"
+
+
+class EvalMethod(Choice):
+    loglik = "loglik"
+    letter = "letter"
+    generate = "generate"
+
+
+class Template(Choice):
+    auto = "auto"
+    arc = "arc"
+    mmlu = "mmlu"
+    letter = "letter"
+
+
+class LetterMethod(Choice):
+    loglik = "loglik"
+    generate = "generate"
+
+
+class Dtype(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class QuantMethod(Choice):
+    bnb_int8 = "bnb-int8"
+    bnb_nf4 = "bnb-nf4"
+    bnb_fp4 = "bnb-fp4"
+    quanto_int8 = "quanto-int8"
+    quanto_int4 = "quanto-int4"
+    torch_int8 = "torch-int8"
+
+
+def value(choice):
+    """The plain string of a choice (None stays None), for library functions that take strings."""
+    return choice.value if isinstance(choice, Enum) else choice

@@ -1,0 +1,62 @@
+"""The option groups that several commands share, each defined once (see probllm/cli/groups.py for how a group
+becomes Typer options and `--config` keys).
+
+- BACKEND: where answers come from (an OpenAI-compatible endpoint, a local transformers model, or rules), and
+  how requests are sent (concurrency, retries, cache). Used by `corrupt` and `judge`.
+- GENERATION: how long and how random an answer is. `--max-new-tokens` is the one name for generation length.
+- EVAL: the model and how MCQ items are scored (`eval`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from probllm.cli.choices import Backend, Dtype, EvalMethod, Template
+from probllm.cli.groups import Opt, OptionGroup
+
+BACKEND = OptionGroup("backend", (
+    Opt("backend", Backend, Backend.hf, "openai: any OpenAI-compatible endpoint; hf: a local transformers model; "
+                                        "rules: no model."),
+    Opt("model", Optional[str], None, "Endpoint model name (openai), or hub id / folder (hf; default: the "
+                                      "offline SmolLM2)."),
+    Opt("base_url", Optional[str], None, "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM)."),
+    Opt("api_key_env", str, "OPENAI_API_KEY", "Environment variable holding the API key (never printed)."),
+    Opt("adapter", Optional[str], None, "LoRA adapter folder for --backend hf."),
+    Opt("concurrency", int, 16, "Requests in flight at once (openai).", settings={"min": 1}),
+    Opt("batch_size", int, 8, "Prompts per generate call (hf).", settings={"min": 1}),
+    Opt("tries", int, 5, "Attempts per request on 429/5xx/timeouts/malformed answers, with exponential backoff "
+                         "and Retry-After.", settings={"min": 1}),
+    Opt("retry_base", float, 1.0, "First backoff in seconds (doubles each retry)."),
+    Opt("timeout", float, 120.0, "Seconds before one request counts as timed out."),
+    Opt("cache", Optional[Path], None, "Response cache (SQLite); default ~/.cache/probllm/llm-cache.sqlite."),
+    Opt("no_cache", bool, False, "Neither read nor write the response cache."),
+))
+
+GENERATION = OptionGroup("generation", (
+    Opt("max_new_tokens", int, 512, "Most tokens generated per answer.", settings={"min": 1}),
+    Opt("temperature", float, 0.0, "0 = greedy; > 0 samples, seeded by --seed.", settings={"min": 0.0}),
+    Opt("top_p", float, 1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.",
+        settings={"min": 0.0, "max": 1.0}),
+))
+
+EVAL = OptionGroup("evaluation", (
+    Opt("model", Optional[str], None, "Hub id, folder (also a `quantize` output) or nothing for the offline "
+                                      "SmolLM2-135M-Instruct."),
+    Opt("adapter", Optional[str], None, "LoRA adapter folder (a `dpo` output)."),
+    Opt("method", EvalMethod, EvalMethod.loglik, "loglik: acc + acc_norm as lm-eval; generate: chain of thought, "
+                                                 "then the number / boxed answer / letter."),
+    Opt("template", Template, Template.auto, "auto: lm-eval's MMLU template for MMLU items, its ARC template "
+                                             "otherwise."),
+    Opt("shots", int, 0, "Few-shot examples per question, from --dev.", settings={"min": 0}),
+    Opt("dev", Optional[list[str]], None, "MCQ records for few-shot examples: the first N of the same subject "
+                                          "(lm-eval's first_n)."),
+    Opt("chat_template", bool, False, "Wrap prompts in the model's chat template."),
+    Opt("context_field", Optional[str], None, "Record field with retrieved passages (strings or {text,...}) to "
+                                              "quote before the question.", flags=("--context",)),
+    Opt("max_passages", int, 5, "Passages used from --context.", settings={"min": 0}),
+    Opt("batch_size", int, 16, "Questions per forward pass.", settings={"min": 1}),
+    Opt("max_new_tokens", int, 256, "generate: tokens per answer.", settings={"min": 1}),
+    Opt("dtype", Dtype, Dtype.auto, "auto: float32 on CPU."),
+    Opt("device", str, "auto", "auto, cpu, cuda, cuda:1 ..."),
+))
