@@ -332,7 +332,9 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     decoder, head = _decoder_and_head(model)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     rows = _rows(units, min_shared_prefix, row_tokens)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: optimum-quanto updates its packed weights in place on first use, which
+    # inference tensors forbid.
+    with torch.no_grad():
         for batch in _batches(rows, batch_tokens, max_rows):
             lay = _layout(batch, pad_id)
             ids = torch.tensor(lay.input_ids, device=device)
