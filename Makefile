@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
+.PHONY: setup test browser demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
 
 setup: $(VENV)/.ready
 
@@ -30,11 +30,22 @@ $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m probllm.models
 	touch $@
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# Debian's chromium, for the chat page's test in a real headless browser (Playwright drives it through
+# executable_path; browser downloads from anywhere else are not possible here). Installed only when missing.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 demo: setup demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve
 	@echo "demo outputs are in $(OUT)/" >&2
+	@echo "" >&2
+	@echo "Talk with the course assistant:" >&2
+	@echo "  in a browser:     bin/probllm serve --index $(OUT)/notes.idx   then open http://127.0.0.1:8000/" >&2
+	@echo "  at the terminal:  bin/probllm chat --index $(OUT)/notes.idx" >&2
 
 demo-data: setup
 	OUT=$(OUT) SEED=$(SEED) bash scripts/demo-data.sh

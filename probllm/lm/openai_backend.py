@@ -22,7 +22,7 @@ from probllm.lm.base import (CHAT, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM, Fatal
                              Sources, TransientError)
 
 # Request fields that vLLM, transformers serve and probllm serve take beyond OpenAI's own.
-EXTENSIONS = ("repetition_penalty", "continue_final_message", "add_generation_prompt")
+EXTENSIONS = ("repetition_penalty", "continue_final_message", "add_generation_prompt", "probllm")
 
 NO_PROMPT_LOGPROBS = (
     "log-likelihood scoring (eval --method loglik, ask's letter choice by likelihood, judge --verdict-from "
@@ -119,6 +119,8 @@ class OpenAIBackend(LM):
             body["seed"] = params["seed"]
         if params.get("repetition_penalty", 1.0) != 1.0 and self.base_url:
             body["repetition_penalty"] = params["repetition_penalty"]  # vLLM's and probllm serve's extension
+        if isinstance(params.get("probllm"), dict) and self.base_url:
+            body["probllm"] = params["probllm"]  # probllm serve's options, e.g. {"retrieve": false} (chat)
         if messages and messages[-1].get("role") == "assistant":
             # A start of the reply to continue (vLLM's and transformers' `continue_final_message`).
             body.update(continue_final_message=True, add_generation_prompt=False)

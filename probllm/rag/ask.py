@@ -136,10 +136,10 @@ class Generator:
         scores = self._runner.run(self.lm.choose(messages, [" " + c for c in choices], prefix="Answer:"))
         return max(range(len(scores)), key=lambda i: scores[i])
 
-    def stream(self, prompt: list[dict], max_new_tokens: int) -> Iterator[str]:
+    def stream(self, prompt: list[dict], max_new_tokens: int, extra: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; Ctrl-C cancels the request, which frees the model at the
-        next token."""
-        agen = self.lm.stream_chat(prompt, self._params(max_new_tokens))
+        next token. `extra`: more request parameters (e.g. `probllm` options for a probllm serve)."""
+        agen = self.lm.stream_chat(prompt, {**self._params(max_new_tokens), **(extra or {})})
         try:
             while True:
                 try:
