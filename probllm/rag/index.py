@@ -285,7 +285,7 @@ def _file_documents(path: str, kind: str, stats: Stats, text_field: str, id_fiel
         return
     stats.read += 1
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             text = fh.read()
     except UnicodeDecodeError:
         err = RecordError("not UTF-8 text", source=path)
