@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag experiment ablation bench-setup bench clean
+.PHONY: setup test demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
 
 setup: $(VENV)/.ready
 
@@ -33,7 +33,7 @@ $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-demo: setup demo-data demo-llm demo-dpo demo-eval demo-rag
+demo: setup demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve
 	@echo "demo outputs are in $(OUT)/" >&2
 
 demo-data: setup
@@ -50,6 +50,10 @@ demo-eval: setup demo-data
 
 demo-rag: setup
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-rag.sh
+
+# The assistant as an OpenAI-compatible server: started in the background, used by `ask`, stopped.
+demo-serve: setup demo-rag
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-serve.sh
 
 # The report's Table 1 (student-only vs all-data DPO): on a GPU, `make experiment MODEL=deepseek-ai/deepseek-math-7b-rl`.
 experiment: setup demo-data

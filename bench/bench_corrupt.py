@@ -6,12 +6,13 @@ the other), so the records/s bound is c/(k*d). The table gives measured records/
 concurrency 1, 8, 32 and 128 (target: at least 90% at 32), and, as the reference, a sequential script that calls
 the synchronous `openai` client once per corruption, as the student scripts did.
 
-The server (probllm.llm.fake_server, stdlib asyncio) runs in its own process, so it does not share our GIL.
+The server (fake_server, stdlib asyncio) runs in its own process, so it does not share our GIL.
 `corrupt_records` runs in this process with a fresh response cache (every answer is committed to SQLite, as in
 real runs); input is read from a JSONL file and output written to /dev/null. Run it alone:
 
     flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_corrupt.py
     .venv/bin/python bench/bench_corrupt.py --seconds 4 --concurrency 1,32   # quicker
+    .venv/bin/python bench/bench_corrupt.py --faults --concurrency 32          # vs a bare client, 5% 429/500
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def make_records(path: Path, n: int, tag: str) -> None:
                                           "The second sentence explains the mechanism in a few more words."}) + "\n")
 
 
-def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "probllm.llm.fake_server", "--delay", str(delay)],
+def start_server(delay: float, fault_rate: float = 0.0) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_server.py"), "--delay", str(delay),
+                             "--fault-rate", str(fault_rate)],
                             stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     url = proc.stdout.readline().strip()
     if not url.startswith("http"):
@@ -52,7 +54,7 @@ def start_server(delay: float) -> tuple[subprocess.Popen, str]:
 def run_probllm(url: str, records: Path, concurrency: int, cache: Path) -> tuple[float, int, dict]:
     from probllm.corrupt import CorruptOptions, corrupt_records
     from probllm.io import Stats, read_records, write_records
-    from probllm.llm import BackendConfig
+    from probllm.lm import BackendConfig
 
     config = BackendConfig(backend="openai", model="bench", base_url=url, concurrency=concurrency, cache=cache,
                            timeout=30)
@@ -83,12 +85,81 @@ def run_sequential_script(url: str, records: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, len(recs)
 
 
+def run_bare_client(url: str, records: Path, concurrency: int) -> tuple[float, int]:
+    """The reference under faults: the official AsyncOpenAI client with its own retries (2, exponential backoff,
+    Retry-After honoured), `concurrency` requests in flight, every record's two corruptions one after the other."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    from probllm.corrupt import messages_for
+
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+
+    async def run() -> int:
+        client = AsyncOpenAI(base_url=url, api_key="none", max_retries=4)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(r: dict) -> None:
+            text = r["answer"]
+            for op in ("REMOVE", "SUBSTITUTE"):
+                async with sem:
+                    resp = await client.chat.completions.create(model="bench", max_tokens=512, temperature=0,
+                                                                messages=messages_for(op, r["question"], text))
+                text = resp.choices[0].message.content
+
+        await asyncio.gather(*(one(r) for r in recs))
+        await client.close()
+        return len(recs)
+
+    t0 = time.perf_counter()
+    n = asyncio.run(run())
+    return time.perf_counter() - t0, n
+
+
+def compare_under_faults(args) -> None:
+    """`corrupt` vs the bare async client against the same server, with and without injected 429/500s."""
+    levels = [int(c) for c in args.concurrency.split(",")]
+    lines = [f"`corrupt` vs a bare AsyncOpenAI client (same concurrency, {K} sequential requests per record), server "
+             f"answering after {args.delay * 1000:.0f} ms; faults: 429 (Retry-After: 1) or 500 on a share of "
+             f"requests. Machine: {os.cpu_count()} cores.", "",
+             "| faults | concurrency | records | bare client records/s | probllm records/s | ratio |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for rate in (0.0, args.fault_rate):
+        server, url = start_server(args.delay, rate)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp = Path(tmp)
+                make_records(tmp / "warm.jsonl", 4, "warm")
+                run_probllm(url, tmp / "warm.jsonl", 4, tmp / "warm.sqlite")
+                for c in levels:
+                    n = max(8, int(c / (K * args.delay) * args.seconds))
+                    make_records(tmp / f"b{c}.jsonl", n, f"f{rate}-{c}")
+                    bare_s, _ = run_bare_client(url, tmp / f"b{c}.jsonl", c)
+                    ours_s, out, notes = run_probllm(url, tmp / f"b{c}.jsonl", c, tmp / f"c{c}.sqlite")
+                    assert out == n, (out, notes)
+                    row = (f"| {rate:.0%} | {c} | {n} | {n / bare_s:.1f} | {n / ours_s:.1f} | "
+                           f"{bare_s / ours_s:.2f}x |")
+                    print(row, file=sys.stderr)
+                    lines.append(row)
+        finally:
+            server.terminate()
+            server.wait(5)
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay", type=float, default=0.2, help="server answer delay in seconds")
     parser.add_argument("--concurrency", default="1,8,32,128")
     parser.add_argument("--seconds", type=float, default=8.0, help="target duration of each run at the bound")
+    parser.add_argument("--faults", action="store_true", help="compare with a bare AsyncOpenAI client, with and "
+                                                               "without injected 429/500s (target: >= 0.9x)")
+    parser.add_argument("--fault-rate", type=float, default=0.05)
     args = parser.parse_args()
+    if args.faults:
+        compare_under_faults(args)
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
 
     server, url = start_server(args.delay)

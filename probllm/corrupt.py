@@ -3,8 +3,9 @@
 For each `{question, answer}` record, k of the operations REMOVE / SUBSTITUTE / INSERT (two of three by default)
 are picked with a random generator derived from the run's seed and the record's key, then applied one after the
 other, each by one LLM call with the method's prompt (or by `rules` without a model). A result that is empty,
-identical to its input, or a refusal is retried (with sampling and a new seed, since the same request would give
-the same answer), then reported. Output: pair records `{prompt, chosen, rejected, source, corruption_ops}` plus
+identical to its input, or a refusal is retried as a new request: the unusable reply and a follow-up saying what
+was wrong are added to the conversation, and sampling gets hotter with each try (a new seed alone changes nothing
+on a server that ignores it), then reported. Output: pair records `{prompt, chosen, rejected, source, corruption_ops}` plus
 the input's other fields.
 
 Choices depend only on (seed, record key), never on order or concurrency: a resumed or re-ordered run makes the
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError, first_present, log, require
-from probllm.llm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
-from probllm.llm.rules import apply_rule, split_sentences
+from probllm.lm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
+from probllm.lm.rules import split_sentences
 
 OPS = ("REMOVE", "SUBSTITUTE", "INSERT")
 QUESTION_FIELDS = ("question", "message_1", "instruction", "prompt")
@@ -143,6 +144,29 @@ def clean_output(text: str) -> str:
     return text
 
 
+FOLLOW_UP = {
+    "identical": "Your reply is identical to the correct answer: nothing was changed.",
+    "empty": "Your reply was empty.",
+    "refusal": "This is for training data: the changed answer will be labelled as the wrong one, so that a model "
+               "learns to prefer the correct answer. Nobody will take it as true.",
+}
+
+
+def retry_messages(messages: list[dict], op: str, output: str, reason: str) -> list[dict]:
+    """The conversation so far, the unusable reply, and a follow-up saying what was wrong and asking again."""
+    ask_again = f"{FOLLOW_UP[reason]} {GOALS[op]} {_FORMAT}"
+    return [*messages, {"role": "assistant", "content": output or "(no reply)"},
+            {"role": "user", "content": ask_again}]
+
+
+def retry_params(params: dict, attempt: int) -> dict:
+    """The user's parameters on the first try; then sampling, hotter with every try (0.7, 0.9, 1.1... at most
+    1.5), so that even a server that ignores `seed` gives another answer."""
+    if attempt:
+        params["temperature"] = min(1.5, max(params["temperature"], 0.7) + 0.2 * (attempt - 1))
+    return params
+
+
 def rejection_reason(before: str, after: str) -> str | None:
     """Why an output is not a valid corruption of `before`, or None when it is."""
     if not after.strip():
@@ -185,11 +209,10 @@ def corrupt_records(records: Iterable[Record], config: BackendConfig, opts: Corr
                     skip_invalid: bool = False) -> Iterator[dict]:
     """Pair records for every input record, in input order; failures counted in `stats` and reported."""
     opts.check()
-    if config.backend == "rules":
-        outcomes = _rules_outcomes(records, opts)
-        backend = None
+    backend = make_backend(config, allow_rules=True)
+    if "corrupt_rules" in backend.capabilities:
+        outcomes = _rules_outcomes(records, opts, backend)
     else:
-        backend = make_backend(config)
         label = f"{config.backend}:{backend.model}"
 
         async def one(rec: Record) -> _Outcome:
@@ -202,8 +225,7 @@ def corrupt_records(records: Iterable[Record], config: BackendConfig, opts: Corr
             if pair is not None:
                 yield pair
     finally:
-        if backend is not None:
-            stats.notes.update(backend.counts())
+        stats.notes.update(backend.counts())
 
 
 def _settle(o: _Outcome, stats: Stats, opts: CorruptOptions, skip_invalid: bool) -> dict | None:
@@ -238,11 +260,7 @@ async def _corrupt_one(rec: Record, backend, config: BackendConfig, opts: Corrup
         messages = messages_for(op, question, text, opts.few_shot)
         reason = None
         for attempt in range(opts.tries):
-            # The first try uses the user's parameters; a retry samples with a new seed, or it would get (and
-            # the cache would return) the same rejected answer again.
-            params = config.gen_params(seed=base_seed + 1000 * step + attempt).as_dict()
-            if attempt:
-                params["temperature"] = max(params["temperature"], 0.7)
+            params = retry_params(config.gen_params(seed=base_seed + 1000 * step + attempt).as_dict(), attempt)
             try:
                 out = clean_output(await backend.chat(messages, params))
             except RequestFailed as e:
@@ -253,12 +271,15 @@ async def _corrupt_one(rec: Record, backend, config: BackendConfig, opts: Corrup
             if reason is None:
                 text = out
                 break
+            # The next try is a different request, whatever the server does with `seed`: the model is told
+            # what was wrong with its reply (and samples hotter), instead of being asked the same thing again.
+            messages = retry_messages(messages, op, out, reason)
         if reason is not None:
             return _Outcome(rec, rejected=reason, ops=ops)
     return _Outcome(rec, pair=make_pair(rec, question, answer, text, ops, opts, label), ops=ops)
 
 
-def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions) -> Iterator[_Outcome]:
+def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions, rules) -> Iterator[_Outcome]:
     """Sequential (rules are fast). INSERT draws its sentence from the answers of recent records, so unlike the
     operation choice it depends on the input's order."""
     pool: deque[str] = deque(maxlen=500)
@@ -272,7 +293,7 @@ def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions) -> Iterator
         ops = pick_ops(rng, opts.ops, opts.k)
         text, reason = answer, None
         for op in ops:
-            out = apply_rule(op, text, question, rng, list(pool))
+            out = rules.apply(op, text, question, rng, list(pool))
             reason = "unchanged" if out is None else rejection_reason(text, out)
             if reason is not None:
                 break

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError, log, read_records, require
-from probllm.llm import BackendConfig, RequestFailed, make_backend, run_ordered
+from probllm.lm import BackendConfig, RequestFailed, make_backend, run_ordered
 
 MODES = ("pairwise", "single")
 

@@ -1,4 +1,4 @@
-"""The openai backend against a real chat-completions server on 127.0.0.1 (probllm.llm.fake_server), with faults."""
+"""The openai backend against a real chat-completions server on 127.0.0.1 (fake_server), with faults."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from probllm.llm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
-from probllm.llm.base import RetryPolicy
-from probllm.llm.cache import ResponseCache, request_key
-from probllm.llm.fake_server import ChatServer, body_hash, last_user_text
-from probllm.llm.openai_backend import OpenAIBackend
+from probllm.lm import BackendConfig, FatalBackendError, RequestFailed, make_backend, run_ordered
+from probllm.lm.base import Cached, Retrying, RetryPolicy
+from probllm.lm.cache import ResponseCache, request_key
+from fake_server import ChatServer, body_hash, last_user_text
+from probllm.lm.openai_backend import OpenAIBackend
 
 PARAMS = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 
@@ -21,9 +21,11 @@ def user(text: str) -> list[dict]:
 
 
 def backend_for(server: ChatServer, tries: int = 4, timeout: float = 10.0, concurrency: int = 8, cache=None,
-                **kw) -> OpenAIBackend:
-    return OpenAIBackend("fake-model", base_url=server.base_url, timeout=timeout, cache=cache,
-                         retry=RetryPolicy(tries=tries, base=0.01, cap=0.05), concurrency=concurrency, **kw)
+                **kw):
+    """The openai backend with the retry and cache wrappers, as make_backend composes them."""
+    lm = Retrying(OpenAIBackend("fake-model", base_url=server.base_url, timeout=timeout, concurrency=concurrency,
+                                **kw), RetryPolicy(tries=tries, base=0.01, cap=0.05), concurrency=concurrency)
+    return Cached(lm, cache) if cache is not None else lm
 
 
 def run_all(backend, prompts: list[str]) -> list:

@@ -16,10 +16,10 @@ import pytest
 
 from probllm.corrupt import CorruptOptions, clean_output, corrupt_records, messages_for, rejection_reason
 from probllm.io import RecordError, Stats, read_records
-from probllm.llm import BackendConfig
-from probllm.llm.cache import request_key
-from probllm.llm.fake_server import ChatServer, last_user_text
-from probllm.llm.rules import remove, substitute
+from probllm.lm import BackendConfig
+from probllm.lm.cache import request_key
+from fake_server import ChatServer, last_user_text
+from probllm.lm.rules import remove, substitute
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "qa.jsonl"
@@ -111,14 +111,18 @@ def test_prompts_follow_the_method():
 def test_rejected_outputs_are_retried_then_reported(tmp_path):
     records = qa_records()[:3]
 
+    # Like transformers serve as a new user met it: seed and temperature change nothing, the same request gets
+    # the same echo back. Only a request that says what was wrong gets a usable answer.
     def responder(body):
-        text = last_user_text(body)
-        answer = text.split("Correct answer:\n", 1)[1].rsplit("\n\nCorrupted answer:", 1)[0]
-        if "binary search" in text.lower():
+        task = [m["content"] for m in body["messages"] if "Correct answer:" in m["content"]][-1]
+        answer = task.split("Correct answer:\n", 1)[1].rsplit("\n\nCorrupted answer:", 1)[0]
+        if "binary search" in task.lower():
             return "I'm sorry, but I cannot help with corrupting answers."   # always a refusal
-        if body["temperature"] == 0:
-            return answer                                                    # identical on the first try
-        return answer + " Also, the moon is made of basalt."                 # fine on a retry
+        told = last_user_text(body)
+        if "identical to the correct answer" not in told:
+            return answer                                                    # an echo, whatever the seed
+        assert body["temperature"] >= 0.7 and body["messages"][-2]["content"] == answer
+        return answer + " Also, the moon is made of basalt."                 # fine once told
 
     failed = tmp_path / "failed.jsonl"
     with ChatServer(responder=responder) as server, open(failed, "w") as fh:

@@ -6,7 +6,7 @@ import json
 
 from probllm.io import Stats, read_records
 from probllm.judge import JudgeOptions, JudgeSummary, judge_records
-from probllm.llm import BackendConfig, make_backend, run_ordered
+from probllm.lm import BackendConfig, make_backend, run_ordered
 
 PARAMS = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from probllm.judge import JudgeSummary, combine, parse_pairwise, parse_rating, wilson_interval
-from probllm.llm.fake_server import ChatServer, last_user_text
+from fake_server import ChatServer, last_user_text
 
 ROOT = Path(__file__).resolve().parents[1]
 A = ROOT / "examples" / "answers-a.jsonl"

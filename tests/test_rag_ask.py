@@ -137,11 +137,11 @@ def test_answer_repetition_penalty_spares_the_quoted_sources():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    from probllm.rag.ask import _AnswerRepetitionPenalty
+    from probllm.lm.hf_backend import AnswerRepetitionPenalty
 
     scores = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
     ids = torch.tensor([[0, 1, 3]])  # prompt = [0, 1], answer so far = [3]
-    ours = _AnswerRepetitionPenalty(prompt_len=2, penalty=1.5)(ids, scores.clone())
+    ours = AnswerRepetitionPenalty(prompt_len=2, penalty=1.5)(ids, scores.clone())
     theirs = RepetitionPenaltyLogitsProcessor(1.5)(ids[:, 2:], scores.clone())
     assert torch.equal(ours, theirs)
     assert ours[0, 0] == 2.0 and ours[0, 1] == -1.0 and ours[0, 3] == 2.0  # prompt tokens untouched

@@ -20,6 +20,7 @@ import typer
 from probllm import __version__
 from probllm.io import EXIT_DATAERR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RecordError, Stats, \
     UsageError, log
+from probllm.lm.base import FatalBackendError
 from probllm.summary import write_summary
 
 # Typer 0.29 vendors click; its usage-error class is not re-exported, but BadParameter (public) derives from it.
@@ -259,6 +260,9 @@ def command(name: str, summary_file: Optional[Path] = None, quiet_summary: bool 
     except UsageError as e:
         log(f"probllm {name}: error: {e}")
         code = EXIT_USAGE
+    except FatalBackendError as e:  # the model or endpoint cannot work at all (refused key, no such model...)
+        log(f"probllm {name}: error: {e}")
+        code = EXIT_FAILURE
     except KeyboardInterrupt as e:
         note = str(e) if isinstance(e, Interrupted) and str(e) else ""
         log(f"probllm {name}: interrupted" + (f"; {note}" if note else ""))

@@ -77,6 +77,7 @@ class Template(Choice):
 
 
 class LetterMethod(Choice):
+    auto = "auto"          # loglik where the backend scores a chat reply (a local model), else generate
     loglik = "loglik"
     generate = "generate"
 

@@ -10,7 +10,7 @@ import typer
 from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
 from probllm.cli.choices import Dtype, QuantMethod, value
 from probllm.cli.groups import uses
-from probllm.cli.options import EVAL
+from probllm.cli.options import ENDPOINT, EVAL, backend_config
 
 hidden_aliases("quantize", eval_limit="--limit", force="--overwrite")
 
@@ -22,10 +22,11 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 
 
 @app.command("eval")
-@uses(EVAL)
+@uses(EVAL, ENDPOINT)
 def eval_command(
     files: InputFiles = None,
     evaluation: dict = None,
+    backend: dict = None,
     limit: Limit = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
@@ -38,12 +39,19 @@ def eval_command(
         probllm eval --limit 50 --summary base.json runs/demo/mcq.jsonl > base.jsonl
         probllm eval --model runs/q8 --method letter mcq.jsonl \\
             | jq -c '{id, pred, correct}'
+        probllm eval mcq.jsonl --backend openai \\
+            --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B
+
+    With `--backend openai`, loglik needs a server that returns prompt log-probs on /v1/completions (vLLM,
+    `probllm serve`); letter and generate work with more servers.
     """
     from probllm.evaluate.mcqa import run_eval
 
     settings = {name: value(v) for name, v in evaluation.items()}
+    config = backend_config(backend, model=settings["model"], adapter=settings["adapter"],
+                            batch_size=settings["batch_size"], dtype=settings["dtype"], device=settings["device"])
     with command("eval", summary) as stats:
-        run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid)
+        run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid, backend=config)
 
 
 @app.command("quantize")

@@ -1,8 +1,7 @@
-"""Commands of the llm family (see probllm/llm, probllm/corrupt.py, probllm/judge.py): options to functions."""
+"""Commands of the llm family (see probllm/lm, probllm/corrupt.py, probllm/judge.py): options to functions."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,27 +22,11 @@ JUDGE_BACKEND = BACKEND.replace("backend", type=JudgeBackend, default=JudgeBacke
 
 def _config(backend: dict, generation: dict, seed: int):
     """The backend's settings from the two option groups (the library calls generation length max_tokens)."""
-    from probllm.llm import BackendConfig
+    from probllm.lm import BackendConfig
 
     generation = dict(generation)
     return BackendConfig(**{**backend, "backend": value(backend["backend"])}, seed=seed,
                          max_tokens=generation.pop("max_new_tokens"), **generation)
-
-
-@contextmanager
-def _llm_command(name: str, summary: Optional[Path] = None):
-    """`command()` plus the one backend error that is not about data or options: the endpoint refusing us."""
-    from probllm.llm import FatalBackendError
-
-    failed = False
-    with command(name, summary) as stats:
-        try:
-            yield stats
-        except FatalBackendError as e:
-            log(f"probllm {name}: error: {e}")
-            failed = True
-    if failed:
-        raise typer.Exit(EXIT_FAILURE)
 
 
 # ---------------------------------------------------------------------------------------------------- corrupt
@@ -85,7 +68,7 @@ def corrupt(
     """
     from probllm.corrupt import CorruptOptions, corrupt_records, parse_ops
 
-    with _llm_command("corrupt", summary) as stats:
+    with command("corrupt", summary) as stats:
         config = _config(backend, generation, seed)
         failed_fh = open(failed, "w", encoding="utf-8") if failed else None
         try:
@@ -151,7 +134,7 @@ def judge(
 
     mode, verdict_from = value(mode), value(verdict_from)
     result = JudgeSummary(mode=mode)
-    with _llm_command("judge", summary) as stats:
+    with command("judge", summary) as stats:
         config = _config(backend, generation, seed)
         opts = JudgeOptions(mode=mode, key=key, question_field=question_field, answer_field=answer_field,
                             a_field=a_field, b_field=b_field, reference_field=reference_field, tries=judge_tries,

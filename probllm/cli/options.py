@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from probllm.cli.choices import Backend, Dtype, EvalMethod, Template
+from probllm.cli.choices import Backend, Dtype, EvalMethod, JudgeBackend, Template
 from probllm.cli.groups import Opt, OptionGroup
 
 BACKEND = OptionGroup("backend", (
@@ -60,3 +60,28 @@ EVAL = OptionGroup("evaluation", (
     Opt("dtype", Dtype, Dtype.auto, "auto: float32 on CPU."),
     Opt("device", str, "auto", "auto, cpu, cuda, cuda:1 ..."),
 ))
+
+# `eval` and `ask` on an endpoint: the part of BACKEND that says where requests go and how they are sent (the model
+# name itself is their own --model). A local model (hf) is the default.
+ENDPOINT = BACKEND.only("backend", "base_url", "api_key_env", "concurrency", "tries", "timeout").replace(
+    "backend", type=JudgeBackend, default=JudgeBackend.hf,
+    help="hf: a local transformers model; openai: any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, "
+         "OpenAI, probllm serve) given by --base-url, with --model its model name.").replace(
+    "concurrency", default=8)
+
+# A model loaded in this process (serve, ask).
+LOCAL_MODEL = OptionGroup("local_model", (
+    Opt("model", Optional[str], None, "Hub id, folder (also a `quantize` output) or nothing for the offline "
+                                      "SmolLM2-135M-Instruct; with --backend openai, the endpoint's model name."),
+    Opt("adapter", Optional[str], None, "LoRA adapter folder (a `dpo` output)."),
+    Opt("dtype", Dtype, Dtype.auto, "auto: float32 on CPU, bfloat16 on a GPU that has it."),
+    Opt("device", str, "auto", "auto, cpu, cuda, cuda:1 ..."),
+))
+
+
+def backend_config(backend: dict, **more):
+    """A `probllm.lm.BackendConfig` from an option group's values (Enums to their words) and more settings."""
+    from probllm.cli.choices import value
+    from probllm.lm import BackendConfig
+
+    return BackendConfig(**{k: value(v) for k, v in {**backend, **more}.items()})

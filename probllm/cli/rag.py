@@ -11,6 +11,8 @@ import typer
 
 from probllm.cli.app import InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
 from probllm.cli.choices import Dtype, LetterMethod, value
+from probllm.cli.groups import uses
+from probllm.cli.options import ENDPOINT, backend_config
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(
@@ -114,6 +116,7 @@ def retrieve_command(
 
 
 @app.command("ask")
+@uses(ENDPOINT)
 def ask_command(
     question: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are answered "
                                                            "(--input files or stdin).", show_default=False)] = None,
@@ -131,7 +134,8 @@ def ask_command(
                                                "(from `retrieve --attach`) to quote.")] = "context",
     letter: Annotated[LetterMethod, typer.Option("--letter", help="Options: pick the letter by each option's "
                                                  "likelihood (loglik; reliable for small models) or let the model "
-                                                 "write it (generate).")] = LetterMethod.loglik,
+                                                 "write it (generate); auto: loglik with a local model, generate "
+                                                 "with an endpoint.")] = LetterMethod.auto,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples, "
                                                "seeded by --seed.")] = 0.0,
@@ -145,6 +149,7 @@ def ask_command(
     embedder: EmbedderOpt = None,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: float32 on CPU.")] = Dtype.auto,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
+    backend: dict = None,
     seed: Seed = 0,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
@@ -160,9 +165,15 @@ def ask_command(
         probllm retrieve --index notes.idx --attach -i questions.jsonl \\
             | probllm ask > rag.jsonl
         probllm ask --index notes.idx -i examples/questions.jsonl -o rag.jsonl
+        probllm ask "What is heapsort?" --backend openai \\
+            --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct
+
+    With `--backend openai` and a server started with `probllm serve --index`, leave out --index here: the
+    server retrieves, and the sources it used are listed the same way.
     """
     from probllm.io import log, read_records, write_records
-    from probllm.rag.ask import Generator, ask_one, ask_records, check_options, show_sources
+    from probllm.rag.ask import (Generator, ask_one, ask_records, check_options, resolve_letter_method,
+                                 show_sources)
 
     letter, dtype = value(letter), value(dtype)
     with command("ask", summary_file=summary, quiet_summary=question is not None) as stats:
@@ -189,8 +200,19 @@ def ask_command(
             from probllm.rag.retrieve import Retriever
 
             retriever = Retriever(index, embedder=embedder)
+        lm = None
+        if value(backend["backend"]) == "openai":
+            from probllm.lm import Retrying, RetryPolicy, make_lm
+
+            config = backend_config(backend, model=model)
+            lm = Retrying(make_lm(config), RetryPolicy(tries=config.tries))
+        elif backend["base_url"]:
+            from probllm.io import UsageError
+
+            raise UsageError("--base-url is for --backend openai")
         generator = Generator(model, adapter=adapter, dtype=dtype, device=device, seed=seed,
-                              temperature=temperature, repetition_penalty=repetition_penalty)
+                              temperature=temperature, repetition_penalty=repetition_penalty, lm=lm)
+        letter = resolve_letter_method(letter, generator)
         if question is not None:
             def write(text: str) -> None:
                 sys.stdout.write(text)

@@ -100,6 +100,7 @@ def reward_eval_command(
     max_length: Annotated[Optional[int], _opt("--max-length", "Truncation (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass.")] = 4,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: the run's.")] = Dtype.auto,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     limit: Limit = None,
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
@@ -116,7 +117,7 @@ def reward_eval_command(
     with command("reward-eval", summary) as stats:
         records = read_records(files, stats, skip_invalid, limit=limit)
         scorer = RewardScorer(adapter=adapter, model=model, ref=ref, beta=beta, max_length=max_length,
-                              dtype=value(dtype))
+                              dtype=value(dtype), device=device)
         write_records(reward_eval(records, scorer, stats, batch_size=batch_size,
                                   skip_invalid=skip_invalid), stats)
 

@@ -633,9 +633,13 @@ def run_eval(
     dtype: str = "auto",
     device: str = "auto",
     skip_invalid: bool = False,
+    backend=None,
 ) -> dict:
     """The `eval` command: load, stream, score, write predictions; the summary on stderr and, for the
-    command's --summary file, in `stats.figures`."""
+    command's --summary file, in `stats.figures`.
+
+    `backend` (a `probllm.lm.BackendConfig`) with `backend="openai"` scores a served model instead of loading
+    one (see lm_scorer.py); `hf` (the default) loads the model here."""
     from probllm.io import UsageError, log, progress, read_records, write_records
     from probllm.models import load_model, load_tokenizer, model_label, set_threads
 
@@ -649,25 +653,44 @@ def run_eval(
     if dev:
         options.dev = load_dev(dev)
     options.check()
-    set_threads()
     t0 = time.perf_counter()
-    lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
-    tok = load_tokenizer(model)
-    if chat_template and not getattr(tok, "chat_template", None):
-        raise UsageError("--chat-template: this model's tokenizer has no chat template")
+    if backend is not None and backend.backend == "openai":
+        from probllm.evaluate.lm_scorer import LMScorer
+        from probllm.lm import make_backend
+
+        if chat_template and method != "generate":
+            raise UsageError(f"--chat-template with --method {method} and --backend openai: a server applies its "
+                             "template to chats only; score plain prompts, or use --method generate")
+        backend.no_cache = True  # scores are cheap to ask again and must reflect the model served now
+        scorer = LMScorer(make_backend(backend), backend.model or "")
+        described = {"model": backend.model, "backend": "openai", "base_url": backend.base_url}
+    else:
+        if backend is not None and backend.backend != "hf":
+            raise UsageError(f"--backend {backend.backend}: eval takes hf or openai")
+        set_threads()
+        lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
+        tok = load_tokenizer(model)
+        if chat_template and not getattr(tok, "chat_template", None):
+            raise UsageError("--chat-template: this model's tokenizer has no chat template")
+        scorer = Scorer(lm, tok)
+        import torch
+
+        described = {"model": model_label(model), "adapter": adapter,
+                     "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "device": scorer.device,
+                     "threads": torch.get_num_threads()}
     load_s = time.perf_counter() - t0
-    scorer = Scorer(lm, tok)
     summary = Summary()
     records = read_records(files, stats, skip_invalid)
-    with progress("eval") as advance:
-        write_records(evaluate_records(records, scorer, options, stats, summary, skip_invalid, advance), stats)
-    import torch
+    try:
+        with progress("eval") as advance:
+            write_records(evaluate_records(records, scorer, options, stats, summary, skip_invalid, advance), stats)
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
 
     result = summary.as_dict(
-        model=model_label(model), adapter=adapter, method=method, template=template, shots=shots,
-        chat_template=chat_template, context=context_field, batch_size=batch_size,
-        dtype=str(next(lm.parameters()).dtype).replace("torch.", ""), device=scorer.device,
-        threads=torch.get_num_threads(), load_seconds=round(load_s, 3),
+        **described, method=method, template=template, shots=shots,
+        chat_template=chat_template, context=context_field, batch_size=batch_size, load_seconds=round(load_s, 3),
     )
     log(summary.table(result))
     log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "

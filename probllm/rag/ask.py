@@ -2,8 +2,8 @@
 
 Two modes:
 - one question (a person at a terminal): the sources are listed on stderr first, then the answer streams to
-  stdout token by token as it is generated (TextIteratorStreamer; generation runs in a thread so Ctrl-C stops it
-  at the next token). Plain text on stdout keeps `probllm ask "..." > answer.txt` useful; the source list is
+  stdout piece by piece as it is generated (through the model layer, probllm.lm: a local model or any
+  OpenAI-compatible endpoint; Ctrl-C cancels the request, which stops a local generation at the next token). Plain text on stdout keeps `probllm ask "..." > answer.txt` useful; the source list is
   drawn with rich when stderr is a terminal.
 - records (JSONL in, JSONL out): every record's question is answered and the record is written back with
   `answer` (the text) and `context_ids` (the chunk ids quoted in the prompt; empty without an index), so the
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -79,148 +78,89 @@ def build_messages(q: Question) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
 
 
-class _Stop:
-    """A stopping criterion that ends generation when the main thread is interrupted."""
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _AnswerRepetitionPenalty:
-    """transformers' repetition penalty, applied only to tokens the answer itself has produced.
-
-    The built-in `repetition_penalty` also penalises every prompt token, which for a RAG prompt means the quoted
-    sources: the model is pushed away from the very terms it should copy. Left padding puts every prompt of a
-    batch at the same width, so the answer starts at one column for all rows."""
-
-    def __init__(self, prompt_len: int, penalty: float):
-        self.prompt_len = prompt_len
-        self.penalty = penalty
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_len:]
-        if generated.shape[1] == 0:
-            return scores
-        picked = scores.gather(1, generated)
-        picked = picked.where(picked < 0, picked / self.penalty).where(picked >= 0, picked * self.penalty)
-        return scores.scatter(1, generated, picked)
-
-
 class Generator:
-    """A causal LM and its tokenizer, loaded once through probllm.models (default, folder, hub id, adapter,
-    quantized folder)."""
+    """`ask`'s synchronous view of the model layer: any `LM` of probllm.lm (a local model loaded through
+    probllm.models, or an OpenAI-compatible endpoint such as `probllm serve`). A prompt is a chat: a list of
+    messages, optionally ending with the start of the assistant's reply (`prompt(messages, prefix)`)."""
 
     def __init__(self, model: str | None = None, adapter: str | None = None, dtype: str = "auto",
                  device: str = "auto", seed: int = 0, temperature: float = 0.0,
-                 repetition_penalty: float = 1.15):
-        import torch
+                 repetition_penalty: float = 1.15, lm=None):
+        import asyncio
 
-        from probllm.models import load_model, load_tokenizer, set_threads
+        if lm is None:
+            from probllm.lm.hf_backend import HFLM
 
-        set_threads()
-        self.tok = load_tokenizer(model, padding_side="left")
-        self.model = load_model(model, adapter=adapter, dtype=dtype, device=device)
-        self.device = next(self.model.parameters()).device
+            lm = HFLM(model, adapter=adapter, dtype=dtype, device=device).load()
+        self.lm = lm
+        self.seed = seed
         self.temperature = temperature
-        # Small models loop under greedy decoding (SmolLM2 repeats its first sentence); a mild penalty keeps the
-        # answer deterministic and readable. 1.0 turns it off.
+        # Small models loop under greedy decoding (SmolLM2 repeats its first sentence); a mild penalty on the
+        # answer's own tokens (not the quoted sources) keeps it deterministic and readable. 1.0 turns it off.
         self.repetition_penalty = repetition_penalty
-        torch.manual_seed(seed)  # one seeding per run; only sampling (temperature > 0) draws from it
+        self._runner = asyncio.Runner()
 
-    # -------------------------------------------------------------------------------------------- prompts
-    def prompt(self, messages: list[dict], prefix: str = "") -> str:
-        if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:  # a base model without a chat template
-            text = "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
-            prefix = (" " + prefix) if prefix else ""
-        return text + prefix
+    @property
+    def tok(self):
+        return getattr(self.lm, "tok", None)
 
-    def _encode(self, texts: list[str]):
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {k: v.to(self.device) for k, v in enc.items()}
+    @property
+    def remote(self) -> bool:
+        """An endpoint (which may add retrieval of its own), not a model in this process."""
+        return self.lm.name == "openai"
 
-    def _gen_kwargs(self, max_new_tokens: int, prompt_len: int) -> dict:
-        kw = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+    @property
+    def can_choose(self) -> bool:
+        from probllm.lm.base import CHAT_LOGLIKELIHOOD
+
+        return CHAT_LOGLIKELIHOOD in self.lm.capabilities
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self.lm.aclose())
+        finally:
+            self._runner.close()
+
+    def prompt(self, messages: list[dict], prefix: str = "") -> list[dict]:
+        return messages + ([{"role": "assistant", "content": prefix}] if prefix else [])
+
+    def _params(self, max_new_tokens: int) -> dict:
+        params = {"max_tokens": max_new_tokens, "temperature": self.temperature,
+                  "top_p": 0.95 if self.temperature > 0 else 1.0, "seed": self.seed}
         if self.repetition_penalty != 1.0:
-            from transformers import LogitsProcessorList
+            params["repetition_penalty"] = self.repetition_penalty
+        return params
 
-            kw["logits_processor"] = LogitsProcessorList([_AnswerRepetitionPenalty(prompt_len,
-                                                                                   self.repetition_penalty)])
-        if self.temperature > 0:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=0.95)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
-
-    # -------------------------------------------------------------------------------------------- letters
-    def choose_letter(self, prompt: str, choices: list[str]) -> int:
-        """The option whose text is most likely after the prompt (summed token log-probs, lm-eval's `acc`)."""
-        import torch
-
-        ctx = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        seqs, cont_lens = [], []
-        for c in choices:
-            whole = self.tok(prompt + " " + c, add_special_tokens=False)["input_ids"]
-            n = max(1, len(whole) - len(ctx))
-            seqs.append(whole)
-            cont_lens.append(n)
-        width = max(len(s) for s in seqs)
-        pad = self.tok.pad_token_id or 0
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        scores = []
-        for row, (s, n) in enumerate(zip(seqs, cont_lens)):
-            positions = range(len(s) - n, len(s))
-            scores.append(sum(float(logp[row, p - 1, s[p]]) for p in positions))
+    def choose_letter(self, messages: list[dict], choices: list[str]) -> int:
+        """The option whose text is most likely after "Answer:" (summed token log-probs, lm-eval's `acc`)."""
+        scores = self._runner.run(self.lm.choose(messages, [" " + c for c in choices], prefix="Answer:"))
         return max(range(len(scores)), key=lambda i: scores[i])
 
-    # ----------------------------------------------------------------------------------------- generation
-    def stream(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
-        """Yield text pieces as they are generated; Ctrl-C stops the generating thread at the next token."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        stop = _Stop()
-        inputs = self._encode([prompt])
-        failure: list[BaseException] = []
-
-        def run():
-            try:
-                self.model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]),
-                                    **self._gen_kwargs(max_new_tokens, inputs["input_ids"].shape[1]))
-            except BaseException as e:  # surfaced in the main thread below
-                failure.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+    def stream(self, prompt: list[dict], max_new_tokens: int) -> Iterator[str]:
+        """Yield text pieces as they are generated; Ctrl-C cancels the request, which frees the model at the
+        next token."""
+        agen = self.lm.stream_chat(prompt, self._params(max_new_tokens))
         try:
-            for piece in streamer:
+            while True:
+                try:
+                    piece = self._runner.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
                 if piece:
                     yield piece
         finally:
-            stop.event.set()
-            thread.join()
-        if failure:
-            raise failure[0]
+            self._runner.run(agen.aclose())
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Answers for a batch of prompts (left-padded: greedy results match one-by-one generation)."""
-        import torch
+    def generate(self, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """Answers for a batch of prompts, generated together (greedy results match one-by-one generation)."""
+        import asyncio
 
-        inputs = self._encode(prompts)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, inputs["input_ids"].shape[1]))
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+        params = self._params(max_new_tokens)
+
+        async def all_of():
+            return await asyncio.gather(*(self.lm.chat(p, params) for p in prompts))
+
+        return [t.strip() for t in self._runner.run(all_of())]
 
 
 def answer_prefix(q: Question, letter_index: int | None) -> str:
@@ -283,17 +223,26 @@ def ask_one(
     if on_sources:
         on_sources(passages)
     q = Question(question, list(choices or []), passages)
-    base = generator.prompt(build_messages(q))
     letter_index = None
     if q.choices and letter_method == "loglik":
-        letter_index = generator.choose_letter(base + "Answer:", q.choices)
+        letter_index = generator.choose_letter(build_messages(q), q.choices)
     prefix = answer_prefix(q, letter_index)
-    prompt = generator.prompt(build_messages(q), prefix)
+    messages = build_messages(q)
+    if retriever is None and not q.choices and generator.remote:
+        # The server may retrieve and quote the notes itself (probllm serve --index): send it the question as the
+        # student wrote it, so that it searches for and frames exactly what a local `ask --index` would.
+        messages = [{"role": "user", "content": question}]
+    prompt = generator.prompt(messages, prefix)
     pieces: list[str] = []
     first = None
     if prefix and on_text:
         on_text(prefix)
     for piece in generator.stream(prompt, max_new_tokens):
+        if not isinstance(piece, str):  # the server retrieved for us (probllm serve --index)
+            passages = list(piece)
+            if on_sources:
+                on_sources(passages)
+            continue
         if first is None:
             first = time.perf_counter() - t0
         pieces.append(piece)
@@ -339,8 +288,7 @@ def ask_records(
                     q.passages = hits
             prompts, prefixes, letters = [], [], []
             for _, q in parsed:
-                base = generator.prompt(build_messages(q))
-                li = generator.choose_letter(base + "Answer:", q.choices) if q.choices and \
+                li = generator.choose_letter(build_messages(q), q.choices) if q.choices and \
                     letter_method == "loglik" else None
                 prefix = answer_prefix(q, li)
                 prompts.append(generator.prompt(build_messages(q), prefix))
@@ -360,9 +308,19 @@ def ask_records(
             advance(len(parsed))
 
 
+def resolve_letter_method(letter_method: str, generator: Generator) -> str:
+    """`auto`: by likelihood where the backend can score a chat reply (a local model), else written."""
+    if letter_method == "auto":
+        return "loglik" if generator.can_choose else "generate"
+    if letter_method == "loglik" and not generator.can_choose:
+        raise UsageError(f"--letter loglik needs a backend that scores a chat reply's options (hf); the "
+                         f"{generator.lm.name} backend cannot: use --letter generate")
+    return letter_method
+
+
 def check_options(letter_method: str, k: int, max_new_tokens: int, batch_size: int) -> None:
-    if letter_method not in ("loglik", "generate"):
-        raise UsageError(f"--letter {letter_method}: choose loglik or generate")
+    if letter_method not in ("auto", "loglik", "generate"):
+        raise UsageError(f"--letter {letter_method}: choose auto, loglik or generate")
     if k < 1:
         raise UsageError("-k must be at least 1")
     if max_new_tokens < 1:

@@ -43,10 +43,7 @@ class RewardScorer:
     def __init__(self, adapter: str | None = None, model: str | None = None, ref: str | None = None,
                  beta: float | None = None, max_length: int | None = None, dtype: str = "auto",
                  device: str = "auto"):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from probllm.models import device_name, load_tokenizer, resolve_model, set_threads
+        from probllm.models import device_name, load_model, load_tokenizer, set_threads
 
         if not adapter and not ref:
             raise UsageError("give --adapter (reference = adapter disabled) or --ref (a reference model)")
@@ -58,26 +55,18 @@ class RewardScorer:
             model = cfg.get("model_path") or _base_model_of(adapter)
         self.device = device_name(device)
         if dtype == "auto":
-            torch_dtype = torch.bfloat16 if cfg.get("bf16") else torch.float32
-        else:
-            from probllm.models import resolve_dtype
-
-            torch_dtype = resolve_dtype(dtype, self.device)
-        path = resolve_model(model)
+            dtype = "bfloat16" if cfg.get("bf16") else "float32"
+        self.dtype = dtype
         tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
         self.tokenizer = load_tokenizer(tok_source, padding_side="right")
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         if adapter:
-            from peft import PeftModel
-
             _base_model_of(adapter)  # a clear error for a folder that is not an adapter
-            self.model = PeftModel.from_pretrained(self.model, adapter)
-        self.model.to(self.device).eval()
+        # The one resolver: a `quantize` folder loads with its quantized weights, not silently as float.
+        self.model = load_model(model, adapter=adapter, dtype=dtype, device=self.device)
         self.ref_model = None
         if ref:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(resolve_model(ref), dtype=torch_dtype,
-                                                                  use_safetensors=True).to(self.device).eval()
+            self.ref_model = load_model(ref, dtype=dtype, device=self.device)
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
         self.collator = DataCollatorForPreference(pad_token_id=self.tokenizer.pad_token_id,

@@ -7,7 +7,7 @@ dropped connections. It counts requests per body hash, so tests can prove that a
 that had already succeeded.
 
 Built on asyncio streams from the standard library (no extra dependency) so one process serves hundreds of
-concurrent connections. Run it alone with `python -m probllm.llm.fake_server --delay 0.2` (prints its URL).
+concurrent connections. Run it alone with `python tests/fake_server.py --delay 0.2` (prints its URL).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class ChatServer:
         self.stop()
 
     async def serve_forever(self) -> None:
-        """Serve on the current loop (used by `python -m probllm.llm.fake_server`)."""
+        """Serve on the current loop (used by `python -m fake_server`)."""
         self._closing = asyncio.Event()
         self._server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -266,6 +266,19 @@ class ChatServer:
                 self.in_flight -= 1
 
 
+def random_faults(rate: float) -> FaultPlan:
+    """429 or 500 for a share `rate` of requests, decided by a hash of the body and its attempt number: the same
+    for every client, so two clients benchmarked against it meet the same faults."""
+
+    def plan(body: dict, n: int) -> "str | None":
+        draw = int(hashlib.sha256(f"{body_hash(body)}:{n}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        if draw >= rate:
+            return None
+        return "429:1" if draw < rate / 2 else "500"
+
+    return plan
+
+
 def completion(body: dict, text: str) -> dict:
     prompt_words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
     return {
@@ -283,8 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--fault-rate", type=float, default=0.0,
+                        help="share of requests answered 429 (Retry-After: 1) or 500, half each, at random")
     args = parser.parse_args(argv)
-    server = ChatServer(delay=args.delay, port=args.port)
+    server = ChatServer(delay=args.delay, port=args.port,
+                        faults=random_faults(args.fault_rate) if args.fault_rate else None)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:

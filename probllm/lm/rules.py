@@ -91,6 +91,26 @@ def insert(text: str, rng: random.Random, pool: list[str]) -> str | None:
     return " ".join(sentences[:at] + [sentence] + sentences[at:])
 
 
+class RulesLM:
+    """The `rules` backend: no model, no requests; it applies one corruption operation to a text (`corrupt`).
+
+    Declares the single capability `corrupt_rules`, so a command that needs chat or log-likelihoods refuses it
+    with the usual message; `corrupt` asks for the capability instead of testing the backend's name."""
+
+    name = "rules"
+    model = "rules"
+    capabilities = frozenset({"corrupt_rules"})
+
+    def apply(self, op: str, text: str, question: str, rng: random.Random, pool: list[str]) -> str | None:
+        return apply_rule(op, text, question, rng, pool)
+
+    def counts(self) -> dict:
+        return {}
+
+    async def aclose(self) -> None:
+        pass
+
+
 def apply_rule(op: str, text: str, question: str, rng: random.Random, pool: list[str]) -> str | None:
     if op == "REMOVE":
         return remove(text, question, rng)

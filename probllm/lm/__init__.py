@@ -1,5 +1,7 @@
-"""LLM backends behind one interface: `openai` (any OpenAI-compatible endpoint), `hf` (a local transformers
-model) and `rules` (no model; `corrupt` only). See base.py for the interface, cache.py for the response cache.
+"""The one model layer: backends behind one interface (base.py), `openai` (any OpenAI-compatible endpoint), `hf`
+(a local transformers model) and `rules` (no model; `corrupt` only), with the response cache and retries as
+wrappers (`Cached`, `Retrying`) around any of them. `probllm serve` (probllm/serve) is the other side: our model
+behind the OpenAI protocol.
 
     config = BackendConfig(backend="openai", model="gpt-4o-mini", concurrency=32)
     backend = make_backend(config)
@@ -12,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probllm.io import UsageError
-from probllm.llm.base import (Backend, FatalBackendError, GenParams, RequestFailed, RetryPolicy,  # noqa: F401
-                              TransientError, run_ordered)
+from probllm.lm.base import (LM, Cached, FatalBackendError, GenParams, RequestFailed, Retrying,  # noqa: F401
+                             RetryPolicy, TransientError, run_ordered)
 
 BACKENDS = ("openai", "hf", "rules")
 
@@ -62,29 +64,42 @@ class BackendConfig:
         return self.model or ""
 
 
-def make_backend(config: BackendConfig, allow_rules: bool = False) -> Backend | None:
-    """The backend the options describe; None for `rules` (callers handle it without a model)."""
+def make_backend(config: BackendConfig, allow_rules: bool = False):
+    """The backend the options describe: openai or hf wrapped in retries and the response cache, or the `rules`
+    backend (no model, no requests) where the command can use it."""
     if config.backend not in BACKENDS:
         raise UsageError(f"--backend {config.backend}: choose one of {', '.join(BACKENDS)}")
     if config.backend == "rules":
         if not allow_rules:
             raise UsageError("--backend rules only works with `corrupt`: use openai or hf")
-        return None
+        from probllm.lm.rules import RulesLM
+
+        return RulesLM()
     if config.concurrency < 1 or config.tries < 1 or config.max_tokens < 1:
         raise UsageError("--concurrency, --tries and --max-tokens must be at least 1")
-    from probllm.llm.cache import ResponseCache, default_cache_path
+    lm = make_lm(config)
+    lm = Retrying(lm, RetryPolicy(tries=config.tries, base=config.retry_base),
+                  concurrency=max(config.concurrency, config.batch_size) if config.backend == "hf"
+                  else config.concurrency, seed=config.seed)
+    if not config.no_cache:
+        from probllm.lm.cache import ResponseCache, default_cache_path
 
-    cache = None if config.no_cache else ResponseCache(config.cache or default_cache_path())
-    common = dict(cache=cache, retry=RetryPolicy(tries=config.tries, base=config.retry_base),
-                  concurrency=config.concurrency, seed=config.seed)
+        lm = Cached(lm, ResponseCache(config.cache or default_cache_path()))
+    return lm
+
+
+def make_lm(config: BackendConfig) -> LM:
+    """The bare backend (no cache, no retries): what `serve` and scoring commands use."""
     if config.backend == "openai":
-        from probllm.llm.openai_backend import OpenAIBackend
+        from probllm.lm.openai_backend import OpenAIBackend
 
         return OpenAIBackend(config.model or "", base_url=config.base_url, api_key_env=config.api_key_env,
-                             timeout=config.timeout, **common)
-    from probllm.llm.hf_backend import HFBackend
+                             timeout=config.timeout, concurrency=config.concurrency)
+    if config.backend != "hf":
+        raise UsageError(f"--backend {config.backend}: this command needs openai or hf")
+    from probllm.lm.hf_backend import HFLM
 
     if config.base_url:
         raise UsageError("--base-url is for --backend openai")
-    return HFBackend(config.model, adapter=config.adapter, batch_size=config.batch_size, device=config.device,
-                     dtype=config.dtype, **common)
+    return HFLM(config.model, adapter=config.adapter, batch_size=config.batch_size, device=config.device,
+                dtype=config.dtype)

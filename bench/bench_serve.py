@@ -1,0 +1,138 @@
+"""`probllm serve` under load: concurrent streaming chat clients against one server process.
+
+One `probllm serve` process (the offline SmolLM2 by default, or --model) on 127.0.0.1; for each client count
+(1, 8, 32 by default) every client sends streaming chat requests one after the other (official AsyncOpenAI
+client, `stream=True`, greedy, --max-tokens each) for --requests requests. Reported per client count: requests
+answered / errors, time to first token p50/p99, aggregate tokens/s (content chunks) and its ratio to one client
+alone; the server's RSS after each round. The whole set runs twice (--rounds) to show the memory is flat.
+
+Targets (issue 10): every request answered, no error, RSS flat across rounds, aggregate tokens/s at 8 clients
+>= 3x one client (concurrent requests share batched generate calls).
+
+    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_serve.py
+    .venv/bin/python bench/bench_serve.py --clients 1,4 --requests 2 --max-tokens 8 --rounds 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+RESULTS = ROOT / "bench" / "results" / "serve.md"
+
+QUESTIONS = ["What is the time complexity of heapsort?", "Why does ice float on water?",
+             "What is Newton's second law?", "Explain gradient descent in one paragraph.",
+             "What is a hash table?", "Why is the sky blue?", "What is an eigenvector?", "What does DNA encode?"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    ttfts: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    answered = 0
+
+    async def one_client(c: int) -> None:
+        nonlocal tokens, answered
+        for r in range(requests):
+            question = QUESTIONS[(c * requests + r) % len(QUESTIONS)]
+            t0 = time.perf_counter()
+            first = None
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+                    temperature=0, stream=True)
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        if first is None:
+                            first = time.perf_counter() - t0
+                        tokens += 1
+                answered += 1
+                if first is not None:
+                    ttfts.append(first)
+            except Exception as e:  # counted and shown: the bench must see every failure
+                errors.append(f"{e.__class__.__name__}: {e}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - t0
+    await client.close()
+    ttfts.sort()
+    return {"clients": clients, "requests": clients * requests, "answered": answered, "errors": errors,
+            "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=3, help="requests per client, one after the other")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="the server's --batch-size")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    from servers import probllm_serve
+
+    serve_args = ["--batch-size", str(args.batch_size), "--served-model-name", "bench"]
+    if args.model:
+        serve_args += ["--model", args.model]
+    rows, rss = [], []
+    with probllm_serve(*serve_args) as (url, proc, _):
+        asyncio.run(load(url, "bench", 1, 1, 4))  # warm-up: first batch, tokenizer caches
+        rss.append(("after warm-up", rss_mb(proc.pid)))
+        for rnd in range(1, args.rounds + 1):
+            for c in levels:
+                res = asyncio.run(load(url, "bench", c, args.requests, args.max_tokens))
+                res["round"] = rnd
+                rows.append(res)
+                print(f"round {rnd}, {c} clients: {res['answered']}/{res['requests']} answered, "
+                      f"{len(res['errors'])} errors, {res['tokens_per_s']:.1f} tokens/s, "
+                      f"TTFT p50 {res['ttft_p50']:.2f} s", file=sys.stderr)
+                for e in res["errors"][:3]:
+                    print(f"  error: {e}", file=sys.stderr)
+            rss.append((f"after round {rnd}", rss_mb(proc.pid)))
+
+    lines = [f"`probllm serve` ({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {args.batch_size}) under "
+             f"concurrent streaming chat clients: {args.requests} requests per client, {args.max_tokens} tokens "
+             f"each, greedy. Machine: {os.cpu_count()} cores, Python {platform.python_version()}; server and "
+             "clients on the same machine.", "",
+             "| round | clients | answered | errors | TTFT p50 s | TTFT p99 s | tokens/s | vs 1 client |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        solo = next((x for x in rows if x["round"] == r["round"] and x["clients"] == 1), None)
+        ratio = f"{r['tokens_per_s'] / solo['tokens_per_s']:.2f}x" if solo else "-"
+        lines.append(f"| {r['round']} | {r['clients']} | {r['answered']}/{r['requests']} | {len(r['errors'])} | "
+                     f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {r['tokens_per_s']:.1f} | {ratio} |")
+    lines += ["", "Server RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss)]
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(table + "\n")
+    if any(r["errors"] or r["answered"] != r["requests"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

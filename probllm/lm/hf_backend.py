@@ -1,0 +1,411 @@
+"""A local transformers model behind the `LM` interface: batched, streamed generation and lm-eval scoring.
+
+The model loads through the one resolver (`probllm.models`: the offline default, folders, hub ids, LoRA adapters,
+`quantize` folders). Callers await one chat at a time, as with an API; a batcher collects the requests that arrive
+within a few milliseconds of each other (up to `batch_size`, same sampling parameters) and runs them as one
+left-padded `generate` call in a worker thread, so the event loop keeps serving while the model works. Every row
+streams: a batch-aware streamer hands each request its own new text as tokens come out, and a request whose row
+is finished (end of text, its own token limit, or its reader gone) stops counting; the batch ends when all rows
+have. `probllm serve` and the CLI commands share this code.
+
+Greedy by default; with a temperature, sampling is seeded per batch from the first request's seed. A model
+without a chat template gets one plain transcript prompt (`render`), the same for every command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from probllm.lm.base import (CHAT, CHAT_LOGLIKELIHOOD, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM,
+                             FatalBackendError, RequestFailed)
+
+_DONE = object()
+
+
+@dataclass
+class _GenRequest:
+    prompt_ids: list[int]
+    params: dict
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    tokens: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    done: bool = False
+    cancelled: bool = False
+
+
+class AnswerRepetitionPenalty:
+    """transformers' repetition penalty, applied only to tokens the answer itself has produced.
+
+    The built-in `repetition_penalty` also penalises every prompt token, which for a RAG prompt means the quoted
+    sources: the model is pushed away from the very terms it should copy. Left padding puts every prompt of a
+    batch at the same width, so the answer starts at one column for all rows."""
+
+    def __init__(self, prompt_len: int, penalty: float):
+        self.prompt_len = prompt_len
+        self.penalty = penalty
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, generated)
+        picked = picked.where(picked < 0, picked / self.penalty).where(picked >= 0, picked * self.penalty)
+        return scores.scatter(1, generated, picked)
+
+
+class _RowStreamer:
+    """A transformers streamer for a whole batch: `put` gets the prompt first, then one new token per row."""
+
+    def __init__(self, lm: "HFLM", batch: list[_GenRequest]):
+        self.lm = lm
+        self.batch = batch
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:  # the prompt
+            self.first = False
+            return
+        tokens = value.tolist() if value.dim() == 1 else value[:, 0].tolist()
+        for req, tok_id in zip(self.batch, tokens):
+            if req.done or req.cancelled:
+                continue
+            if tok_id in self.lm.eos_ids:
+                self.lm._finish(req)
+                continue
+            req.tokens.append(tok_id)
+            self.lm._emit(req)
+            if len(req.tokens) >= int(req.params.get("max_tokens", 256)):
+                self.lm._finish(req)
+
+    def end(self) -> None:
+        for req in self.batch:
+            if not req.done:
+                self.lm._finish(req)
+
+
+class _RowsDone:
+    """Stopping criterion: a row is done when its request is (so the batch stops when every row has)."""
+
+    def __init__(self, batch: list[_GenRequest]):
+        self.batch = batch
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.tensor([r.done or r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
+
+
+class HFLM(LM):
+    name = "hf"
+    capabilities = frozenset({CHAT, STREAM, COMPLETIONS, LOGLIKELIHOOD, CHAT_LOGLIKELIHOOD})
+
+    def __init__(self, model: str | None = None, adapter: str | None = None, batch_size: int = 8,
+                 device: str = "auto", dtype: str = "auto", max_wait: float = 0.005,
+                 trust_remote_code: bool = False, **_ignored):
+        from probllm.models import model_label
+
+        label = model_label(model) + (f"+adapter:{adapter.rstrip('/')}" if adapter else "")
+        super().__init__(label)
+        self.model_name = model
+        self.adapter = adapter
+        self.batch_size = max(1, batch_size)
+        self.device = device
+        self.dtype = dtype
+        self.max_wait = max_wait
+        self.regroup_wait = max(max_wait, 0.05)
+        self._last_batch = 1
+        self.trust_remote_code = trust_remote_code
+        self.tok = None
+        self.lm = None
+        self.eos_ids: set[int] = set()
+        self.batches = 0
+        self._pending: list[_GenRequest] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        # One model, used from worker threads: load it once and run one forward pass at a time (parallel passes
+        # would only fight over the same cores).
+        self._model_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def load(self) -> "HFLM":
+        with self._load_lock:
+            if self.lm is None:
+                from probllm.models import load_model, load_tokenizer, set_threads
+
+                set_threads()
+                self.tok = load_tokenizer(self.model_name, padding_side="left",
+                                          trust_remote_code=self.trust_remote_code)
+                self.lm = load_model(self.model_name, adapter=self.adapter, dtype=self.dtype, device=self.device,
+                                     trust_remote_code=self.trust_remote_code)
+                eos = self.lm.generation_config.eos_token_id if getattr(self.lm, "generation_config", None) \
+                    else None
+                eos = eos if isinstance(eos, list) else [eos]
+                self.eos_ids = {e for e in eos + [self.tok.eos_token_id] if e is not None}
+        return self
+
+    @property
+    def max_length(self) -> int:
+        self.load()
+        return model_max_length(self.lm, self.tok)
+
+    # ------------------------------------------------------------------------------------------ prompts
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text of a chat. A last `assistant` message is the start of the reply, continued as is."""
+        self.load()
+        prefix = ""
+        if messages and messages[-1].get("role") == "assistant":
+            prefix = str(messages[-1].get("content") or "")
+            messages = messages[:-1]
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a base model without a chat template: a plain transcript it can continue
+            lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+            text = "\n\n".join(lines) + "\n\nAssistant:"
+            prefix = (" " + prefix) if prefix else ""
+        return text + prefix
+
+    def encode_prompt(self, text: str) -> list[int]:
+        self.load()
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    async def chat(self, messages: list[dict], params: dict) -> str:
+        return "".join([p async for p in self.stream_chat(messages, params)]).strip()
+
+    async def complete(self, prompt: str, params: dict) -> str:
+        await asyncio.to_thread(self.load)
+        return "".join([p async for p in self.stream_ids(self.encode_prompt(prompt), params)])
+
+    async def stream_chat(self, messages: list[dict], params: dict):
+        await asyncio.to_thread(self.load)
+        async for piece in self.stream_ids(self.encode_prompt(self.render(messages)), params):
+            yield piece
+
+    def _submit(self, prompt_ids: list[int], params: dict) -> _GenRequest:
+        loop = asyncio.get_running_loop()
+        req = _GenRequest(list(prompt_ids), dict(params), loop, asyncio.Queue())
+        self.requests += 1
+        self._pending.append(req)
+        if self._wakeup is None or self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.ensure_future(self._batch_loop())
+        self._wakeup.set()
+        return req
+
+    async def generate_ids(self, prompt_ids: list[int], params: dict) -> list[int]:
+        """The generated token ids (end of text excluded), batched like every generation."""
+        req = self._submit(prompt_ids, params)
+        async for _ in self._pieces(req):
+            pass
+        return req.tokens
+
+    async def stream_ids(self, prompt_ids: list[int], params: dict):
+        """Pieces of generated text for one prompt (token ids), batched with whatever else is waiting."""
+        async for piece in self._pieces(self._submit(prompt_ids, params)):
+            yield piece
+
+    async def _pieces(self, req: _GenRequest):
+        try:
+            while True:
+                item = await req.queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True  # a reader that went away frees its row at the next token
+            if req in self._pending:
+                self._pending.remove(req)
+
+    def _batch_key(self, req: _GenRequest) -> tuple:
+        p = req.params
+        return (float(p.get("temperature", 0) or 0), float(p.get("top_p", 1.0) or 1.0),
+                float(p.get("repetition_penalty", 1.0) or 1.0))
+
+    async def _batch_loop(self) -> None:
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=30)
+                except asyncio.TimeoutError:
+                    if not self._pending:
+                        return
+                continue
+            # Let requests that arrive together (the other records' coroutines, other HTTP clients) join. Right
+            # after a batch, its clients come back with their next request within a few tens of milliseconds:
+            # wait (a little longer) for as many as the last batch had, or a batch of one would make the others
+            # wait for all of its tokens (a generate call cannot take rows once started).
+            start = time.monotonic()
+            want = min(self.batch_size, max(1, self._last_batch))
+            while len(self._pending) < self.batch_size:
+                waited = time.monotonic() - start
+                if waited >= self.max_wait and (len(self._pending) >= want or waited >= self.regroup_wait):
+                    break
+                await asyncio.sleep(0.001)
+            key = self._batch_key(self._pending[0])
+            batch = [r for r in self._pending if self._batch_key(r) == key and not r.cancelled][: self.batch_size]
+            for r in list(self._pending):
+                if r in batch or r.cancelled:
+                    self._pending.remove(r)
+            if not batch:
+                continue
+            self._last_batch = len(batch)
+            try:
+                await asyncio.to_thread(self._generate, batch)
+            except Exception as e:  # a model that cannot generate will not do better on a retry
+                err = FatalBackendError(f"generation failed: {e.__class__.__name__}: {e}")
+                for r in batch:
+                    if not r.done:
+                        r.done = True
+                        r.loop.call_soon_threadsafe(r.queue.put_nowait, err)
+
+    def _emit(self, req: _GenRequest) -> None:
+        text = self.tok.decode(req.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+            return
+        piece = text[req.sent_chars:]
+        if piece:
+            req.sent_chars = len(text)
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, piece)
+
+    def _finish(self, req: _GenRequest) -> None:
+        if req.done:
+            return
+        text = self.tok.decode(req.tokens, skip_special_tokens=True)
+        if len(text) > req.sent_chars:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, text[req.sent_chars:])
+            req.sent_chars = len(text)
+        req.done = True
+        req.loop.call_soon_threadsafe(req.queue.put_nowait, _DONE)
+
+    def _generate(self, batch: list[_GenRequest]) -> None:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        with self._model_lock:
+            tok, lm = self.tok, self.lm
+            width = max(len(r.prompt_ids) for r in batch)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):  # left padding: every answer starts at the same column
+                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+                mask[i, width - len(r.prompt_ids):] = 1
+            params = batch[0].params
+            kwargs = {"max_new_tokens": max(int(r.params.get("max_tokens", 256)) for r in batch),
+                      "pad_token_id": pad}
+            penalty = float(params.get("repetition_penalty", 1.0) or 1.0)
+            if penalty != 1.0:
+                kwargs["logits_processor"] = LogitsProcessorList([AnswerRepetitionPenalty(width, penalty)])
+            if float(params.get("temperature", 0) or 0) > 0:
+                kwargs.update(do_sample=True, temperature=float(params["temperature"]),
+                              top_p=float(params.get("top_p", 1.0) or 1.0), top_k=int(params.get("top_k", 50)))
+                torch.manual_seed(int(params.get("seed", 0) or 0))
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            streamer = _RowStreamer(self, batch)
+            with torch.no_grad():
+                lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_RowsDone(batch)]), **kwargs)
+            streamer.end()
+            self.batches += 1
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    async def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        self.requests += 1
+        return await asyncio.to_thread(self._loglikelihood, requests)
+
+    def _loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        from probllm.lm.hf_scoring import encode_pair, score_groups
+
+        self.load()
+        # Consecutive requests with the same context form one group: the scorer runs that context once.
+        groups: list[tuple[list[int], list[list[int]]]] = []
+        last_ctx = None
+        for context, continuation in requests:
+            ctx, cont = encode_pair(self.tok, context, continuation)
+            if not cont:
+                raise RequestFailed("empty continuation: nothing to score")
+            if groups and ctx == last_ctx:
+                groups[-1][1].append(cont)
+            else:
+                groups.append((ctx, [cont]))
+                last_ctx = ctx
+        with self._model_lock:
+            scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=self.tok.pad_token_id or 0)
+        return [x for g in scored for x in g]
+
+    async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
+        """Small local models rarely follow an output format like `[[A]]`; scoring the allowed answers instead
+        of generating makes them usable as judges (and is how MCQ scoring works too)."""
+        await asyncio.to_thread(self.load)
+        context = self.render(messages + ([{"role": "assistant", "content": prefix}] if prefix else []))
+        return [s for s, _ in await self.loglikelihood([(context, o) for o in options])]
+
+    def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1, max_batch_tokens: int = 0) -> list[dict]:
+        """Per-token log-probs of whole prompts (what `/v1/completions` with echo returns): for each prompt,
+        `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
+        `next_top` after the last one. Only the values asked for are taken from the logits (log-prob = logit -
+        logsumexp), never a full log-softmax. One prompt per forward pass by default: padded batches
+        (`max_batch_tokens`) are faster but move float32 sums by ~1e-4 on SmolLM2, and a client comparing
+        against a local evaluation (lm-eval, `eval --backend openai`) should get the same numbers."""
+        import torch
+
+        self.load()
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        results: list = [None] * len(token_lists)
+        k = max(1, top)
+        with self._model_lock, torch.no_grad():
+            start = 0
+            while start < len(order):
+                width = len(token_lists[order[start]])
+                rows = max(1, max_batch_tokens // max(1, width)) if max_batch_tokens else 1
+                idx = order[start: start + rows]
+                start += len(idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i], dtype=torch.long)
+                    mask[r, : len(token_lists[i])] = 1
+                # No mask for a single prompt: the unmasked causal path is the one local scoring matches best.
+                masked = {"attention_mask": mask.to(self.lm.device)} if len(idx) > 1 else {}
+                logits = self.lm(input_ids=ids.to(self.lm.device), **masked).logits
+                for r, i in enumerate(idx):
+                    toks = token_lists[i]
+                    row = logits[r, : len(toks)].float()
+                    lse = torch.logsumexp(row, dim=-1)
+                    vals, tops = row.topk(k, dim=-1)
+                    vals = (vals - lse.unsqueeze(-1)).cpu().tolist()
+                    tops = tops.cpu().tolist()
+                    targets = torch.tensor(toks[1:], device=row.device, dtype=torch.long)
+                    picked = (row[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse[:-1]).cpu().tolist()
+                    results[i] = {
+                        "token_logprobs": [None] + picked,
+                        "top": [None] + [list(zip(tops[p], vals[p])) for p in range(len(toks) - 1)],
+                        "next_top": list(zip(tops[-1], vals[-1])),
+                    }
+        self.requests += 1
+        return results
+
+
+def model_max_length(model, tokenizer) -> int:
+    """The longest sequence the model takes (its position limit), as lm-eval's HFLM reads it."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048

@@ -1,0 +1,239 @@
+"""`probllm serve` for real: a subprocess on 127.0.0.1 with the tiny model, talked to by the official `openai`
+client (sync, async, streaming), by raw HTTP for bad requests, and by probllm's own commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx2 as httpx
+import pytest
+
+from servers import probllm_serve
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    with probllm_serve("--model", tiny_model_dir, "--served-model-name", MODEL, "--batch-size", "8") as (url, proc,
+                                                                                                          lines):
+        yield url, proc, lines
+
+
+def client(url, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key="none", max_retries=0, **kw)
+
+
+def test_openai_client_sync_async_and_streaming(served):
+    url, _, _ = served
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    whole = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is heapsort?"}],
+                                      max_tokens=6)
+    assert whole.choices[0].message.role == "assistant" and isinstance(whole.choices[0].message.content, str)
+    assert whole.usage.completion_tokens <= 6 and whole.model_extra["sources"] == []
+    pieces, first = [], None
+    for chunk in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is heapsort?"}],
+                                           max_tokens=6, stream=True):
+        if first is None:
+            first = chunk
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert first.choices[0].delta.role == "assistant" and first.model_extra["sources"] == []
+    # Greedy: the streamed answer is the whole one, piece by piece.
+    assert "".join(pieces) == whole.choices[0].message.content
+
+    from openai import AsyncOpenAI
+
+    async def many():
+        ac = AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        try:
+            return await asyncio.gather(*(ac.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Question {i}?"}], max_tokens=5)
+                for i in range(8)))
+        finally:
+            await ac.close()
+
+    answers = asyncio.run(many())
+    assert len(answers) == 8 and all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+    # The 8 concurrent requests shared batched generate calls.
+    health = httpx.get(url.replace("/v1", "/health")).json()
+    assert health["batches"] < health["generations"]
+
+
+def test_completions_echo_logprobs_match_local_scores(served, tiny_model_dir):
+    url, _, _ = served
+    from probllm.lm.hf_backend import HFLM
+
+    local = HFLM(tiny_model_dir)
+    reqs = [("Question: What is 2+2?\nAnswer:", " 4"), ("Question: What is 2+2?\nAnswer:", " four apples"),
+            ("The sky is", " blue")]
+    expected = asyncio.run(local.loglikelihood(reqs))
+    from probllm.lm.openai_backend import OpenAIBackend
+
+    remote = OpenAIBackend(MODEL, base_url=url)
+    got = asyncio.run(remote.loglikelihood(reqs))
+    for (e, eg), (g, gg) in zip(expected, got):
+        assert abs(e - g) < 1e-4 and eg == gg
+
+
+BAD = [
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": "hello"}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 100_000}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_requests_get_a_4xx_in_openai_shape(served, body, param):
+    url, proc, _ = served
+    r = httpx.post(url + "/chat/completions", json=body, timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and "\n" not in err["message"]
+    if "word" in json.dumps(body):
+        assert "maximum context length" in err["message"]
+    ok = httpx.post(url + "/chat/completions", json={"model": MODEL, "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert ok.status_code == 200 and proc.poll() is None
+
+
+def test_invalid_json_and_unknown_routes(served):
+    url, _, _ = served
+    r = httpx.post(url + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.get(url + "/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.post(url + "/completions", json={"model": MODEL, "prompt": [[999999]], "max_tokens": 0, "echo": True,
+                                               "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_api_key_required_when_set(tiny_model_dir):
+    with probllm_serve("--model", tiny_model_dir, "--served-model-name", MODEL,
+                       env={"PROBLLM_API_KEY": "s3cret"}) as (url, _, lines):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(url + "/chat/completions", json=body).status_code == 401
+        wrong = httpx.post(url + "/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/models").status_code == 401
+        good = client(url).with_options(api_key="s3cret")
+        assert good.chat.completions.create(**body).choices[0].message.content is not None
+        assert httpx.get(url.replace("/v1", "/")).status_code == 200   # the page needs no key
+    assert not any("s3cret" in line for line in lines)   # the key is never printed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_cleanly(tiny_model_dir, sig):
+    with probllm_serve("--model", tiny_model_dir) as (url, proc, lines):
+        assert url.startswith("http://127.0.0.1:")   # bound to localhost by default
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+    assert any("stopped" in line for line in lines)
+    assert not any("Traceback" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------- probllm's commands through serve
+
+MCQ = [
+    {"id": "a1", "question": "What is 2 + 2?", "choices": ["3", "4", "5", "6"], "answer": "B", "source": "arc-easy"},
+    {"id": "a2", "question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "helium"],
+     "answer": "B", "source": "arc-easy"},
+    {"id": "m1", "question": "The derivative of x^2 is", "choices": ["x", "2x", "x^2 / 2", "2"], "answer": "B",
+     "source": "mmlu", "subject": "calculus"},
+    {"id": "m2", "question": "Unit of force?", "choices": ["joule", "newton", "watt", "pascal"], "answer": "B",
+     "source": "mmlu", "subject": "physics"},
+]
+
+
+@pytest.fixture(scope="module")
+def mcq_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mcq") / "mcq.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MCQ))
+    return str(path)
+
+
+def remote(url):
+    return ["--backend", "openai", "--base-url", url, "--model", MODEL]
+
+
+def test_eval_round_trip_same_predictions_and_loglikelihoods(cli, served, tiny_model_dir, mcq_file):
+    url, _, _ = served
+    local = cli("eval", mcq_file, "--model", tiny_model_dir)
+    assert local.code == 0, local.stderr
+    through = cli("eval", mcq_file, *remote(url))
+    assert through.code == 0, through.stderr
+    assert len(local.records) == len(through.records) == len(MCQ)
+    for a, b in zip(local.records, through.records):
+        assert (a["pred"], a["pred_norm"], a["correct"], a["correct_norm"]) == \
+               (b["pred"], b["pred_norm"], b["correct"], b["correct_norm"])
+        assert all(abs(x - y) < 1e-4 for x, y in zip(a["scores"], b["scores"]))
+    letter_local = cli("eval", mcq_file, "--model", tiny_model_dir, "--method", "letter")
+    letter_remote = cli("eval", mcq_file, "--method", "letter", *remote(url))
+    assert letter_remote.code == 0, letter_remote.stderr
+    assert [r["pred"] for r in letter_local.records] == [r["pred"] for r in letter_remote.records]
+    gen = cli("eval", mcq_file, "--method", "generate", "--max-new-tokens", "4", *remote(url))
+    assert gen.code == 0 and len(gen.records) == len(MCQ), gen.stderr
+
+
+def test_corrupt_judge_and_ask_through_serve(cli, served, tmp_path):
+    url, _, _ = served
+    qa = "".join(json.dumps({"id": i, "question": f"Why does experiment {i} work?",
+                             "answer": f"It works because the force is {i + 3} newtons. The mass is small."}) + "\n"
+                 for i in range(3))
+    corrupted = cli("corrupt", *remote(url), "--max-tokens", "12", "--no-cache", "--failed", tmp_path / "f.jsonl",
+                    input=qa)
+    # Every record comes out: corrupted, or reported (a random tiny model rarely writes a usable corruption).
+    failed = (tmp_path / "f.jsonl").read_text().splitlines()
+    assert len(corrupted.records) + len(failed) == 3, corrupted.stderr
+    both = "".join(json.dumps({"id": i, "question": "Q?", "answer_a": "short", "answer_b": "a longer answer"}) + "\n"
+                   for i in range(2))
+    judged = cli("judge", *remote(url), "--max-tokens", "8", "--no-cache", "--judge-tries", "1", input=both)
+    assert len(judged.records) == 2 and all("judgments" in v for v in judged.records), judged.stderr
+    asked = cli("ask", "-i", "-", *remote(url), "--max-new-tokens", "5",
+                input=json.dumps({"id": 1, "question": "What is heapsort?"}) + "\n" + json.dumps(MCQ[3]) + "\n")
+    assert asked.code == 0, asked.stderr
+    assert [r["id"] for r in asked.records] == [1, "m2"] and all("answer" in r for r in asked.records)
+    one = cli("ask", "What is heapsort?", *remote(url), "--max-new-tokens", "5")
+    assert one.code == 0 and one.stdout.endswith("\n") and "Traceback" not in one.stderr, one.stderr
+
+
+def test_loglik_against_a_server_without_prompt_logprobs_is_one_clear_error(cli, mcq_file):
+    from fake_server import ChatServer
+
+    with ChatServer() as server:  # chat completions only, like many servers
+        r = cli("eval", mcq_file, "--backend", "openai", "--base-url", server.base_url, "--model", "m", "--tries", "1")
+    assert r.code == 1 and "Traceback" not in r.stderr
+    assert "--method letter|generate" in r.stderr and "prompt log-probs" in r.stderr
+
+
+def test_ask_through_serve_with_index_shows_the_same_sources_as_local_ask(cli, tiny_model_dir, tmp_path):
+    from probllm.rag.index import build_index
+
+    from servers import ROOT
+
+    index = str(tmp_path / "notes.idx")
+    build_index([str(ROOT / "examples" / "notes" / "algorithms")], index)
+    question = "What is the time complexity of heapsort?"
+    local = cli("ask", question, "--index", index, "-k", "2", "--model", tiny_model_dir, "--max-new-tokens", "3")
+    assert local.code == 0, local.stderr
+    with probllm_serve("--model", tiny_model_dir, "--served-model-name", MODEL, "--index", index, "--top-k", "2") \
+            as (url, _, _):
+        served_ask = cli("ask", question, *remote(url), "--max-new-tokens", "3")
+    assert served_ask.code == 0, served_ask.stderr
+
+    def sources(stderr: str) -> list[str]:
+        return [line.strip() for line in stderr.splitlines() if line.strip().startswith("[")]
+
+    assert len(sources(local.stderr)) == 2 and sources(served_ask.stderr) == sources(local.stderr)
