@@ -107,3 +107,14 @@ def test_index_takes_a_quoted_glob_of_notes(cli, tmp_path):
     run = cli("index", f"{tmp_path}/notes/*/*.md", "-o", str(tmp_path / "g.idx"))
     assert run.code == 0, run.stderr
     assert "2 in" in run.stderr
+
+
+def test_notes_with_a_bom_read_like_notes_without(tmp_path):
+    from probllm.io import Stats
+    from probllm.rag.index import iter_documents
+
+    text = "---\ntitle: Heaps\n---\n# Heaps\n\nHeapsort runs in O(n log n).\n"
+    (tmp_path / "plain.md").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.md").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    docs = {d.source.rsplit("/", 1)[-1]: d.text for d in iter_documents([str(tmp_path / "*.md")], Stats())}
+    assert docs["bom.md"] == docs["plain.md"] == text

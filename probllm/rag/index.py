@@ -285,7 +285,7 @@ def _file_documents(path: str, kind: str, stats: Stats, text_field: str, id_fiel
         return
     stats.read += 1
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             text = fh.read()
     except UnicodeDecodeError:
         err = RecordError("not UTF-8 text", source=path)
@@ -589,6 +589,8 @@ def build_index(
     stats = stats if stats is not None else Stats(command="probllm index")
     if not paths:
         raise UsageError("name the notes to index: files or folders (markdown, text, JSONL)")
+    # Check first, load later: a path that names nothing fails before the embedder loads or a folder is made.
+    list(expand_paths(paths, suffixes=None))
     manifest = read_manifest(out) if os.path.isdir(out) else None
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output {out}: exists and is not an index folder")
@@ -624,7 +626,6 @@ def build_index(
     if manifest and int(manifest["embedder"]["dim"]) != embedder.dim:
         raise UsageError(f"{out}: built with {manifest['embedder']['dim']}-d vectors, embedder gives {embedder.dim}")
 
-    list(expand_paths(paths, suffixes=None))  # a path that names nothing fails here, before a folder is made
     created = not os.path.exists(out)
     writer = IndexWriter(out, embedder, settings, seed=seed, hook=hook)
     report = IndexReport()
