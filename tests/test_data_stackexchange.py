@@ -88,6 +88,15 @@ def test_markdown_keeps_code_blocks_inline_code_and_latex():
     assert "<" not in md.replace("x < y", "").replace("a < b", "")
 
 
+def test_markdown_headings_breaks_inline_math_scripts_and_code_languages():
+    html = ('<h2>Setup</h2><p>a<br>b\\(x_1\\) &amp;amp;</p><p>so <script type="math/tex">x^2</script> holds</p>'
+            '<pre><code class="language-rust">fn main() {\n\n    let x = 1;\n}\n</code></pre><pre></pre>'
+            '<script>alert(1)</script>')
+    md = html_to_markdown(html)
+    assert md == ("## Setup\n\na\nb\\(x_1\\) &amp;\n\nso $x^2$ holds\n\n"
+                  "```rust\nfn main() {\n\n    let x = 1;\n}\n```")
+
+
 def test_posts_xml_pairs_group_answers_that_come_later(tmp_path):
     stats = Stats()
     pairs = list(pairs_from_posts_xml(str(ROOT / "examples" / "Posts.xml"), PairRule(), random.Random(0), stats,
