@@ -1,17 +1,21 @@
-"""Bench: `probllm eval` against lm-evaluation-harness on the same model, items, template and batch size.
+"""Bench: `probllm eval` (float32 and bfloat16) against lm-evaluation-harness on the same model, items, templates.
 
-Both run in this one process on the same loaded model object (the offline SmolLM2-135M-Instruct, float32), so
-neither pays model loading in its timing. Items: ARC-Easy dev (AI2's format) and the MMLU dev rows of
-../shared/examples, turned into our MCQ records for `probllm eval` and into lm-eval's own document shapes
-(ARC: question/choices{text,label}/answerKey; MMLU: question/choices/answer index) for custom lm-eval tasks that
-copy lm-eval's `arc_easy` and `mmlu_<subject>` configs with `dataset_path: json`.
+All run in this one process on models loaded once (the offline SmolLM2-135M-Instruct; ours also as a bfloat16
+copy), so nobody pays model loading in its timing. Items: EVERY ARC item in ../shared/examples/arc (Easy and
+Challenge dev sets in AI2's original form, the Challenge test slice in the Hugging Face form) and the MMLU dev
+rows, converted to our MCQ records by mcqify's own converters, and given to lm-eval in its document shapes
+(ARC: question/choices{text,label}/answerKey; MMLU: question/choices/answer index) through custom tasks that copy
+lm-eval's `arc_easy` / `mmlu_<subject>` configs with `dataset_path: json`.
 
-Reports per-item agreement of the predictions (acc and acc_norm), accuracy difference, items/s ratio; then the
-quantize table (size, memory, tokens/s, accuracy per method). Prints markdown and writes bench/results/eval.md.
+Prints, in one run: lm-eval's wall time, ours in float32 and bfloat16, the ratios, and per-item prediction
+agreement with lm-eval (acc and acc_norm) for each, per source too; tokens fed to the model by each (ours
+counted, lm-eval's computed from its request layout); then the quantize table. Writes bench/results/eval.md.
 
-    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_eval.py [--arc-limit 200] [--batch-size 16]
+    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_eval.py            # the official run
+    .venv/bin/python bench/bench_eval.py --limit 5 --skip-quantize --output /tmp/eval-check.md   # a check
 
-Needs `pip install lm-eval==0.4.13 -c constraints.txt`.
+`--limit N` takes the first N items of each file / MMLU subject (checks only: timings of a slice say little).
+Needs `make bench-setup` (lm-eval==0.4.13).
 """
 
 from __future__ import annotations
@@ -61,39 +65,54 @@ def shared_examples() -> Path:
     sys.exit("bench_eval: ../shared/examples not found (set PROBLLM_SHARED_EXAMPLES)")
 
 
-def prepare(work: Path, arc_limit: int | None) -> tuple[list[dict], list[dict]]:
-    """Our MCQ records, and lm-eval task configs reading the same items from JSONL files."""
+ARC_FILES = (  # (file, our source name, lm-eval task name)
+    ("ARC-Easy-Dev.jsonl", "arc-easy", "bench_arc_easy_dev"),
+    ("ARC-Challenge-Dev.jsonl", "arc-challenge", "bench_arc_challenge_dev"),
+    ("ARC-Challenge-test-hf-first20.jsonl", "arc-challenge", "bench_arc_challenge_test_hf"),
+)
+
+
+def prepare(work: Path, limit: int | None) -> tuple[list[dict], list[dict]]:
+    """Our MCQ records (each tagged with its lm-eval task and doc index), and lm-eval task configs reading the
+    same items from JSONL files."""
+    from probllm.data.mcq import arc_to_mcq, mmlu_to_mcq
+
     ex = shared_examples()
     ours: list[dict] = []
     tasks: list[dict] = []
-    arc_docs = []
-    with open(ex / "arc" / "ARC-Easy-Dev.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            d = json.loads(line)
-            labels = [c["label"] for c in d["question"]["choices"]]
-            texts = [c["text"] for c in d["question"]["choices"]]
-            arc_docs.append({"id": d["id"], "question": d["question"]["stem"],
-                             "choices": {"text": texts, "label": labels}, "answerKey": d["answerKey"]})
-            ours.append({"id": d["id"], "question": d["question"]["stem"], "choices": texts,
-                         "answer": LETTERS[labels.index(d["answerKey"])], "source": "arc-easy", "subject": "arc-easy"})
-            if arc_limit and len(arc_docs) == arc_limit:
-                break
-    arc_file = work / "arc_easy.jsonl"
-    arc_file.write_text("".join(json.dumps(d) + "\n" for d in arc_docs), encoding="utf-8")
-    tasks.append({"task": "bench_arc_easy", "dataset_path": "json",
-                  "dataset_kwargs": {"data_files": {"test": str(arc_file)}}, "test_split": "test", **ARC_TEMPLATE})
+    for name, source, task in ARC_FILES:
+        docs = []
+        with open(ex / "arc" / name, encoding="utf-8") as fh:
+            for line in fh:
+                d = json.loads(line)
+                mcq = arc_to_mcq(d, source.removeprefix("arc-"))  # what `probllm mcqify --source arc` writes
+                labels = mcq.get("original_labels") or list(LETTERS[: len(mcq["choices"])])
+                docs.append({"id": mcq["id"], "question": mcq["question"],
+                             "choices": {"text": mcq["choices"], "label": labels},
+                             "answerKey": labels[LETTERS.index(mcq["answer"])]})
+                ours.append({**mcq, "_task": task, "_doc": len(docs) - 1})
+                if limit and len(docs) == limit:
+                    break
+        f = work / f"{task}.jsonl"
+        f.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+        tasks.append({"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(f)}},
+                      "test_split": "test", **ARC_TEMPLATE})
     for csv_path in sorted((ex / "mmlu" / "dev").glob("*_dev.csv")):
         subject = csv_path.name[: -len("_dev.csv")]
+        task = f"bench_mmlu_{subject}"
         docs = []
         with open(csv_path, encoding="utf-8", newline="") as fh:
             for i, row in enumerate(csv.reader(fh)):
                 q, *choices, ans = row
+                mcq = mmlu_to_mcq({"question": q, "subject": subject, "A": choices[0], "B": choices[1],
+                                   "C": choices[2], "D": choices[3], "answer": ans})
                 docs.append({"question": q, "subject": subject, "choices": choices, "answer": LETTERS.index(ans)})
-                ours.append({"id": f"{subject}-dev-{i}", "question": q, "choices": choices, "answer": ans,
-                             "source": "mmlu", "subject": subject})
-        f = work / f"mmlu_{subject}.jsonl"
+                ours.append({**mcq, "_task": task, "_doc": len(docs) - 1})
+                if limit and len(docs) == limit:
+                    break
+        f = work / f"{task}.jsonl"
         f.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-        tasks.append({"task": f"bench_mmlu_{subject}", "dataset_path": "json",
+        tasks.append({"task": task, "dataset_path": "json",
                       "dataset_kwargs": {"data_files": {"test": str(f)}}, "test_split": "test",
                       "description": f"The following are multiple choice questions (with answers) about "
                                      f"{subject.replace('_', ' ')}.\n\n", **MMLU_TEMPLATE})
@@ -118,7 +137,7 @@ def run_lm_eval(model, tok, tasks: list[dict], batch_size: int) -> tuple[dict, f
     return per_item, seconds
 
 
-def run_ours(model, tok, records: list[dict], batch_size: int) -> tuple[list[dict], float]:
+def run_ours(model, tok, records: list[dict], batch_size: int) -> tuple[list[dict], float, dict]:
     from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
     from probllm.io import Record, Stats
 
@@ -126,23 +145,37 @@ def run_ours(model, tok, records: list[dict], batch_size: int) -> tuple[list[dic
     t0 = time.perf_counter()
     preds = list(evaluate_records((Record(r) for r in records), scorer, EvalOptions(batch_size=batch_size),
                                   Stats(), Summary()))
-    return preds, time.perf_counter() - t0
+    return preds, time.perf_counter() - t0, scorer.stats
+
+
+def lm_eval_tokens(tok, records: list[dict]) -> int:
+    """Positions lm-eval's HFLM feeds for these items (padding not counted): (context + choice)[:-1] for every
+    choice, except that choices of one token after one context run once (its one-token-continuation cache)."""
+    from probllm.evaluate.mcqa import parse_item
+    from probllm.evaluate.templates import build_prompt
+    from probllm.lm.hf_scoring import encode_pair
+
+    total = 0
+    for rec in records:
+        prompt = build_prompt(parse_item(rec))
+        pairs = [encode_pair(tok, prompt.context, c) for c in prompt.continuations]
+        if all(len(c) == 1 for _, c in pairs):
+            total += len(pairs[0][0])
+        else:
+            total += sum(len(ctx) + len(c) - 1 for ctx, c in pairs)
+    return total
 
 
 def compare(records, preds, theirs) -> dict:
     """Agreement per item: our pred vs lm-eval's argmax (acc and acc_norm), and the largest loglik difference."""
-    task_index: dict[str, int] = {}
     agree = agree_norm = 0
     max_diff = 0.0
     ours_acc = theirs_acc = ours_norm = theirs_norm = 0.0
-    rows = []
     for rec, pred in zip(records, preds):
-        task = "bench_arc_easy" if rec["source"] == "arc-easy" else f"bench_mmlu_{rec['subject']}"
-        i = task_index.get(task, 0)
-        task_index[task] = i + 1
-        t = theirs[(task, i)]
+        t = theirs[(rec["_task"], rec["_doc"])]
         their_pred = max(range(len(t["lls"])), key=lambda k: (t["lls"][k], -k))
-        norm = [ll / len(c) for ll, c in zip(t["lls"], rec["choices"] if task == "bench_arc_easy" else "ABCD")]
+        texts = rec["choices"] if rec["source"].startswith("arc") else "ABCD"
+        norm = [ll / len(c) for ll, c in zip(t["lls"], texts)]
         their_norm = max(range(len(norm)), key=lambda k: (norm[k], -k))
         agree += LETTERS[their_pred] == pred["pred"]
         agree_norm += LETTERS[their_norm] == pred["pred_norm"]
@@ -151,11 +184,16 @@ def compare(records, preds, theirs) -> dict:
         ours_norm += pred["correct_norm"]
         theirs_acc += t["acc"]
         theirs_norm += t["acc_norm"]
-        rows.append(rec["source"])
-    n = len(records)
-    return {"items": n, "agree": agree / n, "agree_norm": agree_norm / n, "max_loglik_diff": max_diff,
+    n = max(len(records), 1)
+    return {"items": len(records), "agree": agree / n, "agree_norm": agree_norm / n, "max_loglik_diff": max_diff,
             "ours_acc": ours_acc / n, "theirs_acc": theirs_acc / n, "ours_acc_norm": ours_norm / n,
             "theirs_acc_norm": theirs_norm / n}
+
+
+def same_preds(a: list[dict], b: list[dict]) -> tuple[float, float]:
+    n = max(len(a), 1)
+    return (sum(x["pred"] == y["pred"] for x, y in zip(a, b)) / n,
+            sum(x["pred_norm"] == y["pred_norm"] for x, y in zip(a, b)) / n)
 
 
 def quantize_table(model_dir: str, records: list[dict], methods: list[str], limit: int, work: Path) -> list[dict]:
@@ -174,10 +212,27 @@ def quantize_table(model_dir: str, records: list[dict], methods: list[str], limi
     return rows
 
 
+def machine() -> str:
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from probllm.models import cpu_has_fast_bf16
+
+    return f"{name}, {os.cpu_count()} cores, fast bf16 (AMX/AVX512-BF16): {'yes' if cpu_has_fast_bf16() else 'no'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arc-limit", type=int, default=None, help="ARC-Easy items (default: all 570 dev items)")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of each file / subject (checks only)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-bf16", action="store_true", help="skip our bfloat16 run")
     ap.add_argument("--quant-limit", type=int, default=120, help="items for the quantize table's accuracy")
     ap.add_argument("--quant-methods", default="torch-int8,quanto-int8,quanto-int4,bnb-int8,bnb-nf4,bnb-fp4")
     ap.add_argument("--skip-quantize", action="store_true")
@@ -193,48 +248,60 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         work = Path(tmp)
-        records, tasks = prepare(work, args.arc_limit)
+        records, tasks = prepare(work, args.limit)
         # Warm-up (first-call allocations) for both, on a few items, so neither pays it in the timing.
-        run_ours(model, tok, records[:4], args.batch_size)
+        run_ours(model, tok, records[:8], args.batch_size)
         theirs, their_s = run_lm_eval(model, tok, tasks, args.batch_size)
-        preds, our_s = run_ours(model, tok, records, args.batch_size)
-        # Same number of sequences per pass as lm-eval (it batches question-choice pairs, ~4 per question).
-        small_batch = max(1, args.batch_size // 4)
-        preds_small, our_small_s = run_ours(model, tok, records, small_batch)
-        same_small = sum(a["pred"] == b["pred"] for a, b in zip(preds, preds_small)) / len(preds)
-        cmp_all = compare(records, preds, theirs)
-        by_source = {}
-        for source in ("arc-easy", "mmlu"):
-            idx = [i for i, r in enumerate(records) if r["source"] == source]
-            by_source[source] = compare([records[i] for i in idx], [preds[i] for i in idx],
-                                        {k: v for k, v in theirs.items()
-                                         if (source == "arc-easy") == (k[0] == "bench_arc_easy")})
+        preds, our_s, our_stats = run_ours(model, tok, records, args.batch_size)
+        runs = [("float32", preds, our_s, our_stats)]
+        if not args.no_bf16:
+            model_bf16 = load_model(model_dir, dtype="bfloat16", device="cpu")
+            run_ours(model_bf16, tok, records[:8], args.batch_size)
+            preds_bf16, bf16_s, bf16_stats = run_ours(model_bf16, tok, records, args.batch_size)
+            runs.append(("bfloat16", preds_bf16, bf16_s, bf16_stats))
+            del model_bf16
         n = len(records)
+        their_tokens = lm_eval_tokens(tok, records)
+        groups = {"all": list(range(n))}
+        for source in sorted({r["source"] for r in records}):
+            groups[source] = [i for i, r in enumerate(records) if r["source"] == source]
+        scope = "a `--limit` slice: a check, not a measurement" if args.limit else "every item"
         lines = [
             f"## `probllm eval` vs lm-evaluation-harness {lm_eval_version()}",
             "",
-            f"Model: offline SmolLM2-135M-Instruct (float32, CPU, {torch.get_num_threads()} threads), batch size "
-            f"{args.batch_size} for both (ours: questions per pass; lm-eval: requests, i.e. question-choice pairs, "
-            "per pass), zero-shot, lm-eval's ARC and MMLU templates; same loaded model, same process.",
+            f"{n} items ({scope}): " + ", ".join(f"{k} {len(v)}" for k, v in groups.items() if k != "all")
+            + ". Model: offline SmolLM2-135M-Instruct, CPU, "
+            f"{torch.get_num_threads()} threads; machine: {machine()}. Batch size {args.batch_size} for all "
+            "(ours: questions per pass; lm-eval: requests, i.e. question-choice pairs, per pass); zero-shot, "
+            "lm-eval's ARC and MMLU templates; models loaded once, same process; lm-eval in float32.",
             "",
-            "| items | agreement acc | agreement acc_norm | acc ours / lm-eval | acc_norm ours / lm-eval "
-            "| max abs loglik diff | items/s ours | items/s lm-eval | ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| run | wall s | items/s | vs lm-eval | tokens fed | agreement acc | agreement acc_norm "
+            "| same preds as ours fp32 (acc / acc_norm) | acc | acc_norm | max abs loglik diff |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| lm-eval 0.4.13 float32 | {their_s:.1f} | {n / their_s:.1f} | 1.00x | {their_tokens} (computed) | | | "
+            f"| {sum(t['acc'] for t in theirs.values()) / n:.4f} | "
+            f"{sum(t['acc_norm'] for t in theirs.values()) / n:.4f} | |",
         ]
-        for name, c in [("all", cmp_all), *by_source.items()]:
+        for dtype, p, secs, st in runs:
+            c = compare(records, p, theirs)
+            same = same_preds(preds, p)
             lines.append(
-                f"| {name} ({c['items']}) | {c['agree']:.2%} | {c['agree_norm']:.2%} | {c['ours_acc']:.4f} / "
-                f"{c['theirs_acc']:.4f} | {c['ours_acc_norm']:.4f} / {c['theirs_acc_norm']:.4f} | "
-                f"{c['max_loglik_diff']:.2e} | " + (f"{n / our_s:.1f} | {n / their_s:.1f} | {their_s / our_s:.2f}x |"
-                                                     if name == "all" else "| | |"))
-        lines.append("")
-        lines.append(f"Wall time: ours {our_s:.1f} s, lm-eval {their_s:.1f} s for {n} items.")
-        lines.append(f"Ours at batch size {small_batch} questions (about {small_batch * 4} prompt+choice sequences "
-                     f"per pass, as lm-eval's {args.batch_size} requests): {our_small_s:.1f} s, {n / our_small_s:.1f} "
-                     f"items/s, {their_s / our_small_s:.2f}x lm-eval; same predictions as at batch "
-                     f"{args.batch_size}: {same_small:.2%}.")
+                f"| probllm eval {dtype} | {secs:.1f} | {n / secs:.1f} | {their_s / secs:.2f}x | "
+                f"{st.get('tokens', 0)} ({st.get('padded_tokens', 0)} with padding, {st.get('passes', 0)} passes) | "
+                f"{c['agree']:.2%} | {c['agree_norm']:.2%} | {same[0]:.2%} / {same[1]:.2%} | {c['ours_acc']:.4f} | "
+                f"{c['ours_acc_norm']:.4f} | {c['max_loglik_diff']:.2e} |")
+        lines += ["", "Agreement with lm-eval per source:", "",
+                  "| source | items | " + " | ".join(f"{d} acc / acc_norm" for d, *_ in runs) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in runs) + " |"]
+        for name, idx in groups.items():
+            cells = []
+            for _, p, _, _ in runs:
+                c = compare([records[i] for i in idx], [p[i] for i in idx], theirs)
+                cells.append(f"{c['agree']:.2%} / {c['agree_norm']:.2%}")
+            lines.append(f"| {name} | {len(idx)} | " + " | ".join(cells) + " |")
         if not args.skip_quantize:
-            rows = quantize_table(model_dir, records, args.quant_methods.split(","), args.quant_limit, work)
+            rows = quantize_table(model_dir, [{k: v for k, v in r.items() if not k.startswith("_")}
+                                              for r in records], args.quant_methods.split(","), args.quant_limit, work)
             lines += ["", f"## `probllm quantize` on SmolLM2-135M-Instruct (accuracy: loglik acc on the first "
                       f"{args.quant_limit} bench items)", "", quant_markdown(rows)]
     text = "\n".join(lines) + "\n"

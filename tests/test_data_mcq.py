@@ -147,12 +147,12 @@ def test_arc_hf_export_format():
     assert all(isinstance(r["question"], str) and r["source"] == "arc-challenge" for r in out)
 
 
-def test_items_with_repeated_options_are_dropped_and_counted():
-    with pytest.raises(Skip, match="arc: options not distinct"):
-        arc_to_mcq({"question": "q", "choices": {"text": ["a", "b", "a "], "label": ["A", "B", "C"]},
-                    "answerKey": "A"})
-    with pytest.raises(Skip, match="mmlu: options not distinct"):
-        mmlu_to_mcq({"question": "q", "subject": "x", "choices": ["1", "2", "2", "3"], "answer": 0})
+def test_items_with_repeated_options_are_kept_as_published():
+    out = arc_to_mcq({"question": "q", "choices": {"text": ["a", "b", "a "], "label": ["A", "B", "C"]},
+                      "answerKey": "A"})
+    assert out["choices"] == ["a", "b", "a "]
+    out = mmlu_to_mcq({"question": "q", "subject": "x", "choices": ["1", "2", "2", "3"], "answer": 0})
+    assert out["choices"] == ["1", "2", "2", "3"] and out["answer"] == "A"
 
 
 def test_arc_bad_answer_key_names_the_field():

@@ -28,17 +28,24 @@ def eval_command(
     evaluation: dict = None,
     backend: dict = None,
     limit: Limit = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append predictions to this file "
+                                                   "instead of stdout, as they are scored; run again to resume "
+                                                   "(items already there are skipped).")] = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Shard the items across N "
+                                               "processes (CPU threads split between them); one ordered output. "
+                                               "`accelerate launch -m probllm eval` works too.")] = 1,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
     """Score MCQ records with a causal LM: one prediction record per item on stdout, accuracy on stderr.
 
     Prompts reproduce lm-evaluation-harness's ARC and MMLU tasks; `loglik` reports acc and acc_norm as lm-eval
-    does. Each question's prompt is run once and its choices are scored on the KV cache.
+    does. Each question runs as one sequence: its prompt once, its choices packed after it.
 
         probllm eval --limit 50 --summary base.json runs/demo/mcq.jsonl > base.jsonl
         probllm eval --model runs/q8 --method letter mcq.jsonl \\
             | jq -c '{id, pred, correct}'
+        probllm eval --num-processes 2 -o base.jsonl runs/demo/mcq.jsonl
         probllm eval mcq.jsonl --backend openai \\
             --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B
 
@@ -51,7 +58,8 @@ def eval_command(
     config = backend_config(backend, model=settings["model"], adapter=settings["adapter"],
                             batch_size=settings["batch_size"], dtype=settings["dtype"], device=settings["device"])
     with command("eval", summary) as stats:
-        run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid, backend=config)
+        run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid, backend=config,
+                 output=str(output) if output else None, num_processes=num_processes)
 
 
 @app.command("quantize")

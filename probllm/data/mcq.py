@@ -8,9 +8,12 @@
   random, by a non-zero integer in [-5, 5], keeping the rest of the text (fractions, roots); repeated until three
   distinct distractors that differ from the answer. Answers without a number are counted and reported.
 - ARC (original nested and Hugging Face export): labels `1..5` become letters, the true number of choices (3 to
-  5) is kept, order unchanged.
+  5 in the public files) is kept, order unchanged.
 - MMLU (header-less CSV rows via `load --format mmlu-csv`, or the hub form with `choices` and an integer
   `answer`): order unchanged; `subjects` filters (the report's 23 subjects by default with `report`).
+- Public benchmark items (ARC, MMLU) are never dropped or altered for their content: repeated option texts,
+  3 or 5 options, numeric labels are kept as published (repeats are noted on stderr). Only the options mcqify
+  generates (GSM8K, MATH) must be distinct.
 
 Randomness comes from the one `random.Random(seed)` of the run, passed in.
 """
@@ -48,9 +51,28 @@ def stable_id(prefix: str, *parts: str) -> str:
 
 
 def _check_options(choices: list[str], source: str) -> None:
-    """Every MCQ written has distinct options: a source item that repeats one is dropped and counted."""
+    """Options that mcqify generates itself (GSM8K, MATH distractors) must be distinct; an item where they cannot
+    be is dropped and counted. Never applied to a public benchmark's own options (ARC, MMLU): see `_note_oddities`."""
     if len(set(c.strip() for c in choices)) != len(choices):
         raise Skip(f"{source}: options not distinct")
+
+
+MAX_NOTES = 10
+_notes_logged = [0]
+
+
+def _note_oddities(record: dict, choices: list[str], source: str) -> None:
+    """A public benchmark item is kept exactly as published, even when its options repeat a text (the official
+    MMLU test set has such questions; lm-eval scores them, the first of equal scores winning). Such items are only
+    noted on stderr (the first MAX_NOTES), so that a user knows they are there."""
+    if len(set(c.strip() for c in choices)) == len(choices) or _notes_logged[0] >= MAX_NOTES:
+        return
+    from probllm.io import log
+
+    _notes_logged[0] += 1
+    where = f"{getattr(record, 'source', '<input>')}:{getattr(record, 'line', '?')}"
+    more = " (further notes of this kind are not shown)" if _notes_logged[0] == MAX_NOTES else ""
+    log(f"probllm mcqify: note: {where}: {source} item repeats an option text; kept as published{more}")
 
 
 def _shuffled(correct: str, distractors: list[str], rng: random.Random) -> tuple[list[str], str]:
@@ -252,12 +274,12 @@ def arc_to_mcq(record: dict, arc_set: str | None = None) -> dict:
             raise RecordError(f"{len(texts)} texts but {len(labels)} labels", field="choices")
         if not all(isinstance(t, str) for t in texts):
             raise RecordError("expected strings", field="choices.text")
-    if not 3 <= len(texts) <= 5:
-        raise RecordError(f"expected 3 to 5 choices, got {len(texts)}", field="choices")
+    if not 2 <= len(texts) <= len(LETTERS):
+        raise RecordError(f"expected 2 to {len(LETTERS)} choices, got {len(texts)}", field="choices")
     key = str(require(record, "answerKey", (str, int))).strip()
     if key not in labels:
         raise RecordError(f"answer key {key!r} is not one of the labels {labels}", field="answerKey")
-    _check_options(texts, "arc")
+    _note_oddities(record, texts, "arc")
     source = _arc_set(record, arc_set)
     out = _mcq(
         _keep(record, "question", "choices", "answerKey"),
@@ -317,19 +339,20 @@ def mmlu_to_mcq(record: dict, subjects: frozenset[str] | None = None) -> dict:
     else:  # CSV form: A, B, C, D columns
         choices = [str(require(record, k, (str, int, float), allow_empty=True)) for k in "ABCD"]
         consumed = ("A", "B", "C", "D", "answer")
-    if len(choices) != 4:
-        raise RecordError(f"expected 4 choices, got {len(choices)}", field="choices")
-    _check_options(choices, "mmlu")
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise RecordError(f"expected 2 to {len(LETTERS)} choices, got {len(choices)}", field="choices")
+    _note_oddities(record, choices, "mmlu")
     raw = record.get("answer", record.get("target"))
     if isinstance(raw, bool) or raw is None:
         raise RecordError("missing" if raw is None else "expected a letter or an index", field="answer")
     if isinstance(raw, int) or (isinstance(raw, str) and raw.strip().isdigit()):
         index = int(raw)
-    elif isinstance(raw, str) and raw.strip().upper() in LETTERS[:4]:
+    elif isinstance(raw, str) and len(raw.strip()) == 1 and raw.strip().upper() in LETTERS[:len(choices)]:
         index = LETTERS.index(raw.strip().upper())
     else:
-        raise RecordError(f"expected A-D or 0-3, got {str(raw)[:20]!r}", field="answer")
-    if not 0 <= index < 4:
+        raise RecordError(f"expected A-{LETTERS[len(choices) - 1]} or 0-{len(choices) - 1}, got {str(raw)[:20]!r}",
+                          field="answer")
+    if not 0 <= index < len(choices):
         raise RecordError(f"answer index {index} out of range", field="answer")
     return _mcq(
         _keep(record, *consumed, "target"),

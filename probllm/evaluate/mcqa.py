@@ -9,12 +9,12 @@ Three methods:
 - `letter`: one pass over a prompt listing the lettered options; the scores are the log-probs of the letters.
 - `generate`: chain of thought, then the answer is read from the text (GSM8K number, MATH \\boxed{}, letter).
 
-Speed (loglik): items are scored in batches sorted by prompt length; each question's prompt goes through the
-model ONCE (right-padded, KV cache kept, logits only at the last prompt token), then all continuations of all
-choices of the batch run together on that cache, copied per choice. lm-eval instead runs prompt + choice as a
-separate sequence for every choice and computes full-vocabulary log-softmax at every position. Memory stays
-bounded by the batch: records stream through a window of `batch_size * WINDOW_BATCHES` items, which is sorted,
-scored and written back in input order.
+Speed (loglik): `probllm.lm.hf_scoring.score_groups` runs each question in ONE sequence: the prompt once, every
+choice packed after it behind a block attention mask with its own position ids, logits only where a choice token
+is predicted. lm-eval instead runs prompt + choice as a separate sequence for every choice and computes the
+full-vocabulary log-softmax at every position. Memory stays bounded by the batch: records stream through a
+window of `batch_size * WINDOW_BATCHES` items, which is sorted by length, scored and written back in input
+order.
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ from probllm.evaluate.templates import (TEMPLATES, Item, Prompt, answer_kind, bu
                                        resolve_template)
 
 METHODS = ("loglik", "letter", "generate")
-WINDOW_BATCHES = 8
-PASS2_TOKENS = 256  # continuation tokens per pass-2 chunk (padding included) beyond the minimum rows
-PASS2_KV_TOKENS = 16384  # copied prompt positions per pass-2 chunk beyond the minimum rows
-MIN_SHARED_PREFIX = 16  # tokens: below this, an extra pass for a prefix common to the batch costs more than it saves  # how many batches of records are read ahead, sorted by length and scored together
+WINDOW_BATCHES = 16  # how many batches of records are read ahead, sorted by length and scored together
 
 
 @dataclass
@@ -102,19 +99,25 @@ def select_shots(item: Item, dev: list[Item], n: int) -> list[Item]:
 
 
 class Scorer:
-    """A model + tokenizer and the three scoring methods over batches of prompts."""
+    """A model + tokenizer and the three scoring methods over batches of prompts. Log-likelihoods come from the
+    packed core `probllm.lm.hf_scoring.score_groups` (each prompt once, its choices packed after it)."""
 
-    def __init__(self, model, tokenizer, device: str | None = None):
+    def __init__(self, model, tokenizer, device: str | None = None, **tuning):
         import torch
+
+        from probllm.lm.hf_scoring import model_max_length
 
         self.model = model
         self.tok = tokenizer
         self.device = device or str(next(model.parameters()).device)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.max_length = _model_max_length(model, tokenizer)
-        self.cache_kwarg = _cache_kwarg(model)
-        self.shared_prefix_tokens = 0  # prompt tokens not recomputed thanks to a prefix shared across a batch
+        self.max_length = model_max_length(model, tokenizer)
+        self.tuning = tuning  # score_groups' knobs (batch_tokens, max_rows, min_shared_prefix, row_tokens)
+        self.stats: dict = {}  # forward passes, tokens fed, padded tokens, prompt tokens shared across questions
         self.torch = torch
+
+    @property
+    def shared_prefix_tokens(self) -> int:
+        return self.stats.get("shared_prefix_tokens", 0)
 
     # ---- tokenisation, as lm-eval's HFLM
 
@@ -122,142 +125,44 @@ class Scorer:
         return self.tok.encode(text)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's `_encode_pair`: trailing spaces move to the continuation; encode whole, then split."""
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        return ctx, whole[len(ctx):]
+        from probllm.lm.hf_scoring import encode_pair
+
+        return encode_pair(self.tok, context, continuation)
 
     def chat(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # ---- loglik
 
-    def loglik(self, prompts: list[Prompt]) -> list[list[float]]:
-        """Summed log-prob of every continuation of every prompt: one pass per prompt, then all continuations
-        of the batch on its KV cache."""
-        encoded = []
-        for p in prompts:
-            ctx = None
-            conts = []
-            for cont in p.continuations:
-                c_ctx, c_cont = self.encode_pair(p.context, cont)
-                if ctx is None:
-                    ctx = c_ctx
-                elif c_ctx != ctx:  # only when a continuation starts with spaces that differ per choice
-                    raise RecordError("choices start with different whitespace; cannot share the prompt",
-                                      field="choices")
-                conts.append(c_cont)
-            # lm-eval keeps the last max_length tokens of prompt + continuation: cut the prompt for the longest.
-            overflow = len(ctx) + max(len(c) for c in conts) - 1 - self.max_length
-            if overflow > 0:
-                ctx = ctx[overflow:]
-            encoded.append((ctx, conts))
-        return self._score_encoded(encoded)
+    def score(self, groups) -> list[list[tuple[float, bool]]]:
+        from probllm.lm.hf_scoring import score_groups
 
-    def _score_encoded(self, encoded: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
-        torch = self.torch
-        F = torch.nn.functional
-        dev = self.device
-        B = len(encoded)
-        # Few-shot prompts of one subject share their description and examples: find the tokens common to every
-        # prompt of the batch (on token ids, so it is exact whatever the text split) and run them once.
-        shared = _common_prefix_length([c for c, _ in encoded]) if B > 1 else 0
-        shared = min(shared, min(len(c) for c, _ in encoded) - 1)
-        if shared < MIN_SHARED_PREFIX:
-            shared = 0
-        suffix_lens = torch.tensor([len(c) - shared for c, _ in encoded])
-        Ls = int(suffix_lens.max())
-        suffix_ids = torch.full((B, Ls), self.pad_id, dtype=torch.long)
-        ctx_mask = torch.zeros((B, shared + Ls), dtype=torch.long)
-        ctx_mask[:, :shared] = 1
-        for i, (c, _) in enumerate(encoded):
-            suffix_ids[i, : len(c) - shared] = torch.tensor(c[shared:])
-            ctx_mask[i, shared: len(c)] = 1
-        ctx_lens = suffix_lens + shared
-        positions = shared + torch.arange(Ls).unsqueeze(0).expand(B, Ls)
-        scores = [[0.0] * len(conts) for _, conts in encoded]
-        with torch.no_grad():
-            cache_arg = {}
-            if shared:
-                out0 = self.model(input_ids=torch.tensor([encoded[0][0][:shared]]).to(dev), use_cache=True,
-                                  logits_to_keep=1)
-                shared_cache = getattr(out0, "cache", None) or out0.past_key_values
-                _set_cache_rows(shared_cache, _cache_tensors(shared_cache), torch.zeros(B, dtype=torch.long).to(dev))
-                cache_arg = {self.cache_kwarg: shared_cache}
-                self.shared_prefix_tokens += shared * (B - 1)
-            # Pass 1: every prompt once, right-padded; logits only at each prompt's last token.
-            out = self.model(
-                input_ids=suffix_ids.to(dev),
-                attention_mask=ctx_mask.to(dev),
-                position_ids=positions.to(dev),
-                use_cache=True,
-                logits_to_keep=(suffix_lens - 1).unsqueeze(1).to(dev),
-                **cache_arg,
-            )
-            last_logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()  # [B, V]
-            cache = getattr(out, "cache", None) or out.past_key_values
-            del out
-            for i, (_, conts) in enumerate(encoded):
-                for j, cont in enumerate(conts):
-                    if cont:
-                        scores[i][j] = float(last_logprobs[i, cont[0]])
-            # Pass 2: the remaining tokens of every choice, on a copy of its prompt's KV cache. Rows are sorted
-            # by continuation length and run in chunks of about one batch, so short answers are not padded to
-            # the longest one of the batch.
-            rows = sorted(((i, j) for i, (_, conts) in enumerate(encoded) for j in range(len(conts))
-                           if len(conts[j]) > 1), key=lambda r: -len(encoded[r[0]][1][r[1]]))
-            if not rows:
-                return scores
-            prompt_kv = _cache_tensors(cache)
-            lens = [[len(c) - 1 for c in conts] for _, conts in encoded]
-            for chunk in _chunk_rows(rows, lens, max(B, 8), shared + Ls):
-                R = len(chunk)
-                Lt = len(encoded[chunk[0][0]][1][chunk[0][1]]) - 1
-                inp = torch.full((R, Lt), self.pad_id, dtype=torch.long)
-                tgt = torch.zeros((R, Lt), dtype=torch.long)
-                tmask = torch.zeros((R, Lt), dtype=torch.long)
-                for r, (i, j) in enumerate(chunk):
-                    cont = encoded[i][1][j]
-                    n = len(cont) - 1
-                    inp[r, :n] = torch.tensor(cont[:-1])
-                    tgt[r, :n] = torch.tensor(cont[1:])
-                    tmask[r, :n] = 1
-                item_index = torch.tensor([i for i, _ in chunk])
-                _set_cache_rows(cache, prompt_kv, item_index.to(dev))
-                mask = torch.cat([ctx_mask[item_index], tmask], dim=1)
-                pos = ctx_lens[item_index].unsqueeze(1) + torch.arange(Lt).unsqueeze(0)
-                keep = tmask.bool()
-                # Logits only at the real (unpadded) continuation tokens: [N, V] with N = tmask.sum(), in row order.
-                out2 = self.model(
-                    input_ids=inp.to(dev),
-                    attention_mask=mask.to(dev),
-                    position_ids=pos.to(dev),
-                    use_cache=True,
-                    logits_to_keep=keep.to(dev),
-                    **{self.cache_kwarg: cache},
-                )
-                logprobs = F.log_softmax(out2.logits.reshape(-1, out2.logits.shape[-1]).float(), dim=-1)
-                picked = torch.zeros((R, Lt))
-                picked[keep] = logprobs.gather(-1, tgt[keep].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
-                sums = (picked * tmask).sum(dim=1)
-                for r, (i, j) in enumerate(chunk):
-                    scores[i][j] += float(sums[r])
-        return scores
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        return score_groups(self.model, groups, max_length=self.max_length, device=self.device, pad_id=pad,
+                            stats=self.stats, **self.tuning)
+
+    def loglik(self, prompts: list[Prompt]) -> list[list[float]]:
+        """Summed log-prob of every continuation of every prompt (lm-eval's loglikelihood)."""
+        return [[s for s, _ in scores] for scores in self.loglik_greedy(prompts)]
+
+    def loglik_greedy(self, prompts: list[Prompt]) -> list[list[tuple[float, bool]]]:
+        groups = []
+        for p in prompts:
+            # The context part of lm-eval's pair encoding is the same for every choice (only the context's own
+            # trailing spaces move), so the prompt is encoded once and shared by the choices.
+            pairs = [self.encode_pair(p.context, cont) for cont in p.continuations]
+            groups.append((pairs[0][0], [c for _, c in pairs]))
+        return self.score(groups)
 
     # ---- letter
 
     def letter_scores(self, prompts: list[Prompt]) -> list[list[float]]:
         """Log-probs of the option letters as the next token after the prompt (first token of " A" etc.)."""
-        encoded = []
+        groups = []
         for p in prompts:
-            ctx, _ = self.encode_pair(p.context, p.continuations[0])
-            conts = [self.encode_pair(p.context, c)[1][:1] for c in p.continuations]
-            encoded.append((ctx[-self.max_length:], conts))
-        return self._score_encoded(encoded)
+            pairs = [self.encode_pair(p.context, c) for c in p.continuations]
+            groups.append((pairs[0][0], [c[:1] for _, c in pairs]))
+        return [[s for s, _ in scores] for scores in self.score(groups)]
 
     # ---- generate
 
@@ -275,77 +180,10 @@ class Scorer:
                 attention_mask=batch["attention_mask"].to(self.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=self.pad_id,
+                pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
             )
         new = out[:, batch["input_ids"].shape[1]:]
         return self.tok.batch_decode(new, skip_special_tokens=True)
-
-
-def _chunk_rows(rows: list[tuple[int, int]], lens: list[list[int]], min_rows: int, ctx_len: int
-                ) -> list[list[tuple[int, int]]]:
-    """Pass-2 chunks of rows (sorted longest first): at least `min_rows` rows, more while the padded chunk stays
-    within PASS2_TOKENS tokens (short answers: bigger matrix products, fewer passes), at most 4 * min_rows rows
-    and PASS2_KV_TOKENS copied prompt positions (memory)."""
-    max_rows = max(min_rows, min(4 * min_rows, PASS2_KV_TOKENS // max(ctx_len, 1)))
-    out: list[list[tuple[int, int]]] = []
-    cur: list[tuple[int, int]] = []
-    for r in rows:
-        if cur and len(cur) >= min_rows and (
-                len(cur) >= max_rows or (len(cur) + 1) * lens[cur[0][0]][cur[0][1]] > PASS2_TOKENS):
-            out.append(cur)
-            cur = []
-        cur.append(r)
-    if cur:
-        out.append(cur)
-    return out
-
-
-def _common_prefix_length(seqs: list[list[int]]) -> int:
-    first = seqs[0]
-    n = min(len(x) for x in seqs)
-    for k in range(n):
-        t = first[k]
-        if any(x[k] != t for x in seqs):
-            return k
-    return n
-
-
-def _cache_tensors(cache) -> list[tuple]:
-    """The prompts' keys and values per layer, kept aside so each chunk of choices can take its own copy."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(hasattr(layer, "keys") for layer in layers):  # pragma: no cover
-        raise RuntimeError("this model's KV cache type is not supported by prefix reuse")
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def _set_cache_rows(cache, prompt_kv: list[tuple], index) -> None:
-    """Point the cache at one copy of each row's prompt keys/values (rows repeat: indexing copies). The forward
-    pass then appends the choice tokens to these copies, never to the kept originals."""
-    for layer, (keys, values) in zip(cache.layers, prompt_kv):
-        layer.keys = keys.index_select(0, index)
-        layer.values = values.index_select(0, index)
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5 renamed `past_key_values` to `cache` (the old name warns); older models keep the old one."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _model_max_length(model, tokenizer) -> int:
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048
 
 
 # ------------------------------------------------------------------------------------------- answer extraction
@@ -454,8 +292,15 @@ def evaluate_records(
     summary: "Summary",
     skip_invalid: bool = False,
     progress: Callable[[int], Any] | None = None,
+    shard=None,
 ) -> Iterator[dict]:
-    """Prediction records, in input order: the MCQ record + pred, correct, scores (and acc_norm fields)."""
+    """Prediction records, in input order: the MCQ record + pred, correct, scores (and acc_norm fields).
+
+    Records stream through windows of `batch_size * WINDOW_BATCHES`: each window is sorted by length (similar
+    lengths share a batch: little padding), scored batch by batch and written back in input order. On Ctrl-C the
+    items of the window already scored are still yielded (in input order) before KeyboardInterrupt goes on up, so
+    nothing scored is lost. With `shard` (a `probllm.evaluate.parallel.Shard`), every process reads the same
+    records, scores every world-th batch of each window, and process 0 gathers and yields them all."""
     chat = scorer.chat if options.chat_template else None
 
     def prepare(rec: Record) -> dict:
@@ -465,15 +310,23 @@ def evaluate_records(
             text = cot_prompt(item, shots)
             if chat:
                 text = chat([{"role": "user", "content": text}])
-            return {"record": rec, "item": item, "text": text, "group": "", "tokens": 0, "size": len(text)}
+            return {"record": rec, "item": item, "text": text, "group": "", "tokens": len(text)}
         template = options.template
         if options.method == "letter":  # the letters must be in the prompt: MMLU's template or our lettered one
             template = "mmlu" if resolve_template(template, item) == "mmlu" else "letter"
         prompt = build_prompt(item, template, shots, chat)
-        # Batches are cut by prompt length in tokens: pass 1 pads every prompt to the longest of its batch.
+        if not hasattr(scorer, "score"):  # a served model (LMScorer) scores text; its server tokenizes
+            return {"record": rec, "item": item, "prompt": prompt, "group": prompt.shared, "tokens_ids": None,
+                    "tokens": len(scorer.encode(prompt.context))}
+        # Tokenised once here (lm-eval's pair encoding); batches are cut by the packed length in tokens.
+        pairs = [scorer.encode_pair(prompt.context, cont) for cont in prompt.continuations]
+        context = pairs[0][0]
+        continuations = [c for _, c in pairs]
+        if options.method == "letter":
+            continuations = [c[:1] for c in continuations]
+        tokens = len(context) + sum(max(len(c) - 1, 0) for c in continuations)
         return {"record": rec, "item": item, "prompt": prompt, "group": prompt.shared,
-                "tokens": len(scorer.encode(prompt.context)),
-                "size": len(prompt.context) + max(len(c) for c in prompt.continuations)}
+                "tokens_ids": (context, continuations), "tokens": tokens}
 
     if options.limit is not None:
         records = islice(records, options.limit)
@@ -483,21 +336,34 @@ def evaluate_records(
         chunk = list(islice(prepared, window))
         if not chunk:
             return
-        # Prompts with the same few-shot prefix together (it is then computed once per batch), and within them
-        # longest first (as lm-eval): similar lengths share a batch, little padding; a too-big batch fails early.
-        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"], -chunk[k]["tokens"], -chunk[k]["size"]))
+        # Longest first (as lm-eval): similar lengths share a batch; a too-big batch fails early. With few-shot
+        # examples, prompts with the same examples first go together (the scorer runs them once for several
+        # questions); zero-shot prompts are sorted by length only (a shared task description is not worth it).
+        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"] if options.shots else "",
+                                                         -chunk[k]["tokens"]))
+        batches = [order[b: b + options.batch_size] for b in range(0, len(order), options.batch_size)]
         results: dict[int, dict] = {}
-        for b in range(0, len(order), options.batch_size):
-            idx = order[b: b + options.batch_size]
-            batch = [chunk[k] for k in idx]
-            for k, out in zip(idx, _score_batch(batch, scorer, options)):
-                results[k] = out
-            if progress:
-                progress(len(idx))
-        for k in range(len(chunk)):
+        interrupted = False
+        try:
+            for n, idx in enumerate(batches):
+                if shard is not None and n % shard.world != shard.rank:
+                    continue
+                for k, out in zip(idx, _score_batch([chunk[k] for k in idx], scorer, options)):
+                    results[k] = out
+                if progress:
+                    progress(len(idx) * (shard.world if shard is not None else 1))
+        except KeyboardInterrupt:
+            if shard is not None:  # the other processes cannot be waited for: the window is lost, nothing else
+                raise
+            interrupted = True
+        if shard is not None:
+            results = shard.gather(results)
+        for k in sorted(results):
             rec = results[k]
             summary.add(rec, chunk[k]["item"])
             yield rec
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def _score_batch(batch: list[dict], scorer: Scorer, options: EvalOptions) -> list[dict]:
@@ -511,8 +377,11 @@ def _score_batch(batch: list[dict], scorer: Scorer, options: EvalOptions) -> lis
             outs.append({**p["record"], "pred": pred, "correct": idx == item.gold, "generation": text,
                          "extracted": value, "method": "generate"})
         return outs
-    prompts = [p["prompt"] for p in batch]
-    all_scores = scorer.loglik(prompts) if options.method == "loglik" else scorer.letter_scores(prompts)
+    if batch[0]["tokens_ids"] is not None:
+        all_scores = [[s for s, _ in scored] for scored in scorer.score([p["tokens_ids"] for p in batch])]
+    else:
+        prompts = [p["prompt"] for p in batch]
+        all_scores = scorer.loglik(prompts) if options.method == "loglik" else scorer.letter_scores(prompts)
     for p, scores in zip(batch, all_scores):
         item = p["item"]
         pred = _argmax(scores)
@@ -545,6 +414,7 @@ class Summary:
         self.groups: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.started = time.perf_counter()
         self.items = 0
+        self.prior = 0  # items read back from a resumed --output: in the accuracy, not in the speed
 
     def add(self, rec: dict, item: Item) -> None:
         self.items += 1
@@ -570,7 +440,7 @@ class Summary:
             **extra,
             "items": self.items,
             "seconds": round(seconds, 3),
-            "items_per_s": round(self.items / seconds, 3) if seconds > 0 else None,
+            "items_per_s": round((self.items - self.prior) / seconds, 3) if seconds > 0 else None,
             "overall": self._metrics(self.groups[("overall", "all")]) if self.items else {"items": 0},
             "by_source": {},
             "by_subject": {},
@@ -633,67 +503,166 @@ def run_eval(
     dtype: str = "auto",
     device: str = "auto",
     skip_invalid: bool = False,
+    output: str | None = None,
+    num_processes: int = 1,
+    argv: list[str] | None = None,
     backend=None,
 ) -> dict:
     """The `eval` command: load, stream, score, write predictions; the summary on stderr and, for the
     command's --summary file, in `stats.figures`.
 
     `backend` (a `probllm.lm.BackendConfig`) with `backend="openai"` scores a served model instead of loading
-    one (see lm_scorer.py); `hf` (the default) loads the model here."""
-    from probllm.io import UsageError, log, progress, read_records, write_records
-    from probllm.models import load_model, load_tokenizer, model_label, set_threads
+    one (see lm_scorer.py); `hf` (the default) loads the model here. `output`: append to this file instead of
+    stdout, skipping what it already holds (resume); `num_processes` (with the command line `argv` to start the
+    others) or a launcher's environment: shard across processes."""
+    import sys
+
+    from probllm.evaluate.parallel import Workers, shard_from_env, stdin_is_shared
+    from probllm.io import UsageError
+    from probllm.models import set_threads
 
     options = EvalOptions(method=method, template=template, shots=shots, chat_template=chat_template,
                           context_field=context_field, max_passages=max_passages, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, limit=limit)
+                          max_new_tokens=max_new_tokens)
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1")
     if max_passages < 1:
         raise UsageError("--max-passages must be at least 1")
+    if num_processes < 1:
+        raise UsageError("--num-processes must be at least 1")
     if dev:
         options.dev = load_dev(dev)
     options.check()
+    openai = backend is not None and backend.backend == "openai"
+    if backend is not None and backend.backend not in ("hf", "openai"):
+        raise UsageError(f"--backend {backend.backend}: eval takes hf or openai")
+    if openai and num_processes > 1:
+        raise UsageError("--num-processes shards a local model; with --backend openai, raise --concurrency")
+    reads_stdin = not files or list(files) == ["-"]
+    workers = None
+    if num_processes > 1:
+        workers = Workers(num_processes, argv if argv is not None else sys.argv[1:], reads_stdin)
+    else:
+        set_threads()
+    failed = True
+    shard = None
+    try:
+        shard = shard_from_env()
+        if shard is not None and workers is None and reads_stdin and not stdin_is_shared():
+            raise UsageError("several processes (accelerate/torchrun) read the same records: give input files, "
+                             "or use --num-processes, which shares stdin")
+        result = _run_eval(files, stats, options, shard, model=model, adapter=adapter, dtype=dtype, device=device,
+                           limit=limit, skip_invalid=skip_invalid, output=output, backend=backend)
+        failed = False
+        return result
+    finally:
+        if workers is not None:
+            workers.close(failed)
+        if shard is not None:
+            shard.close()
+
+
+def _note_dtype(model, device: str, main: bool) -> None:
+    """bfloat16 is a choice of speed over exactness: say what it costs here (it is slow on CPUs without AMX or
+    AVX512-BF16, where torch emulates it)."""
+    import torch
+
+    from probllm.io import log
+    from probllm.models import cpu_has_fast_bf16
+
+    dtype = getattr(model, "dtype", None)
+    if not main or dtype not in (torch.bfloat16, torch.float16):
+        return
+    if device.startswith("cpu") and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        log("probllm eval: note: this CPU has no AMX/AVX512-BF16, so bfloat16 runs slower than float32 here")
+    else:
+        log(f"probllm eval: note: {str(dtype).replace('torch.', '')} weights: log-likelihoods differ from float32 "
+            "in the 2nd-3rd decimal, so near-tied predictions can change (log-softmax is still taken in float32)")
+
+
+def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapter, dtype, device, limit,
+              skip_invalid, output, backend=None) -> dict:
+    from probllm.evaluate.output import ResumableOutput
+    from probllm.io import log, progress, read_records, write_records
+    from probllm.models import load_model, load_tokenizer, model_label
+
+    main = shard is None or shard.is_main
+    if shard is not None and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{shard.local_rank}"  # one GPU per process, as accelerate/torchrun lay them out
+    summary = Summary()
+    resume = None
+    if output is not None:
+        # Process 0 reads (and repairs) the file; every process skips the same records, so shards stay aligned.
+        resume = ResumableOutput(output) if main else None
+        if shard is not None:
+            done = shard.broadcast(resume.done if main else None)
+            resume = resume or ResumableOutput(output, done=done)
+        for rec in resume.existing() if main else []:
+            try:
+                summary.add(rec, parse_item(rec, options.context_field, options.max_passages))
+                summary.prior += 1
+            except (RecordError, KeyError):
+                pass  # not a prediction of this input: left in the file, counted nowhere
     t0 = time.perf_counter()
     if backend is not None and backend.backend == "openai":
         from probllm.evaluate.lm_scorer import LMScorer
+        from probllm.io import UsageError
         from probllm.lm import make_backend
 
-        if chat_template and method != "generate":
-            raise UsageError(f"--chat-template with --method {method} and --backend openai: a server applies its "
-                             "template to chats only; score plain prompts, or use --method generate")
+        if options.chat_template and options.method != "generate":
+            raise UsageError(f"--chat-template with --method {options.method} and --backend openai: a server "
+                             "applies its template to chats only; score plain prompts, or use --method generate")
         backend.no_cache = True  # scores are cheap to ask again and must reflect the model served now
         scorer = LMScorer(make_backend(backend), backend.model or "")
         described = {"model": backend.model, "backend": "openai", "base_url": backend.base_url}
     else:
-        if backend is not None and backend.backend != "hf":
-            raise UsageError(f"--backend {backend.backend}: eval takes hf or openai")
-        set_threads()
-        lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
-        tok = load_tokenizer(model)
-        if chat_template and not getattr(tok, "chat_template", None):
-            raise UsageError("--chat-template: this model's tokenizer has no chat template")
-        scorer = Scorer(lm, tok)
         import torch
 
+        lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
+        tok = load_tokenizer(model)
+        if options.chat_template and not getattr(tok, "chat_template", None):
+            from probllm.io import UsageError
+
+            raise UsageError("--chat-template: this model's tokenizer has no chat template")
+        scorer = Scorer(lm, tok)
+        _note_dtype(lm, scorer.device, main)
         described = {"model": model_label(model), "adapter": adapter,
                      "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "device": scorer.device,
-                     "threads": torch.get_num_threads()}
+                     "threads": torch.get_num_threads(), "processes": shard.world if shard else 1}
     load_s = time.perf_counter() - t0
-    summary = Summary()
+    summary.started = time.perf_counter()
     records = read_records(files, stats, skip_invalid)
+    if limit is not None:
+        records = islice(records, limit)
+    if resume is not None:
+        records = resume.skip_done(records, stats)
     try:
         with progress("eval") as advance:
-            write_records(evaluate_records(records, scorer, options, stats, summary, skip_invalid, advance), stats)
+            predictions = evaluate_records(records, scorer, options, stats, summary, skip_invalid,
+                                           advance if main else None, shard=shard)
+            if not main:
+                for _ in predictions:  # other processes score their share; process 0 writes
+                    pass
+            elif resume is not None:
+                resume.append(predictions, stats)
+                resume.finish()
+            else:
+                write_records(predictions, stats)
     finally:
         if hasattr(scorer, "close"):
             scorer.close()
 
     result = summary.as_dict(
-        **described, method=method, template=template, shots=shots,
-        chat_template=chat_template, context=context_field, batch_size=batch_size, load_seconds=round(load_s, 3),
+        **described, method=options.method, template=options.template, shots=options.shots,
+        chat_template=options.chat_template, context=options.context_field, batch_size=options.batch_size,
+        load_seconds=round(load_s, 3),
     )
-    log(summary.table(result))
-    log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
-        f"model loaded in {load_s:.1f} s")
-    stats.figures.update(result)
+    if main:
+        log(summary.table(result))
+        log(f"probllm eval: {result['items']} items in {result['seconds']:.1f} s ({result['items_per_s']} items/s), "
+            f"model loaded in {load_s:.1f} s")
+        stats.figures.update(result)
     return result

@@ -1,16 +1,56 @@
-"""The hf loglikelihood core (contract C1): `score_groups` and lm-eval's `encode_pair`.
+"""The loglikelihood core of local (transformers) models, with lm-evaluation-harness semantics, packed.
 
-Thin, plain version (one padded forward pass over context + continuation per continuation, full log-softmax at
-the continuation positions), kept until the eval helper's fast implementation replaces this file; callers only
-rely on the signatures and the semantics below.
+`score_groups(model, groups, max_length=...)` takes `(context_ids, [continuation_ids, ...])` groups (one per
+multiple-choice question: the prompt and every choice) and returns, for every continuation, `(sum of the
+log-probs of its tokens, is_greedy)` exactly as lm-eval 0.4.13's `HFLM._loglikelihood_tokens` defines them.
+
+lm-eval runs `context + continuation` as its own sequence for every choice, so a 4-choice question feeds its
+prompt four times. Here the prompt goes through the model ONCE and the choices are packed after it in the same
+row, each seeing the prompt and itself only:
+
+    row:        [ c0 c1 c2 c3 | a0 a1 | b0 | d0 d1 d2 ]      (choice tokens but the last: the last is only a target)
+    positions:    0  1  2  3  | 4  5  | 4  | 4  5  6
+    a0 attends:   c0..c3 and a0;  b0: c0..c3 and b0;  ...
+
+A 4D attention mask (block causal: the context is causal, each choice block attends to the context and causally
+to itself) and per-token position ids make every choice token compute exactly what it computes in lm-eval's
+separate sequence (same keys, same positions), up to float summation order. The first token of every choice is
+predicted by the context's last position, shared. Logits are computed only where a choice token is predicted
+(the full-vocabulary projection is a fifth of a small model's work per token).
+
+Prompts that share a long token prefix (few-shot examples) go one level further: several groups sit in one row
+behind one copy of the prefix (a tree: prefix -> each question -> its choices), when the prefix is at least as
+long as each question's own part (attention in a row is dense, so sharing a short task description would cost
+more than it saves).
+
+Rows are sorted by length; the longest pending row sets a batch's width, and shorter rows are packed several to
+a line of that width (each with its own positions and mask blocks), under a padded-token budget: padding stays
+small on any mix of lengths, and every batch is one forward pass and one transfer of results (no per-token
+Python work on the device).
+When a group does not fit `max_length`, it is split into one row per choice with lm-eval's left truncation
+(`(context + continuation)[-(max_length + 1):][:-1]`), so long prompts keep lm-eval's results too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth the wider attention of a shared row
+ROW_TOKENS = 1024  # longest row built from several groups behind one shared prefix
+BATCH_TOKENS = 4096  # padded tokens (rows x longest row) per forward pass
+MAX_ROWS = 64  # rows per forward pass
+
+Group = tuple[Sequence[int], Sequence[Sequence[int]]]
+
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation; the pair is
-    encoded whole and the continuation is what follows the context's own encoding."""
+    """lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation; the pair is encoded
+    whole and the continuation is what follows the context's own encoding. An empty context becomes lm-eval's
+    prefix token (bos, else eos), as its `loglikelihood` does."""
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer.encode(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -20,39 +60,314 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def score_groups(model, groups, *, max_length: int, device=None, pad_id: int = 0, batch_size: int = 16,
-                 **tuning) -> list[list[tuple[float, bool]]]:
-    """For every continuation of every `(context_ids, [continuation_ids, ...])` group: (sum of the continuation's
-    log-probs given everything before it, is_greedy), in input order. Like lm-eval, the last `max_length` tokens
-    of context + continuation are kept (the continuation's last token is never an input)."""
+def model_max_length(model, tokenizer=None) -> int:
+    """The context length lm-eval's HFLM uses: the model config's, else the tokenizer's, else 2048."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000_000 else 2048
+
+
+# ----------------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Unit:
+    """One context with the continuations scored after it; `outputs[k]` = (group, choice) of continuation k."""
+
+    context: list[int]
+    continuations: list[list[int]]
+    outputs: list[tuple[int, int]]
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch: a shared prefix (may be empty), then per unit its context rest and choices."""
+
+    prefix: list[int]
+    units: list[_Unit] = field(default_factory=list)
+
+    def length(self) -> int:
+        return len(self.prefix) + sum(_unit_length(u, len(self.prefix)) for u in self.units)
+
+
+def _unit_length(unit: _Unit, prefix: int) -> int:
+    return len(unit.context) - prefix + sum(len(c) - 1 for c in unit.continuations)
+
+
+def _units(groups: Sequence[Group], max_length: int, results: list[list[Any]]) -> list[_Unit]:
+    """Groups to units: a group that fits the model whole is one unit; one that does not is cut into one unit per
+    choice, each left-truncated as lm-eval does. Empty continuations score (0.0, True) here and go no further."""
+    units: list[_Unit] = []
+    for g, (context, continuations) in enumerate(groups):
+        context = list(context)
+        if not context:
+            raise ValueError(f"group {g}: empty context (encode_pair gives the prefix token)")
+        kept = [(j, list(c)) for j, c in enumerate(continuations) if len(c)]
+        for j, c in enumerate(continuations):
+            if not len(c):
+                results[g][j] = (0.0, True)
+        if not kept:
+            continue
+        if len(context) + max(len(c) for _, c in kept) - 1 <= max_length:
+            units.append(_Unit(context, [c for _, c in kept], [(g, j) for j, _ in kept]))
+            continue
+        for j, c in kept:
+            if len(c) > max_length:
+                raise ValueError(f"group {g}: continuation {j} has {len(c)} tokens, more than max_length")
+            whole = (context + c)[-(max_length + 1):]
+            units.append(_Unit(whole[: len(whole) - len(c)], [c], [(g, j)]))
+    return units
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+def _rows(units: list[_Unit], min_shared: int, row_tokens: int) -> list[_Row]:
+    """Units sorted by context (common prefixes become neighbours). Neighbours go into one row behind one copy
+    of their common prefix when it is worth it: at least `min_shared` tokens, at least as long as the new unit's
+    own part (a row's attention is dense, so sharing a short prefix would cost more than it saves: zero-shot
+    prompts that only share a task description stay apart), and the row within `row_tokens`."""
+    order = sorted(range(len(units)), key=lambda i: units[i].context)
+    rows: list[_Row] = []
+    for i in order:
+        unit = units[i]
+        if rows:
+            row = rows[-1]
+            base = row.prefix if len(row.units) > 1 else row.units[0].context[:-1]
+            # The prefix leaves every context at least its last token: it predicts the choices' first tokens.
+            shared = min(_common_prefix(base, unit.context), len(unit.context) - 1)
+            if shared >= min_shared and shared >= _unit_length(unit, shared):
+                candidate = _Row(base[:shared], row.units + [unit])
+                if candidate.length() <= row_tokens:
+                    rows[-1] = candidate
+                    continue
+        rows.append(_Row([], [unit]))
+    return rows
+
+
+def _batches(rows: list[_Row], batch_tokens: int, max_rows: int) -> list[list[list[_Row]]]:
+    """Length buckets, then packing: the longest pending row sets a batch's width T and its number of lines
+    (within the token budget); the pending rows, longest first, fill the lines first-fit, several short rows in
+    one line when they fit (each keeps its own positions and block of the mask). Padding stays small whatever
+    the mix of lengths; attention is never wider than the longest row."""
+    pending = sorted(rows, key=lambda r: -r.length())
+    batches: list[list[list[_Row]]] = []
+    while pending:
+        width = pending[0].length()
+        n_lines = max(1, min(max_rows, batch_tokens // max(width, 1)))
+        lines: list[list] = []  # [rows, used tokens]
+        rest: list[_Row] = []
+        for row in pending:
+            n = row.length()
+            for line in lines:
+                if line[1] + n <= width:
+                    line[0].append(row)
+                    line[1] += n
+                    break
+            else:
+                if len(lines) < n_lines:
+                    lines.append([[row], n])
+                else:
+                    rest.append(row)
+        batches.append([line[0] for line in lines])
+        pending = rest
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+@dataclass
+class _Layout:
+    """Flat tensors' worth of Python lists for one batch."""
+
+    input_ids: list[list[int]]
+    positions: list[list[int]]
+    segments: list[list[int]]  # per token: its block (a shared prefix, a unit's context, a choice); -1 padding
+    parents: list[list[int]]  # per token: the block its block hangs from (-1: none)
+    grands: list[list[int]]  # per token: its parent's parent (-1: none)
+    pred_rows: list[int]
+    pred_cols: list[int]
+    target_pred: list[int]  # per scored token: index into the predicting positions
+    targets: list[int]
+    target_cont: list[int]  # per scored token: index of its continuation in `outputs`
+    outputs: list[tuple[int, int]]
+
+
+def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
+    """Token ids, positions and the block structure of each line (one or more packed rows). A block's tokens
+    attend causally within it and to every token of its ancestors: shared prefix <- unit context <- each of its
+    choices. Rows packed in one line share nothing: each starts again at position 0."""
+    T = max(sum(r.length() for r in line) for line in batch)
+    lay = _Layout([], [], [], [], [], [], [], [], [], [], [])
+    for b, line in enumerate(batch):
+        ids: list[int] = []
+        pos: list[int] = []
+        seg: list[int] = []
+        par: list[int] = []
+        grand: list[int] = []
+        next_seg = 0
+        for row in line:
+            P = len(row.prefix)
+            prefix_seg = -1
+            if P:
+                prefix_seg = next_seg
+                next_seg += 1
+                ids += row.prefix
+                pos += range(P)
+                seg += [prefix_seg] * P
+                par += [-1] * P
+                grand += [-1] * P
+            for unit in row.units:
+                ctx_seg = next_seg
+                next_seg += 1
+                rest = unit.context[P:]
+                ids += rest
+                pos += range(P, len(unit.context))
+                seg += [ctx_seg] * len(rest)
+                par += [prefix_seg] * len(rest)
+                grand += [-1] * len(rest)
+                last = len(ids) - 1  # the context's last token predicts every choice's first token
+                last_pred = len(lay.pred_rows)
+                lay.pred_rows.append(b)
+                lay.pred_cols.append(last)
+                for cont, out in zip(unit.continuations, unit.outputs):
+                    k = len(lay.outputs)
+                    lay.outputs.append(out)
+                    lay.target_pred.append(last_pred)
+                    lay.targets.append(cont[0])
+                    lay.target_cont.append(k)
+                    body = cont[:-1]
+                    if not body:
+                        continue
+                    choice_seg = next_seg
+                    next_seg += 1
+                    start = len(ids)
+                    ids += body
+                    pos += range(len(unit.context), len(unit.context) + len(body))
+                    seg += [choice_seg] * len(body)
+                    par += [ctx_seg] * len(body)
+                    grand += [prefix_seg] * len(body)
+                    for t in range(len(body)):
+                        lay.pred_rows.append(b)
+                        lay.pred_cols.append(start + t)
+                        lay.target_pred.append(len(lay.pred_rows) - 1)
+                        lay.targets.append(cont[t + 1])
+                        lay.target_cont.append(k)
+        n = len(ids)
+        lay.input_ids.append(ids + [pad_id] * (T - n))
+        lay.positions.append(pos + [0] * (T - n))
+        lay.segments.append(seg + [-1] * (T - n))
+        lay.parents.append(par + [-1] * (T - n))
+        lay.grands.append(grand + [-1] * (T - n))
+    return lay
+
+
+def _attention_mask(segments, parents, grand, dtype):
+    """[B, 1, T, T] additive mask: query t sees key s <= t when s is in t's block, its parent's, or its
+    grandparent's (choice -> unit context -> shared prefix). Padding sees itself only (no empty softmax rows)."""
     import torch
 
-    dev = device or next(model.parameters()).device
-    rows = []
-    for g, (ctx, conts) in enumerate(groups):
-        for j, cont in enumerate(conts):
-            seq = (list(ctx) + list(cont))[-(max_length + 1):]
-            rows.append((g, j, seq, len(cont)))
-    out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(conts) for _, conts in groups]
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
-    with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            chunk = [rows[r] for r in order[b: b + batch_size]]
-            width = max(len(s) for _, _, s, _ in chunk) - 1
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (_, _, s, _) in enumerate(chunk):
-                ids[i, : len(s) - 1] = torch.tensor(s[:-1])
-                mask[i, : len(s) - 1] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1).cpu()
-            for i, (g, j, s, n) in enumerate(chunk):
-                if n == 0:
-                    continue
-                positions = torch.arange(len(s) - 1 - n, len(s) - 1)
-                targets = torch.tensor(s[-n:])
-                lp = logprobs[i, positions]
-                total = float(lp.gather(-1, targets.unsqueeze(-1)).sum())
-                greedy = bool((lp.argmax(-1) == targets).all())
-                out[g][j] = (total, greedy)
-    return out
+    T = segments.shape[1]
+    seg_q = segments.unsqueeze(2)
+    seg_k = segments.unsqueeze(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    related = (seg_k == seg_q) | (seg_k == parents.unsqueeze(2)) | (seg_k == grand.unsqueeze(2))
+    allowed = causal & related & (seg_k >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def _decoder_and_head(model):
+    """The transformer body (hidden states) and the output projection, so logits are computed only at the
+    positions that predict a choice token. PEFT models forward these lookups to the wrapped model (the LoRA
+    layers sit inside the body, so they apply)."""
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if decoder is None or head is None or decoder is model:
+        return None, None
+    return decoder, head
+
+
+def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None,
+                 batch_tokens: int = BATCH_TOKENS, max_rows: int = MAX_ROWS, min_shared_prefix: int = MIN_SHARED_PREFIX,
+                 row_tokens: int = ROW_TOKENS, pad_id: int = 0, stats: dict | None = None, **tuning
+                 ) -> list[list[tuple[float, bool]]]:
+    """For every continuation of every group, `(sum of its tokens' log-probs, is_greedy)`, in input order.
+
+    Tuning (all optional): `batch_tokens` padded tokens per forward pass, `max_rows` rows per pass,
+    `min_shared_prefix` tokens of common prompt prefix that put several groups in one row (a huge value turns
+    sharing off), `row_tokens` longest such row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a
+    dict) receives counts of tokens fed and passes."""
+    import torch
+
+    if "batch_size" in tuning:
+        max_rows = int(tuning.pop("batch_size"))
+    if tuning:
+        raise TypeError(f"score_groups: unknown tuning {sorted(tuning)}")
+
+    results: list[list[Any]] = [[None] * len(conts) for _, conts in groups]
+    units = _units(groups, max_length, results)
+    if not units:
+        return results
+    if device is None:
+        device = next(model.parameters()).device
+    mask_dtype = getattr(model, "dtype", None)
+    if not isinstance(mask_dtype, torch.dtype) or not mask_dtype.is_floating_point:
+        mask_dtype = torch.float32
+    decoder, head = _decoder_and_head(model)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    rows = _rows(units, min_shared_prefix, row_tokens)
+    with torch.inference_mode():
+        for batch in _batches(rows, batch_tokens, max_rows):
+            lay = _layout(batch, pad_id)
+            ids = torch.tensor(lay.input_ids, device=device)
+            positions = torch.tensor(lay.positions, device=device)
+            segments = torch.tensor(lay.segments, device=device)
+            parents = torch.tensor(lay.parents, device=device)
+            grand = torch.tensor(lay.grands, device=device)
+            mask = _attention_mask(segments, parents, grand, mask_dtype)
+            pred_rows = torch.tensor(lay.pred_rows, device=device)
+            pred_cols = torch.tensor(lay.pred_cols, device=device)
+            if decoder is not None:
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+                logits = head(hidden[pred_rows, pred_cols])
+            else:  # a model without a separate body/head: full logits, then pick (slower, same numbers)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                logits = out.logits[pred_rows, pred_cols]
+            logits = logits.float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logprobs = torch.log_softmax(logits, dim=-1)
+            target_pred = torch.tensor(lay.target_pred, device=device)
+            targets = torch.tensor(lay.targets, device=device)
+            target_cont = torch.tensor(lay.target_cont, device=device)
+            token_lp = logprobs[target_pred, targets]
+            missed = (logprobs.argmax(dim=-1)[target_pred] != targets).to(torch.int64)
+            n = len(lay.outputs)
+            sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, target_cont, token_lp)
+            misses = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, target_cont, missed)
+            for (g, j), s, m in zip(lay.outputs, sums.tolist(), misses.tolist()):
+                results[g][j] = (s, m == 0)
+            if stats is not None:
+                stats["passes"] = stats.get("passes", 0) + 1
+                stats["tokens"] = stats.get("tokens", 0) + sum(r.length() for line in batch for r in line)
+                stats["padded_tokens"] = stats.get("padded_tokens", 0) + ids.numel()
+                stats["shared_prefix_tokens"] = stats.get("shared_prefix_tokens", 0) + sum(
+                    len(r.prefix) * (len(r.units) - 1) for line in batch for r in line)
+    return results

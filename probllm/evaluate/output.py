@@ -1,0 +1,102 @@
+"""`eval -o FILE`: predictions appended as they are scored, a rerun resumes, the finished file in input order.
+
+A prediction is known by its record's `id` (else a hash of its question and choices) and by which occurrence of
+that key it is in the input, so duplicated items (the official MMLU test set has some) are each kept once.
+A last line cut short by a kill is dropped (its item is scored again). When a run completes, a file that was
+resumed is rewritten (atomically) in input order, so an interruption leaves no trace in the final file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from typing import Iterable, Iterator
+
+from probllm.io import Record, Stats, write_jsonl
+
+
+def record_key(rec: dict) -> str:
+    if "id" in rec:
+        return json.dumps(rec["id"], sort_keys=True, ensure_ascii=False)
+    text = json.dumps([rec.get("question"), rec.get("choices")], sort_keys=True, ensure_ascii=False)
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def occurrence_keys(records: Iterable[dict]) -> Iterator[tuple[str, int]]:
+    """(key, n): the n-th record with this key (0-based), in the order given."""
+    seen: Counter = Counter()
+    for rec in records:
+        k = record_key(rec)
+        yield k, seen[k]
+        seen[k] += 1
+
+
+def read_complete(path: str) -> list[dict]:
+    """The records of an output file; a last line cut short (no newline, or not JSON) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    records: list[dict] = []
+    good_end = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break
+            good_end += len(line)
+            if isinstance(rec, dict):
+                records.append(rec)
+    if good_end < os.path.getsize(path):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    return records
+
+
+class ResumableOutput:
+    """The `-o FILE` of eval: what is there is skipped, what is scored is appended and flushed at once."""
+
+    def __init__(self, path: str, done: set | None = None):
+        """`done`: the keys already written, when another process has read the file (then this one only skips)."""
+        self.path = str(path)
+        self.done = set(occurrence_keys(read_complete(self.path))) if done is None else done
+        self.resumed = bool(self.done)
+        self.input_order: list[tuple[str, int]] = []
+        self._fh = None
+
+    def existing(self) -> list[dict]:
+        return read_complete(self.path)
+
+    def skip_done(self, records: Iterable[Record], stats: Stats) -> Iterator[Record]:
+        seen: Counter = Counter()
+        for rec in records:
+            k = record_key(rec)
+            key = (k, seen[k])
+            seen[k] += 1
+            self.input_order.append(key)
+            if key in self.done:
+                stats.skip("already in --output")
+                continue
+            yield rec
+
+    def append(self, records: Iterable[dict], stats: Stats) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.flush()
+                stats.written += 1
+
+    def finish(self) -> None:
+        """After a complete run: a resumed file is put back in input order (records not from this input last)."""
+        if not self.resumed:
+            return
+        records = read_complete(self.path)
+        by_key = dict(zip(occurrence_keys(records), records))
+        ordered = [by_key.pop(k) for k in self.input_order if k in by_key]
+        desired = ordered + list(by_key.values())
+        if desired != records:
+            write_jsonl(self.path, desired)

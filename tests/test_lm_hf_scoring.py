@@ -1,0 +1,125 @@
+"""The packed loglikelihood core (contract C1) against a plain forward pass per (context, continuation), the way
+lm-evaluation-harness computes it: every packing path (choices after one prompt, rows packed into one line,
+several questions behind one shared prefix, left truncation, empty continuations), is_greedy, LoRA, encode_pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probllm.lm.hf_scoring import encode_pair, model_max_length, score_groups
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    from probllm.models import load_model, load_tokenizer
+
+    return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def plain(model, context, continuation, max_length):
+    """lm-eval's `_loglikelihood_tokens` for one request: (context + continuation)[-(max_length + 1):][:-1]."""
+    whole = (list(context) + list(continuation))[-(max_length + 1):]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+    rows = logprobs[len(whole) - 1 - len(continuation):]
+    return (sum(float(rows[k, t]) for k, t in enumerate(continuation)),
+            all(int(rows[k].argmax()) == t for k, t in enumerate(continuation)))
+
+
+def groups_for(tok):
+    shots = "Question: What is the unit of force?\nAnswer: newton\n\n" * 4
+    prompts = [
+        ("Question: Which gas do plants absorb?\nAnswer:", [" oxygen", " carbon dioxide", " nitrogen", " oxygen"]),
+        ("Q: 2+2?\nA:", [" 4", " five", " 22 (twenty-two, a long answer here)"]),
+        (shots + "Question: What is the unit of energy?\nAnswer:", [" joule", " watt"]),
+        (shots + "Question: What is the unit of power?\nAnswer:", [" watt", " joule", " volt"]),
+        (shots + "Question: Unit of charge?\nAnswer:", [" coulomb", " ampere"]),
+        ("Heapsort's worst case is ", ["O(n log n)", "O(n^2)"]),  # trailing space moves to the choices
+    ]
+    groups = []
+    for context, choices in prompts:
+        pairs = [encode_pair(tok, context, c) for c in choices]
+        assert all(ctx == pairs[0][0] for ctx, _ in pairs)
+        groups.append((pairs[0][0], [c for _, c in pairs]))
+    groups.append(([5, 6], [[7], [], [8, 9, 10]]))  # an empty continuation scores (0.0, True)
+    return groups
+
+
+@pytest.mark.parametrize("tuning", [
+    {},  # defaults: packed lines, shared few-shot prefix
+    {"min_shared_prefix": 10 ** 9, "max_rows": 1},  # one question per pass, nothing shared
+    {"batch_tokens": 64},  # tiny budget: many passes
+])
+def test_scores_and_greedy_match_a_plain_forward_pass(lm, tuning):
+    model, tok = lm
+    groups = groups_for(tok)
+    max_length = model_max_length(model, tok)
+    stats: dict = {}
+    got = score_groups(model, groups, max_length=max_length, stats=stats, **tuning)
+    assert [len(r) for r in got] == [len(c) for _, c in groups]
+    for (context, conts), results in zip(groups, got):
+        for cont, (score, greedy) in zip(conts, results):
+            if not cont:
+                assert (score, greedy) == (0.0, True)
+                continue
+            ref, ref_greedy = plain(model, context, cont, max_length)
+            assert score == pytest.approx(ref, abs=1e-4) and greedy == ref_greedy
+    # the same text after the same prompt scores the same (lm-eval's argmax then takes the first)
+    assert got[0][0][0] == pytest.approx(got[0][3][0], abs=1e-5)
+    assert stats["tokens"] < sum(len(c) + len(x) - 1 for c, xs in groups for x in xs if x)  # each prompt once
+    if not tuning:
+        assert stats["shared_prefix_tokens"] > 0 and stats["passes"] == 1
+
+
+def test_left_truncation_is_lm_evals(lm):
+    model, tok = lm
+    groups = groups_for(tok)
+    got = score_groups(model, groups, max_length=24)
+    for (context, conts), results in zip(groups, got):
+        for cont, (score, greedy) in zip(conts, results):
+            if cont:
+                ref, ref_greedy = plain(model, context, cont, 24)
+                assert score == pytest.approx(ref, abs=1e-4) and greedy == ref_greedy
+
+
+def test_greedy_continuation_is_flagged(lm):
+    model, tok = lm
+    context = tok.encode("Question: Which gas do plants absorb?\nAnswer:")
+    greedy = []
+    with torch.no_grad():
+        ids = list(context)
+        for _ in range(3):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            greedy.append(nxt)
+            ids.append(nxt)
+    other = [(greedy[0] + 1) % tok.vocab_size] + greedy[1:]
+    (res,) = score_groups(model, [(context, [greedy, other])], max_length=512)
+    assert res[0][1] is True and res[1][1] is False
+
+
+def test_lora_adapter_layers_apply(lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        groups = groups_for(tok)[:2]
+        got = score_groups(peft_model, groups, max_length=512)
+        with peft_model.disable_adapter():
+            base_scores = [s for r in score_groups(peft_model, groups, max_length=512) for s, _ in r]
+        for (context, conts), results in zip(groups, got):
+            for cont, (score, _) in zip(conts, results):
+                assert score == pytest.approx(plain(peft_model, context, cont, 512)[0], abs=1e-4)
+        assert [s for r in got for s, _ in r] != pytest.approx(base_scores, abs=1e-3)  # the adapter mattered
+    finally:
+        peft_model.unload()
+
+
+def test_encode_pair_is_lm_evals(lm):
+    _, tok = lm
+    ctx, cont = encode_pair(tok, "Answer: ", "B")
+    assert ctx == tok.encode("Answer:") and ctx + cont == tok.encode("Answer: B")
+    ctx, cont = encode_pair(tok, "", "hello")
+    assert ctx == [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    assert cont == tok.encode("hello")
