@@ -24,8 +24,17 @@ DEFAULT_MODEL_ALIASES = {"", "default", "smollm2", "smollm2-135m", "SmolLM2-135M
 DEFAULT_EMBEDDER_ALIASES = {"", "default", "all-minilm-l6-v2", "all-MiniLM-L6-v2"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-# A file a `quantize` output folder carries; its presence routes loading through probllm.evaluate.quantize.
+# A file a `quantize` output folder carries; its presence routes loading through `load_quantized` below.
 QUANT_MARKER = "probllm_quantization.json"
+# `quantize` methods: bits and the library whose format the folder holds.
+QUANT_METHODS = {
+    "bnb-int8": {"bits": 8, "library": "bitsandbytes"},
+    "bnb-nf4": {"bits": 4, "library": "bitsandbytes"},
+    "bnb-fp4": {"bits": 4, "library": "bitsandbytes"},
+    "quanto-int8": {"bits": 8, "library": "optimum-quanto"},
+    "quanto-int4": {"bits": 4, "library": "optimum-quanto"},
+    "torch-int8": {"bits": 8, "library": "torch"},
+}
 
 
 def cache_dir() -> Path:
@@ -196,8 +205,6 @@ def load_model(
     path = resolve_model(name)
     dev = device_name(device)
     if is_quantized_folder(path):
-        from probllm.evaluate.quantize import load_quantized
-
         model = load_quantized(path, device=dev)
     else:
         try:
@@ -212,6 +219,42 @@ def load_model(
         model.to(dev)
     if adapter:
         model = attach_adapter(model, adapter, merge=merge_adapter)
+    model.eval()
+    return model
+
+
+def load_quantized(path: str, device: str = "cpu"):
+    """Load a `quantize` output folder (`load_model` does, for folders with the marker)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    meta = json.loads(Path(path, QUANT_MARKER).read_text(encoding="utf-8"))
+    method = meta.get("method")
+    if method not in QUANT_METHODS:
+        raise UsageError(f"--model {path}: unknown quantization method {method!r} in its marker file")
+    library = QUANT_METHODS[method]["library"]
+    if library == "bitsandbytes":
+        model = AutoModelForCausalLM.from_pretrained(path, device_map=device, use_safetensors=True)
+    elif library == "optimum-quanto":
+        from optimum.quanto import QuantizedModelForCausalLM
+
+        # The wrapper reads safetensors + a JSON map; keep the transformers model inside it (generate, config...).
+        model = QuantizedModelForCausalLM.from_pretrained(path)._wrapped
+        model.to(device)
+    else:
+        if device != "cpu":
+            raise UsageError(f"--model {path}: torch dynamic int8 runs on CPU only (got --device {device})")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        with warnings.catch_warnings():
+            # torch 2.13 announces on every load that its quantized tensor types (and torch.ao.quantization) will
+            # be removed in a future release: a note to library authors, not to users of a quantized folder.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated",
+                                    category=UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model.eval()
     return model
 

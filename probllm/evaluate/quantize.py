@@ -24,19 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from probllm.io import UsageError, log
 
-METHODS = {
-    "bnb-int8": {"bits": 8, "library": "bitsandbytes"},
-    "bnb-nf4": {"bits": 4, "library": "bitsandbytes"},
-    "bnb-fp4": {"bits": 4, "library": "bitsandbytes"},
-    "quanto-int8": {"bits": 8, "library": "optimum-quanto"},
-    "quanto-int4": {"bits": 4, "library": "optimum-quanto"},
-    "torch-int8": {"bits": 8, "library": "torch"},
-}
+# The methods and the loader of `quantize` folders live with the resolver (probllm.models), which every command
+# loads through; this module writes the folders and measures them.
+from probllm.models import QUANT_METHODS as METHODS, load_quantized  # noqa: E402,F401
+
 MEASURE_PROMPT = "Question: Why does the moon have phases?\nAnswer:"
 MEASURE_TOKENS = 32
 
@@ -156,40 +151,6 @@ def publish_permissions(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     for path in [folder, *folder.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def load_quantized(path: str, device: str = "cpu"):
-    """Load a `quantize` output folder (called by probllm.models.load_model for folders with the marker)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    meta = json.loads(_marker_path(path).read_text(encoding="utf-8"))
-    method = meta.get("method")
-    if method not in METHODS:
-        raise UsageError(f"--model {path}: unknown quantization method {method!r} in its marker file")
-    library = METHODS[method]["library"]
-    if library == "bitsandbytes":
-        model = AutoModelForCausalLM.from_pretrained(path, device_map=device, use_safetensors=True)
-    elif library == "optimum-quanto":
-        from optimum.quanto import QuantizedModelForCausalLM
-
-        # The wrapper reads safetensors + a JSON map; keep the transformers model inside it (generate, config...).
-        model = QuantizedModelForCausalLM.from_pretrained(path)._wrapped
-        model.to(device)
-    else:
-        if device != "cpu":
-            raise UsageError(f"--model {path}: torch dynamic int8 runs on CPU only (got --device {device})")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        with warnings.catch_warnings():
-            # torch 2.13 announces on every load that its quantized tensor types (and torch.ao.quantization) will
-            # be removed in a future release: a note to library authors, not to users of a quantized folder.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated",
-                                    category=UserWarning)
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    model.eval()
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ measurement
