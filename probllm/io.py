@@ -508,3 +508,29 @@ def progress(description: str, total: int | None = None):
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+# ------------------------------------------------------------------------------- resumable output files
+
+
+def read_complete(path: str) -> list[dict]:
+    """The records of an output file; a last line cut short (no newline, or not JSON) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    records: list[dict] = []
+    good_end = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break
+            good_end += len(line)
+            if isinstance(rec, dict):
+                records.append(rec)
+    if good_end < os.path.getsize(path):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    return records

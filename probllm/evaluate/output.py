@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from typing import Iterable, Iterator
 
-from probllm.io import Record, Stats, write_jsonl
+from probllm.io import Record, Stats, read_complete, write_jsonl
 
 
 def record_key(rec: dict) -> str:
@@ -31,29 +31,6 @@ def occurrence_keys(records: Iterable[dict]) -> Iterator[tuple[str, int]]:
         k = record_key(rec)
         yield k, seen[k]
         seen[k] += 1
-
-
-def read_complete(path: str) -> list[dict]:
-    """The records of an output file; a last line cut short (no newline, or not JSON) is cut off the file."""
-    if not os.path.exists(path):
-        return []
-    records: list[dict] = []
-    good_end = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                break
-            good_end += len(line)
-            if isinstance(rec, dict):
-                records.append(rec)
-    if good_end < os.path.getsize(path):
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
-    return records
 
 
 class ResumableOutput:

@@ -336,27 +336,10 @@ def answered_keys(path: str, key: str) -> set:
     """Keys of the records already in an `--output` file, for resuming. A last line cut short by a kill is
     removed (its record is answered again); every complete line counts."""
     import json
-    import os
 
-    if not os.path.exists(path):
-        return set()
-    keys: set = set()
-    good_end = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                break
-            good_end += len(line)
-            if isinstance(rec, dict) and key in rec:
-                keys.add(json.dumps(rec[key], sort_keys=True))
-    if good_end < os.path.getsize(path):
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
-    return keys
+    from probllm.io import read_complete
+
+    return {json.dumps(rec[key], sort_keys=True) for rec in read_complete(path) if key in rec}
 
 
 def skip_answered(records: Iterable[Record], done: set, key: str, stats: Stats) -> Iterator[Record]:
