@@ -86,10 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=3, help="requests per client, one after the other")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="the server's --batch-size")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -112,6 +112,7 @@ def main() -> None:
                       f"TTFT p50 {res['ttft_p50']:.2f} s", file=sys.stderr)
                 for e in res["errors"][:3]:
                     print(f"  error: {e}", file=sys.stderr)
+            time.sleep(1.0)  # the server gives freed memory back after half a second idle
             rss.append((f"after round {rnd}", rss_mb(proc.pid)))
 
     lines = [f"`probllm serve` ({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {args.batch_size}) under "

@@ -8,6 +8,13 @@ streams: a batch-aware streamer hands each request its own new text as tokens co
 is finished (end of text, its own token limit, or its reader gone) stops counting; the batch ends when all rows
 have. `probllm serve` and the CLI commands share this code.
 
+All model work (loading, generation, scoring) runs on one thread of the backend's own: passes never fight over
+the cores, and the allocator keeps one arena, so a long-running server's memory stays flat (glibc gives one arena
+per thread, and freed activations of many shapes on many threads fragment them; the heap is also trimmed whenever
+the queue runs empty). With `spare_core_when_batched` (what `serve` sets) a pass of several rows uses one core
+less than a single row: several streams keep the HTTP side busy, and torch's threads stall whenever one of them
+is preempted, so on a small machine the batch runs faster leaving the server a core.
+
 Greedy by default; with a temperature, sampling is seeded per batch from the first request's seed. A model
 without a chat template gets one plain transcript prompt (`render`), the same for every command.
 """
@@ -15,8 +22,12 @@ without a chat template gets one plain transcript prompt (`render`), the same fo
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from probllm.lm.base import (CHAT, CHAT_LOGLIKELIHOOD, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM,
@@ -105,7 +116,7 @@ class HFLM(LM):
 
     def __init__(self, model: str | None = None, adapter: str | None = None, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", max_wait: float = 0.005,
-                 trust_remote_code: bool = False, **_ignored):
+                 trust_remote_code: bool = False, spare_core_when_batched: bool = False, **_ignored):
         from probllm.models import model_label
 
         label = model_label(model) + (f"+adapter:{adapter.rstrip('/')}" if adapter else "")
@@ -126,10 +137,23 @@ class HFLM(LM):
         self._pending: list[_GenRequest] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        # One model, used from worker threads: load it once and run one forward pass at a time (parallel passes
-        # would only fight over the same cores).
+        self.spare_core_when_batched = spare_core_when_batched
+        # One model, used from one worker thread (see the module's note); the lock also covers synchronous callers
+        # on other threads (eval's scorer): one forward pass at a time, parallel passes would only fight.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probllm-model")
         self._model_lock = threading.Lock()
         self._load_lock = threading.Lock()
+        self._threads: int | None = None
+
+    async def ensure_loaded(self) -> "HFLM":
+        """Load on the model thread if not yet loaded (once loaded, no wait behind a running pass)."""
+        if self.lm is None:
+            await self.in_model_thread(self.load)
+        return self
+
+    async def in_model_thread(self, fn, *args):
+        """Run `fn(*args)` on the model's own thread (every pass of an async caller goes through here)."""
+        return await asyncio.wrap_future(self._model_thread.submit(fn, *args))
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -139,6 +163,9 @@ class HFLM(LM):
                 from probllm.models import load_model, load_tokenizer, set_threads
 
                 set_threads()
+                import torch
+
+                self._threads = torch.get_num_threads()
                 self.tok = load_tokenizer(self.model_name, padding_side="left",
                                           trust_remote_code=self.trust_remote_code)
                 self.lm = load_model(self.model_name, adapter=self.adapter, dtype=self.dtype, device=self.device,
@@ -181,11 +208,11 @@ class HFLM(LM):
         return "".join([p async for p in self.stream_chat(messages, params)]).strip()
 
     async def complete(self, prompt: str, params: dict) -> str:
-        await asyncio.to_thread(self.load)
+        await self.ensure_loaded()
         return "".join([p async for p in self.stream_ids(self.encode_prompt(prompt), params)])
 
     async def stream_chat(self, messages: list[dict], params: dict):
-        await asyncio.to_thread(self.load)
+        await self.ensure_loaded()
         async for piece in self.stream_ids(self.encode_prompt(self.render(messages)), params):
             yield piece
 
@@ -234,12 +261,18 @@ class HFLM(LM):
     async def _batch_loop(self) -> None:
         while True:
             if not self._pending:
+                # Idle: after a quiet half second give the freed heap back (not between requests that follow
+                # each other, where it would only cost time), and end the worker after 30 s.
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=30)
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if not self._pending:
-                        return
+                    await self.in_model_thread(release_free_memory)
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=30)
+                    except asyncio.TimeoutError:
+                        if not self._pending:
+                            return
                 continue
             # Let requests that arrive together (the other records' coroutines, other HTTP clients) join. Right
             # after a batch, its clients come back with their next request within a few tens of milliseconds:
@@ -261,7 +294,7 @@ class HFLM(LM):
                 continue
             self._last_batch = len(batch)
             try:
-                await asyncio.to_thread(self._generate, batch)
+                await self.in_model_thread(self._generate, batch)
             except Exception as e:  # a model that cannot generate will not do better on a retry
                 err = FatalBackendError(f"generation failed: {e.__class__.__name__}: {e}")
                 for r in batch:
@@ -314,17 +347,27 @@ class HFLM(LM):
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             streamer = _RowStreamer(self, batch)
+            self._set_threads(len(batch))
             with torch.no_grad():
                 lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), streamer=streamer,
                             stopping_criteria=StoppingCriteriaList([_RowsDone(batch)]), **kwargs)
             streamer.end()
             self.batches += 1
 
+    def _set_threads(self, rows: int) -> None:
+        """Called on the model thread (OpenMP's thread count is a per-thread setting)."""
+        import torch
+
+        if self._threads:
+            want = max(1, self._threads - 1) if self.spare_core_when_batched and rows > 1 else self._threads
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
+
     # ------------------------------------------------------------------------------------------ scoring
 
     async def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         self.requests += 1
-        return await asyncio.to_thread(self._loglikelihood, requests)
+        return await self.in_model_thread(self._loglikelihood, requests)
 
     def _loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         from probllm.lm.hf_scoring import encode_pair, score_groups
@@ -349,7 +392,7 @@ class HFLM(LM):
     async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
         """Small local models rarely follow an output format like `[[A]]`; scoring the allowed answers instead
         of generating makes them usable as judges (and is how MCQ scoring works too)."""
-        await asyncio.to_thread(self.load)
+        await self.ensure_loaded()
         context = self.render(messages + ([{"role": "assistant", "content": prefix}] if prefix else []))
         return [s for s, _ in await self.loglikelihood([(context, o) for o in options])]
 
@@ -396,6 +439,22 @@ class HFLM(LM):
                     }
         self.requests += 1
         return results
+
+
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc only; elsewhere a no-op)."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name and os.name == "posix" else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def model_max_length(model, tokenizer) -> int:

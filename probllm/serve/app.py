@@ -238,7 +238,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
         if retriever is not None and options.get("retrieve", True):
             last_user = [m for m in messages if m["role"] == "user"][-1]["content"]
             passages = (await retriever.search([last_user], top_k))[0]
-        await asyncio.to_thread(lm.load)
+        await lm.ensure_loaded()
         room_for_answer = min(params["max_tokens"] or DEFAULT_MAX_TOKENS, lm.max_length // 4)
         while True:
             prompt_ids = lm.encode_prompt(lm.render(with_sources(messages, passages) if passages else messages))
@@ -294,7 +294,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
         if _field(body, "stream", (bool,), False, None, "a boolean"):
             raise APIError(400, "stream is not supported on /v1/completions; use /v1/chat/completions",
                            param="stream")
-        await asyncio.to_thread(lm.load)
+        await lm.ensure_loaded()
         prompts = _prompts(body.get("prompt"), lm)
         choices = []
         total_prompt = total_out = 0
@@ -305,7 +305,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
             fit(ids, params, 16)
         scored_all: list = [None] * len(prompts)
         if greedy_one:
-            scored_all = await asyncio.to_thread(lm.prompt_logprobs, [ids for _, ids, _ in prompts],
+            scored_all = await lm.in_model_thread(lm.prompt_logprobs, [ids for _, ids, _ in prompts],
                                                  max(1, logprobs or 1))
         for index, (text, ids, offsets) in enumerate(prompts):
             gen_ids: list[int] = []
@@ -318,7 +318,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
             lp = None
             if logprobs is not None and (echo or gen_ids):
                 if scored is None:  # one pass over prompt + generated tokens: the log-prob of every token
-                    [scored] = await asyncio.to_thread(lm.prompt_logprobs, [ids + gen_ids], max(1, logprobs))
+                    [scored] = await lm.in_model_thread(lm.prompt_logprobs, [ids + gen_ids], max(1, logprobs))
                 elif gen_ids:  # the greedy token, scored by the prompt's own pass
                     scored = {"token_logprobs": scored["token_logprobs"] + [scored["next_top"][0][1]],
                               "top": scored["top"] + [scored["next_top"]]}

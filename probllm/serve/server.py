@@ -29,7 +29,8 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
         raise UsageError("--top-k and --batch-size must be at least 1")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     lm = HFLM(model, adapter=adapter, batch_size=batch_size, dtype=dtype, device=device,
-              max_wait=max_wait_ms / 1000, trust_remote_code=trust_remote_code).load()
+              max_wait=max_wait_ms / 1000, trust_remote_code=trust_remote_code,
+              spare_core_when_batched=True).load()
     retriever = None
     if index:
         from probllm.rag.retrieve import Retriever
