@@ -32,7 +32,8 @@ def client(url, **kw):
 def test_openai_client_sync_async_and_streaming(served):
     url, _, _ = served
     c = client(url)
-    assert [m.id for m in c.models.list().data] == [MODEL]
+    [card] = c.models.list().data
+    assert card.id == MODEL and card.model_extra["max_model_len"] > 0  # as vLLM lists it
     whole = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is heapsort?"}],
                                       max_tokens=6)
     assert whole.choices[0].message.role == "assistant" and isinstance(whole.choices[0].message.content, str)
@@ -231,7 +232,17 @@ def test_ask_through_serve_with_index_shows_the_same_sources_as_local_ask(cli, t
     with probllm_serve("--model", tiny_model_dir, "--served-model-name", MODEL, "--index", index, "--top-k", "2") \
             as (url, _, _):
         served_ask = cli("ask", question, *remote(url), "--max-new-tokens", "3")
+        # A follow-up that does not name its subject is searched with the question before it, as `chat` does.
+        follow_up = client(url).chat.completions.create(model=MODEL, max_tokens=2, messages=[
+            {"role": "user", "content": question}, {"role": "assistant", "content": "O(n log n)."},
+            {"role": "user", "content": "And in the worst case?"}])
     assert served_ask.code == 0, served_ask.stderr
+    from probllm.rag.retrieve import Retriever
+
+    expected = Retriever(index).search([question + "\nAnd in the worst case?"], 2)[0]
+    served_ids = [s["id"] for s in follow_up.model_extra["sources"]]
+    # The tiny model's context is short: the server may drop the least relevant passages, never reorder them.
+    assert served_ids and served_ids == [h["id"] for h in expected][:len(served_ids)]
 
     def sources(stderr: str) -> list[str]:
         return [line.strip() for line in stderr.splitlines() if line.strip().startswith("[")]

@@ -10,15 +10,13 @@ import typer
 from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
 from probllm.cli.choices import Dtype, QuantMethod, value
 from probllm.cli.groups import uses
-from probllm.cli.options import ENDPOINT, EVAL, backend_config
+from probllm.cli.options import ENDPOINT, EVAL, LOCAL_MODEL, backend_config
 
 hidden_aliases("quantize", eval_limit="--limit", force="--overwrite")
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Hub id, folder (also a `quantize` output) or "
-                                                 "nothing for the offline SmolLM2-135M-Instruct.")]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder (a `dpo` output).")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: float32 on CPU.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+# quantize takes the model and the adapter to merge; it loads them in float32 on the CPU itself (no --dtype, --device).
+QUANTIZE_MODEL = LOCAL_MODEL.only("model", "adapter").replace(
+    "adapter", help="LoRA adapter folder, merged before quantizing.")
 
 
 @app.command("eval")
@@ -63,14 +61,13 @@ def eval_command(
 
 
 @app.command("quantize")
+@uses(QUANTIZE_MODEL)
 def quantize_command(
+    local_model: dict,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the quantized model to.",
                                          show_default=False)],
     method: Annotated[QuantMethod, typer.Option("--method", help="torch-int8: dynamic, fastest on CPU.")]
     = QuantMethod.torch_int8,
-    model: ModelOpt = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder, merged before "
-                                                   "quantizing.")] = None,
     double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="bnb 4-bit: quantize "
                                                "the quantization constants too.")] = True,
     eval_file: Annotated[Optional[list[str]], typer.Option("--eval", help="MCQ records: also report accuracy of "
@@ -97,7 +94,7 @@ def quantize_command(
     from probllm.evaluate.quantize import run_quantize
 
     with command("quantize", summary_file=summary) as stats:
-        run_quantize(stats, output=str(output), method=value(method), model=model, adapter=adapter,
+        run_quantize(stats, output=str(output), method=value(method), **local_model,
                      double_quant=double_quant, eval_file=eval_file, eval_limit=eval_limit, batch_size=batch_size,
                      measure=measure, overwrite=overwrite)
 

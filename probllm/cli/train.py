@@ -10,6 +10,7 @@ import typer
 from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
 from probllm.cli.choices import Dtype, value
 from probllm.cli.groups import Opt, OptionGroup, uses
+from probllm.cli.options import LOCAL_MODEL
 from probllm.io import Stats, log, read_records, write_records
 
 hidden_aliases("dpo", out="--output", force="--overwrite")
@@ -89,18 +90,21 @@ def dpo_command(
             write_records([result], stats)
 
 
+REWARD_MODEL = LOCAL_MODEL.replace(
+    "model", help="Policy model (default: the adapter's base model).").replace(
+    "adapter", help="A `dpo --output` folder (LoRA adapter); the reference is the same model with the adapter "
+                    "disabled.").replace("dtype", help="auto: the run's.")
+
+
 @app.command("reward-eval")
+@uses(REWARD_MODEL)
 def reward_eval_command(
+    local_model: dict,
     files: InputFiles = None,
-    adapter: Annotated[Optional[str], _opt("--adapter", "A `dpo --output` folder (LoRA adapter); the reference "
-                                           "is the same model with the adapter disabled.")] = None,
-    model: Annotated[Optional[str], _opt("--model", "Policy model (default: the adapter's base model).")] = None,
     ref: Annotated[Optional[str], _opt("--ref", "Reference model, for a policy without adapter.")] = None,
     beta: Annotated[Optional[float], _opt("--beta", "DPO beta (default: the run's, else 0.05).")] = None,
     max_length: Annotated[Optional[int], _opt("--max-length", "Truncation (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per forward pass.")] = 4,
-    dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: the run's.")] = Dtype.auto,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     limit: Limit = None,
     skip_invalid: SkipInvalid = False,
     summary: SummaryFile = None,
@@ -116,8 +120,8 @@ def reward_eval_command(
 
     with command("reward-eval", summary) as stats:
         records = read_records(files, stats, skip_invalid, limit=limit)
-        scorer = RewardScorer(adapter=adapter, model=model, ref=ref, beta=beta, max_length=max_length,
-                              dtype=value(dtype), device=device)
+        scorer = RewardScorer(**{k: value(v) for k, v in local_model.items()}, ref=ref, beta=beta,
+                              max_length=max_length)
         write_records(reward_eval(records, scorer, stats, batch_size=batch_size,
                                   skip_invalid=skip_invalid), stats)
 

@@ -3,7 +3,7 @@
 FastAPI + uvicorn, the stack vLLM and transformers' own server use. Routes:
 - `GET /v1/models`
 - `POST /v1/chat/completions`, whole or streamed (SSE `data: {...}` lines, `data: [DONE]` last). With an index,
-  passages for the last user message are retrieved and quoted in the prompt as `ask` does, and come back as
+  passages for the last user message (with the one before it, as `chat` searches) are retrieved and quoted in the prompt as `ask` does, and come back as
   `sources` (top-level field of the response; in a stream, of the first chunk). Without one, `sources` is [].
 - `POST /v1/completions`, including `echo` + `logprobs` + `max_tokens: 0`: the log-prob of every prompt token,
   which is how lm-eval's `local-completions` model and probllm's own openai backend score log-likelihoods.
@@ -222,8 +222,10 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
+        # `max_model_len` as vLLM lists it: clients size their prompts by it.
+        await lm.ensure_loaded()
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "probllm"}]}
+                                            "owned_by": "probllm", "max_model_len": lm.max_length}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -236,8 +238,10 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
             raise APIError(400, "'messages' must hold a user message", param="messages")
         passages: list[dict] = []
         if retriever is not None and options.get("retrieve", True):
-            last_user = [m for m in messages if m["role"] == "user"][-1]["content"]
-            passages = (await retriever.search([last_user], top_k))[0]
+            # The query `chat` uses: the question with the one before it, so a follow-up such as "and its worst
+            # case?" still finds the passages of its subject.
+            questions = [m["content"] for m in messages if m["role"] == "user"]
+            passages = (await retriever.search(["\n".join(questions[-2:])], top_k))[0]
         await lm.ensure_loaded()
         room_for_answer = min(params["max_tokens"] or DEFAULT_MAX_TOKENS, lm.max_length // 4)
         while True:
