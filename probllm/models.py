@@ -137,7 +137,8 @@ def device_name(device: str = "auto") -> str:
 
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """Intel AMX or AVX512-BF16 make bfloat16 matmuls fast on CPU (2.8x float32 here); otherwise bf16 is slow."""
+    """Intel AMX or AVX512-BF16 make bfloat16 matmuls fast on CPU (about 2.8x float32); without them torch
+    emulates bf16 (6.3x slower than float32 on a 2-core AMD EPYC)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
