@@ -27,6 +27,16 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def notes_index(tmp_path_factory) -> str:
+    """An index of the example course notes (examples/notes), built once; tests only read it."""
+    from probllm.rag.index import build_index
+
+    out = tmp_path_factory.mktemp("notes") / "notes.idx"
+    build_index([str(ROOT / "examples" / "notes")], str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def shared_examples() -> Path:
     """../shared/examples (real public data slices) when present; tests that need it skip otherwise."""
     candidates = [os.environ.get("PROBLLM_SHARED_EXAMPLES", ""), ROOT.parent / "shared" / "examples"]

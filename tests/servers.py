@@ -40,14 +40,19 @@ def probllm_serve(*args: str, env: dict | None = None, timeout: float = 180):
     try:
         yield url, proc, lines
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         drain.join(5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, as Ctrl-C or a service manager would stop a server; killed if it has not ended in 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:
@@ -86,11 +91,5 @@ def transformers_serve(model_dir: str, timeout: float = 240):
             time.sleep(0.5)
         yield url + "/v1"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         log.close()

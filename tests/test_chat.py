@@ -20,15 +20,6 @@ PROMPT = "you> "
 
 
 @pytest.fixture(scope="module")
-def notes_index(tmp_path_factory) -> str:
-    from probllm.rag.index import build_index
-
-    out = tmp_path_factory.mktemp("chat") / "notes.idx"
-    build_index([str(ROOT / "examples" / "notes")], str(out))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def tiny_chat(tiny_model_dir):
     # Sampling (seeded): the untrained tiny model writes only newlines under greedy decoding.
     return ChatModel.local(tiny_model_dir, temperature=1.0, seed=0)

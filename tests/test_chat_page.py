@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 
 import pytest
 
 from servers import probllm_serve
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 # No GPU, no sandbox (containers and CI run as root), and nothing that phones home: the page must work offline.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,15 +22,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 KEY = "s3cret-test-key"
 # The untrained tiny model only writes newlines when greedy: sample (the page passes these on from its address).
 PAGE_QUERY = "?temperature=1&max_tokens=24&seed=1"
-
-
-@pytest.fixture(scope="module")
-def notes_index(tmp_path_factory) -> str:
-    from probllm.rag.index import build_index
-
-    out = tmp_path_factory.mktemp("page") / "notes.idx"
-    build_index([str(ROOT / "examples" / "notes")], str(out))
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,16 @@ the default SmolLM2 and the example notes index."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from probllm.io import Record, RecordError, Stats
 from probllm.rag.ask import NOT_COVERED, Generator, Question, ask_one, ask_records, build_messages
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def tiny_generator(tiny_model_dir) -> Generator:
     return Generator(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def notes_index(tmp_path_factory) -> str:
-    from probllm.rag.index import build_index
-
-    out = tmp_path_factory.mktemp("rag") / "notes.idx"
-    build_index([str(ROOT / "examples" / "notes")], str(out))
-    return str(out)
 
 
 def test_prompt_quotes_sources_as_data_not_instructions():
