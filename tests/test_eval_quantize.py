@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from probllm.evaluate.quantize import METHODS, quantize_to_folder, weights_size
+from probllm.evaluate.quantize import quantize_to_folder, weights_size
 from probllm.io import UsageError
-from probllm.models import QUANT_MARKER, load_model, load_tokenizer
+from probllm.models import QUANT_MARKER, QUANT_METHODS, load_model, load_tokenizer
 
 PROMPT = "Question: What is 2 + 2?\nAnswer: The answer is B. Newton's second law says force"
 
@@ -31,14 +31,14 @@ def float_logits(tiny_model_dir):
 TOLERANCE = {8: 0.1, 4: 0.5}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(QUANT_METHODS))
 def test_method_round_trips_and_evaluates(method, tiny_model_dir, float_logits, tmp_path):
     from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
     from probllm.io import Record, Stats
 
     folder = tmp_path / method
     meta = quantize_to_folder(tiny_model_dir, method, str(folder))
-    assert meta["method"] == method and meta["bits"] == METHODS[method]["bits"]
+    assert meta["method"] == method and meta["bits"] == QUANT_METHODS[method]["bits"]
     assert json.loads((folder / QUANT_MARKER).read_text())["method"] == method
     files = {p.name for p in folder.iterdir()}
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files), files  # no pickle on disk

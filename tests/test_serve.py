@@ -239,7 +239,10 @@ def test_ask_through_serve_with_index_shows_the_same_sources_as_local_ask(cli, t
     assert served_ask.code == 0, served_ask.stderr
     from probllm.rag.retrieve import Retriever
 
-    expected = Retriever(index).search([question + "\nAnd in the worst case?"], 2)[0]
+    retriever = Retriever(index)
+    expected = retriever.search([question + "\nAnd in the worst case?"], 2)[0]
+    alone = retriever.search(["And in the worst case?"], 2)[0]
+    assert alone[0]["id"] != expected[0]["id"]  # so the first source tells which query the server searched
     served_ids = [s["id"] for s in follow_up.model_extra["sources"]]
     # The tiny model's context is short: the server may drop the least relevant passages, never reorder them.
     assert served_ids and served_ids == [h["id"] for h in expected][:len(served_ids)]

@@ -1,7 +1,7 @@
 """`quantize`: write a quantized model folder that every `--model FOLDER` loads, and measure what it costs/saves.
 
 A quantized folder is an ordinary model folder (config, tokenizer, weights) plus `QUANT_MARKER`
-(probllm_quantization.json), which routes `probllm.models.load_model` to `load_quantized` here. What each method
+(probllm_quantization.json), which routes `probllm.models.load_model` to `probllm.models.load_quantized`. What each method
 saves, and how it loads (never unpickling anything):
 
 | method | saved | loaded by |
@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 from probllm.io import UsageError, log
-
-# The methods and the loader of `quantize` folders live with the resolver (probllm.models), which every command
-# loads through; this module writes the folders and measures them.
-from probllm.models import QUANT_METHODS as METHODS, load_quantized  # noqa: E402,F401
+# The methods and the loader of `quantize` folders live with the resolver, which every command loads through;
+# this module writes the folders and measures them.
+from probllm.models import QUANT_METHODS
 
 MEASURE_PROMPT = "Question: Why does the moon have phases?\nAnswer:"
 MEASURE_TOKENS = 32
@@ -59,8 +58,8 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
 
     from probllm.models import is_quantized_folder, load_model, load_tokenizer, model_label, resolve_model
 
-    if method not in METHODS:
-        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if method not in QUANT_METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(QUANT_METHODS)}")
     source = resolve_model(model)
     if is_quantized_folder(source):
         raise UsageError(f"--model {model}: already quantized; quantize the full-precision model")
@@ -79,7 +78,7 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
             merged.save_pretrained(merged_dir, safe_serialization=True)
             del merged
             source = str(merged_dir)
-        info = METHODS[method]
+        info = QUANT_METHODS[method]
         if info["library"] == "bitsandbytes":
             from transformers import BitsAndBytesConfig
 

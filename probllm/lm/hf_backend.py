@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from probllm.lm.base import (CHAT, CHAT_LOGLIKELIHOOD, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM,
                              FatalBackendError, RequestFailed)
@@ -138,10 +139,9 @@ class HFLM(LM):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self.spare_core_when_batched = spare_core_when_batched
-        # One model, used from one worker thread (see the module's note); the lock also covers synchronous callers
-        # on other threads (eval's scorer): one forward pass at a time, parallel passes would only fight.
+        # One model, used from one worker thread (see the module's note): passes run one at a time, in order
+        # (parallel passes would only fight over the cores). Every pass goes through `in_model_thread`.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probllm-model")
-        self._model_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._threads: int | None = None
 
@@ -325,34 +325,33 @@ class HFLM(LM):
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        with self._model_lock:
-            tok, lm = self.tok, self.lm
-            width = max(len(r.prompt_ids) for r in batch)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, r in enumerate(batch):  # left padding: every answer starts at the same column
-                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-                mask[i, width - len(r.prompt_ids):] = 1
-            params = batch[0].params
-            kwargs = {"max_new_tokens": max(int(r.params.get("max_tokens", 256)) for r in batch),
-                      "pad_token_id": pad}
-            penalty = float(params.get("repetition_penalty", 1.0) or 1.0)
-            if penalty != 1.0:
-                kwargs["logits_processor"] = LogitsProcessorList([AnswerRepetitionPenalty(width, penalty)])
-            if float(params.get("temperature", 0) or 0) > 0:
-                kwargs.update(do_sample=True, temperature=float(params["temperature"]),
-                              top_p=float(params.get("top_p", 1.0) or 1.0), top_k=int(params.get("top_k", 50)))
-                torch.manual_seed(int(params.get("seed", 0) or 0))
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            streamer = _RowStreamer(self, batch)
-            self._set_threads(len(batch))
-            with torch.no_grad():
-                lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_RowsDone(batch)]), **kwargs)
-            streamer.end()
-            self.batches += 1
+        tok, lm = self.tok, self.lm
+        width = max(len(r.prompt_ids) for r in batch)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding: every answer starts at the same column
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - len(r.prompt_ids):] = 1
+        params = batch[0].params
+        kwargs = {"max_new_tokens": max(int(r.params.get("max_tokens", 256)) for r in batch),
+                  "pad_token_id": pad}
+        penalty = float(params.get("repetition_penalty", 1.0) or 1.0)
+        if penalty != 1.0:
+            kwargs["logits_processor"] = LogitsProcessorList([AnswerRepetitionPenalty(width, penalty)])
+        if float(params.get("temperature", 0) or 0) > 0:
+            kwargs.update(do_sample=True, temperature=float(params["temperature"]),
+                          top_p=float(params.get("top_p", 1.0) or 1.0), top_k=int(params.get("top_k", 50)))
+            torch.manual_seed(int(params.get("seed", 0) or 0))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        streamer = _RowStreamer(self, batch)
+        self._set_threads(len(batch))
+        with torch.no_grad():
+            lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_RowsDone(batch)]), **kwargs)
+        streamer.end()
+        self.batches += 1
 
     def _set_threads(self, rows: int) -> None:
         """Called on the model thread (OpenMP's thread count is a per-thread setting)."""
@@ -385,8 +384,7 @@ class HFLM(LM):
             else:
                 groups.append((ctx, [cont]))
                 last_ctx = ctx
-        with self._model_lock:
-            scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=self.tok.pad_token_id or 0)
+        scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=self.tok.pad_token_id or 0)
         return [x for g in scored for x in g]
 
     async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
@@ -399,7 +397,7 @@ class HFLM(LM):
     def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1, max_batch_tokens: int = 0) -> list[dict]:
         """Per-token log-probs of whole prompts (what `/v1/completions` with echo returns): for each prompt,
         `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
-        `next_top` after the last one. One prompt per forward pass by default: padded batches
+        `next_top` after the last one. A pass of the model: run it through `in_model_thread`. One prompt per forward pass by default: padded batches
         (`max_batch_tokens`) are faster but move float32 sums by ~1e-4 on SmolLM2, and a client comparing
         against a local evaluation (lm-eval, `eval --backend openai`) should get the same numbers."""
         import torch
@@ -409,7 +407,7 @@ class HFLM(LM):
         order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
         results: list = [None] * len(token_lists)
         k = max(1, top)
-        with self._model_lock, torch.no_grad():
+        with torch.no_grad():
             start = 0
             while start < len(order):
                 width = len(token_lists[order[start]])
@@ -441,20 +439,20 @@ class HFLM(LM):
         return results
 
 
-_LIBC = None
+@lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c") if os.name == "posix" else None
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 def release_free_memory() -> None:
     """Give the heap's free pages back to the system (glibc only; elsewhere a no-op)."""
-    global _LIBC
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _LIBC = ctypes.CDLL(name) if name and os.name == "posix" else False
-        except OSError:
-            _LIBC = False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def model_max_length(model, tokenizer) -> int:

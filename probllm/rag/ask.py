@@ -47,11 +47,20 @@ SYSTEM_WITHOUT_NOTES = (
 )
 
 
+ANSWER_INSTRUCTION = "Answer with the letter of the correct option, then explain in one or two sentences."
+
+
 @dataclass
 class Question:
     text: str
     choices: list[str] = field(default_factory=list)
     passages: list[dict] = field(default_factory=list)  # {"id", "text", "source", "heading", ...}
+    instruction: str = ANSWER_INSTRUCTION  # how to answer an MCQ (`chat --mcq` asks for one line)
+
+
+def options_block(choices: list[str], instruction: str = ANSWER_INSTRUCTION) -> str:
+    """The options of an MCQ, one lettered line each, and how to answer."""
+    return "\n".join(["Options:", *(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)), "", instruction])
 
 
 def _quote(text: str) -> str:
@@ -70,10 +79,7 @@ def build_messages(q: Question) -> list[dict]:
     parts.append(f"Question: {q.text}")
     if q.choices:
         parts.append("")
-        parts.append("Options:")
-        parts.extend(f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices))
-        parts.append("")
-        parts.append("Answer with the letter of the correct option, then explain in one or two sentences.")
+        parts.append(options_block(q.choices, q.instruction))
     system = SYSTEM_WITH_NOTES if q.passages else SYSTEM_WITHOUT_NOTES
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(parts)}]
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from probllm.io import UsageError
-from probllm.rag.ask import LETTERS, Question, answer_prefix, build_messages, extract_letter
+from probllm.rag.ask import LETTERS, Question, answer_prefix, build_messages, extract_letter, options_block
+from probllm.rag.retrieve import follow_up_query
 
 MCQ_INSTRUCTION = ("Answer with the letter of the correct option, then one short sentence saying why, "
                    "in the form 'B. because ...'.")
@@ -243,9 +244,8 @@ class Conversation:
     def _retrieve(self, question: str, choices: list[str]) -> list[dict]:
         if self.retriever is None:
             return []
-        query = question + "".join(f"\n{c}" for c in choices)
-        if self.turns:  # a follow-up often names its subject only in the question before
-            query = self.turns[-1].question + "\n" + query
+        query = follow_up_query(question + "".join(f"\n{c}" for c in choices),
+                                self.turns[-1].question if self.turns else None)
         hits = self.retriever.search([query], self.k)[0]
         return [{"n": i, **h} for i, h in enumerate(hits, 1)]
 
@@ -254,16 +254,12 @@ class Conversation:
         # Quoted here: notes retrieved here, or a local model (which has no server to add a system prompt). A
         # remote server without notes here gets the conversation only: a `serve --index` adds its own notes.
         if self.retriever is not None or self.backend.kind == "local":
-            system, user = build_messages(Question(question, choices if self.mcq else [], passages))
-            if self.mcq and choices:
-                user = {**user, "content": user["content"].replace(
-                    "Answer with the letter of the correct option, then explain in one or two sentences.",
-                    MCQ_INSTRUCTION)}
+            system, user = build_messages(Question(question, choices if self.mcq else [], passages,
+                                                   instruction=MCQ_INSTRUCTION))
             head, tail = [system], [user]
         else:  # the server quotes its own notes and system prompt: send the conversation only
             text = question if not (self.mcq and choices) else (
-                question + "\n\nOptions:\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-                + "\n\n" + MCQ_INSTRUCTION)
+                question + "\n\n" + options_block(choices, MCQ_INSTRUCTION))
             head, tail = [], [{"role": "user", "content": text}]
         history = self._history()
         budget = self.backend.context_tokens - self.max_new_tokens

@@ -49,6 +49,12 @@ def query_text(record: dict, field: str, with_choices: bool = False) -> str:
     return "\n".join([mcq.question] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, mcq.choices)])
 
 
+def follow_up_query(question: str, previous: str | None = None) -> str:
+    """What to search for a question asked in a conversation: a follow-up such as "and in the worst case?" often
+    names its subject only in the question before, so that one is searched with it (`chat`, `serve --index`)."""
+    return f"{previous}\n{question}" if previous else question
+
+
 def context_entry(hit: dict) -> dict:
     return {key: hit[key] for key in CONTEXT_KEYS}
 

@@ -238,10 +238,11 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
             raise APIError(400, "'messages' must hold a user message", param="messages")
         passages: list[dict] = []
         if retriever is not None and options.get("retrieve", True):
-            # The query `chat` uses: the question with the one before it, so a follow-up such as "and its worst
-            # case?" still finds the passages of its subject.
+            from probllm.rag.retrieve import follow_up_query
+
             questions = [m["content"] for m in messages if m["role"] == "user"]
-            passages = (await retriever.search(["\n".join(questions[-2:])], top_k))[0]
+            query = follow_up_query(questions[-1], questions[-2] if len(questions) > 1 else None)
+            passages = (await retriever.search([query], top_k))[0]
         await lm.ensure_loaded()
         room_for_answer = min(params["max_tokens"] or DEFAULT_MAX_TOKENS, lm.max_length // 4)
         while True:
