@@ -34,6 +34,13 @@ def _language(attrs: dict[str, str | None]) -> str:
     return m.group(1) if m else ""
 
 
+def _fence(code: str, fence: str) -> str:
+    """A code fence longer than any backtick run inside `code`, so code quoting markdown stays one block."""
+    while fence in code:
+        fence += "`"
+    return fence
+
+
 class _Converter(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -161,16 +168,12 @@ class _Converter(HTMLParser):
             self.pre = None
             if not code:
                 return  # an empty <pre> would only add an empty fenced block
-            fence = "```"
-            while fence in code:  # longer than any backtick run inside, so code quoting markdown stays one block
-                fence += "`"
+            fence = _fence(code, "```")
             self.blocks.append(f"{fence}{self.pre_lang}\n{code}\n{fence}")
             return
         if tag == "code" and self.code_inline is not None:
             code = "".join(self.code_inline)
-            fence = "`"
-            while fence in code:
-                fence += "`"
+            fence = _fence(code, "`")
             pad = " " if code.startswith("`") or code.endswith("`") else ""
             self.line.append(f"{fence}{pad}{code}{pad}{fence}")
             self.code_inline = None
@@ -196,7 +199,9 @@ class _Converter(HTMLParser):
 
     def result(self) -> str:
         if self.pre is not None:  # unclosed <pre>: keep what was read
-            self.blocks.append("```\n" + "".join(self.pre).strip("\n") + "\n```")
+            code = "".join(self.pre).strip("\n")
+            fence = _fence(code, "```")
+            self.blocks.append(f"{fence}\n{code}\n{fence}")
             self.pre = None
         if self.code_inline is not None:
             self.line.append("`" + "".join(self.code_inline) + "`")
