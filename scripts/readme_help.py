@@ -35,11 +35,13 @@ def help_text(name: str | None = None, width: int = WIDTH) -> str:
 
 
 def command_names() -> list[str]:
+    import typer
     from typer.main import get_command
 
     from probllm.cli import app
 
-    return list(get_command(app).commands)
+    group = get_command(app)
+    return group.list_commands(typer.Context(group, info_name="probllm"))  # by family, as `probllm --help`
 
 
 def reference() -> str:

@@ -16,7 +16,7 @@ from typer.main import get_command
 
 from conftest import ROOT
 from probllm.cli import app
-from probllm.cli.app import _is_example_block
+from probllm.cli.app import COMMAND_FAMILIES, _is_example_block
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import readme_help  # noqa: E402
@@ -138,6 +138,16 @@ def test_judge_help_does_not_offer_rules():
 def _probllm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "probllm", *args], capture_output=True, text=True, cwd=ROOT,
                           input="")
+
+
+def test_help_lists_the_commands_by_family_in_pipeline_order():
+    text = readme_help.help_text()
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    families = [h for h in headings if h in COMMAND_FAMILIES]
+    assert families == list(COMMAND_FAMILIES)[:len(families)] and families[:2] == ["Data", "Preference pairs"]
+    listed = [line.split()[0] for line in text.split("Data:", 1)[1].splitlines() if line.startswith("  ")]
+    assert listed.index("load") < listed.index("dpo") < listed.index("eval") < listed.index("serve")
+    assert set(listed) == set(readme_help.command_names())  # every command is listed, under "Other" if need be
 
 
 def test_no_arguments_prints_help_and_exits_0():

@@ -118,11 +118,44 @@ def write_help_text(help_text: str | None, formatter) -> None:
                 formatter.write_text(block)
 
 
+# `probllm --help` lists the commands by family, in the order a pipeline uses them (not in import order). A command
+# that no family names yet is still listed, under "Other", so a new command is never hidden.
+COMMAND_FAMILIES: dict[str, tuple[str, ...]] = {
+    "Data": ("load", "mcqify", "split", "decontaminate"),
+    "Preference pairs": ("pair-annotated", "pair-stackexchange", "corrupt", "judge", "feedback"),
+    "Training": ("dpo", "kto", "reward-eval", "plot"),
+    "Evaluation": ("eval", "quantize", "report"),
+    "Retrieval": ("index", "retrieve", "ask", "rag-eval"),
+    "Serving": ("serve", "chat", "export"),
+}
+
+
 class ProbllmGroup(TyperGroup):
-    """`probllm` alone prints the help and exits 0; an unknown command is a one-line error."""
+    """`probllm` alone prints the help and exits 0; an unknown command is a one-line error; commands are listed
+    by family (COMMAND_FAMILIES)."""
 
     def format_help_text(self, ctx, formatter) -> None:
         write_help_text(self.help, formatter)
+
+    def list_commands(self, ctx) -> list[str]:
+        registered = super().list_commands(ctx)
+        ordered = [name for names in COMMAND_FAMILIES.values() for name in names if name in registered]
+        return ordered + [name for name in registered if name not in ordered]
+
+    def format_commands(self, ctx, formatter) -> None:
+        listed = self.list_commands(ctx)
+        families = [(family, [n for n in names if n in listed]) for family, names in COMMAND_FAMILIES.items()]
+        known = {n for _, names in families for n in names}
+        families.append(("Other", [n for n in listed if n not in known]))
+        name_width = max(len(n) for n in listed)
+        width = formatter.width - 6 - name_width
+        for family, names in families:
+            # Names padded to one width, so that the descriptions line up across the sections.
+            rows = [(n.ljust(name_width), self.get_command(ctx, n).get_short_help_str(width)) for n in names
+                    if not self.get_command(ctx, n).hidden]
+            if rows:
+                with formatter.section(family):
+                    formatter.write_dl(rows)
 
     def parse_args(self, ctx, args):
         if not args:
