@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError, log, read_records, require
 from probllm.lm import BackendConfig, RequestFailed, make_backend, run_ordered
+from probllm.lm.base import CHAT_LOGLIKELIHOOD
 
 MODES = ("pairwise", "single")
 
@@ -294,7 +295,7 @@ def judge_records(records: Iterable[Record], config: BackendConfig, opts: JudgeO
     """One verdict record per input record, in input order; `summary` is filled as records go out."""
     opts.check()
     backend = make_backend(config)
-    if opts.verdict_from == "likelihood" and not hasattr(backend, "choose"):
+    if opts.verdict_from == "likelihood" and CHAT_LOGLIKELIHOOD not in backend.capabilities:
         raise UsageError("--verdict-from likelihood needs --backend hf (an API returns text, not scores)")
     label = f"{config.backend}:{backend.model}"
 

@@ -146,3 +146,48 @@ def test_make_backend_rejects_bad_options(monkeypatch):
 
 def test_body_hash_is_order_independent():
     assert body_hash({"a": 1, "b": [1, 2]}) == body_hash({"b": [1, 2], "a": 1})
+
+
+class _FlakyStream:
+    """An inner LM whose stream fails `fail_before` times before its first piece, then once after `fail_after`
+    pieces: what a proxy or an overloaded server does to a stream."""
+
+    name, model, capabilities = "flaky", "flaky-model", frozenset({"chat", "stream"})
+
+    def __init__(self, fail_before: int = 0, fail_after: int | None = None):
+        from probllm.lm.base import TransientError
+
+        self.error, self.fail_before, self.fail_after, self.calls = TransientError, fail_before, fail_after, 0
+
+    async def stream_chat(self, messages, params):
+        self.calls += 1
+        if self.calls <= self.fail_before:
+            raise self.error("HTTP 503 before the first piece")
+        for i, piece in enumerate(["The ", "answer ", "is 4."]):
+            if self.fail_after is not None and i == self.fail_after:
+                raise self.error("connection dropped mid-stream")
+            yield piece
+
+
+def _collect(backend) -> list:
+    import asyncio
+
+    async def go():
+        return [p async for p in backend.stream_chat(user("2 + 2?"), PARAMS)]
+
+    return asyncio.run(go())
+
+
+def test_stream_is_retried_until_its_first_piece_and_never_after():
+    inner = _FlakyStream(fail_before=2)
+    backend = Retrying(inner, RetryPolicy(tries=4, base=0.01, cap=0.02))
+    assert "".join(_collect(backend)) == "The answer is 4." and inner.calls == 3 and backend.retries == 2
+    # Once text has been shown, a retry would repeat it: the failure goes to the caller, after one attempt.
+    inner = _FlakyStream(fail_after=1)
+    backend = Retrying(inner, RetryPolicy(tries=4, base=0.01, cap=0.02))
+    with pytest.raises(Exception, match="mid-stream"):
+        _collect(backend)
+    assert inner.calls == 1 and backend.retries == 0
+    gave_up = Retrying(_FlakyStream(fail_before=9), RetryPolicy(tries=3, base=0.01, cap=0.02))
+    with pytest.raises(RequestFailed, match="3 tries"):
+        _collect(gave_up)

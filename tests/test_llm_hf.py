@@ -36,7 +36,13 @@ def test_sampling_is_seeded(tiny_model_dir):
     sampled = {**PARAMS, "temperature": 1.0, "max_tokens": 12, "seed": 5}
     b1 = make_backend(BackendConfig(backend="hf", model=tiny_model_dir, no_cache=True))
     b2 = make_backend(BackendConfig(backend="hf", model=tiny_model_dir, no_cache=True))
-    assert chats(b1, ["Heapsort runs in"], sampled) == chats(b2, ["Heapsort runs in"], sampled)
+    first = chats(b1, ["Heapsort runs in"], sampled)
+    assert first == chats(b2, ["Heapsort runs in"], sampled)
+    # ... and it is sampling: greedy decoding and other seeds give other texts (a backend that ignored the
+    # temperature, or the seed, would pass the line above).
+    assert first != chats(b1, ["Heapsort runs in"], {**sampled, "temperature": 0.0})
+    others = {tuple(chats(b1, ["Heapsort runs in"], {**sampled, "seed": s})) for s in (6, 7, 8)}
+    assert len(others | {tuple(first)}) >= 3
 
 
 def test_judge_through_hf_reports_unparseable(tiny_model_dir, tmp_path):

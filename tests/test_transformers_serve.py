@@ -29,6 +29,11 @@ def test_corrupt_against_transformers_serve(cli, hf_server, tmp_path):
     assert sorted([p["id"] for p in r.records] + [f["id"] for f in reported]) == [0, 1, 2, 3], r.stderr
     assert all("error" in f for f in reported)
     assert "4 in" in r.stderr
+    # Every failure must be the model's text judged unusable (the random tiny model writes only newlines), which
+    # proves the server answered and its replies were read: a broken exchange (no server, wrong route, refused
+    # model name, unparsable replies) is reported with another reason and fails here.
+    assert all(f["error"].startswith("corruption rejected (") for f in reported), reported
+    assert r.records or all("(empty)" in f["error"] for f in reported), reported
 
 
 def test_judge_against_transformers_serve(cli, hf_server):

@@ -52,12 +52,6 @@ class OptionGroup:
     def names(self) -> list[str]:
         return [o.name for o in self.options]
 
-    def with_defaults(self, **defaults: Any) -> "OptionGroup":
-        unknown = set(defaults) - set(self.names())
-        assert not unknown, f"{self.name} has no option {unknown}"
-        return dataclasses.replace(self, options=tuple(
-            dataclasses.replace(o, default=defaults[o.name]) if o.name in defaults else o for o in self.options))
-
     def replace(self, name: str, **changes: Any) -> "OptionGroup":
         assert name in self.names(), f"{self.name} has no option {name}"
         return dataclasses.replace(self, options=tuple(

@@ -50,13 +50,6 @@ def stable_id(prefix: str, *parts: str) -> str:
     return f"{prefix}-{digest}"
 
 
-def _check_options(choices: list[str], source: str) -> None:
-    """Options that mcqify generates itself (GSM8K, MATH distractors) must be distinct; an item where they cannot
-    be is dropped and counted. Never applied to a public benchmark's own options (ARC, MMLU): see `_note_oddities`."""
-    if len(set(c.strip() for c in choices)) != len(choices):
-        raise Skip(f"{source}: options not distinct")
-
-
 MAX_NOTES = 10
 _notes_logged = [0]
 

@@ -185,15 +185,18 @@ class Retrying(Wrapper):
                 raise
             if attempt == self.retry.tries:
                 break
-            self.retries += 1
-            if last.retry_after is not None:
-                wait = min(self.retry.retry_after_cap, max(0.0, last.retry_after))
-                wait += self._jitter.uniform(0, 0.1 * wait + 0.01)
-            else:
-                wait = self.retry.backoff(attempt, self._jitter)
-            await asyncio.sleep(wait)
+            await self._back_off(attempt, last)
         self.failures += 1
         raise RequestFailed(f"gave up after {self.retry.tries} tries ({last})")
+
+    async def _back_off(self, attempt: int, last: TransientError) -> None:
+        self.retries += 1
+        if last.retry_after is not None:
+            wait = min(self.retry.retry_after_cap, max(0.0, last.retry_after))
+            wait += self._jitter.uniform(0, 0.1 * wait + 0.01)
+        else:
+            wait = self.retry.backoff(attempt, self._jitter)
+        await asyncio.sleep(wait)
 
     async def chat(self, messages, params):
         return await self._call(lambda: self.inner.chat(messages, params))
@@ -208,12 +211,31 @@ class Retrying(Wrapper):
         return await self._call(lambda: self.inner.choose(messages, options, prefix))
 
     async def stream_chat(self, messages, params):
-        # Retried only until the first piece arrives: after that the caller has shown text already.
+        # Retried only until the first piece arrives: after that the caller has shown text already, and a second
+        # attempt would repeat it, so a failure mid-stream is the caller's to see.
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        async with self._sem:
-            async for piece in self.inner.stream_chat(messages, params):
-                yield piece
+        last: TransientError | None = None
+        for attempt in range(1, self.retry.tries + 1):
+            started = False
+            try:
+                async with self._sem:
+                    async for piece in self.inner.stream_chat(messages, params):
+                        started = True
+                        yield piece
+                return
+            except TransientError as e:
+                if started:
+                    raise
+                last = e
+            except RequestFailed:
+                self.failures += 1
+                raise
+            if attempt == self.retry.tries:
+                break
+            await self._back_off(attempt, last)
+        self.failures += 1
+        raise RequestFailed(f"gave up after {self.retry.tries} tries ({last})")
 
 
 class Cached(Wrapper):
@@ -304,11 +326,6 @@ def run_ordered(items: Iterable[Any], fn: Callable[[Any], Awaitable[Any]], windo
                 runner.run(backend.aclose())
         finally:
             runner.close()
-
-
-def run_sync(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
-    """One async model call from synchronous code (a command that does not stream records through `run_ordered`)."""
-    return asyncio.run(coro_fn())
 
 
 async def _amap(items: Iterator[Any], fn: Callable[[Any], Awaitable[Any]], window: int):
