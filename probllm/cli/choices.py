@@ -3,6 +3,8 @@ any other (one line, exit 2) before a command starts. Commands pass `.value` on 
 
 from enum import Enum
 
+from probllm.export import EXPORT_FORMATS, GGUF_QUANTS  # registries; importing them loads no gguf or torch
+
 
 class Choice(str, Enum):
     def __str__(self) -> str:  # in messages and defaults: the word, not `Backend.hf`
@@ -101,3 +103,12 @@ class QuantMethod(Choice):
 def value(choice):
     """The plain string of a choice (None stays None), for library functions that take strings."""
     return choice.value if isinstance(choice, Enum) else choice
+
+
+def _registry_choice(name: str, words) -> type[Choice]:
+    """A Choice whose words are a registry's keys (the registry stays the one definition of the list)."""
+    return Choice(name, {word.replace("-", "_"): word for word in words})
+
+
+ExportFormat = _registry_choice("ExportFormat", EXPORT_FORMATS)
+GgufQuant = _registry_choice("GgufQuant", GGUF_QUANTS)
