@@ -235,3 +235,81 @@ def test_gguf_layout_matches_llama_cpp_on_smollm2():
     assert ours["tokenizer.ggml.tokens"] == theirs.fields["tokenizer.ggml.tokens"].contents()
     assert ours["tokenizer.ggml.merges"] == theirs.fields["tokenizer.ggml.merges"].contents()
     assert ours["tokenizer.ggml.token_type"] == theirs.fields["tokenizer.ggml.token_type"].contents()
+
+
+# ---------------------------------------------------------------------------------------------------- ollama
+
+LLAMA3_STYLE = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+TWO_TURNS = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4. {{ not }}"},
+             {"role": "user", "content": "And 3 + 3?\nShow the steps."}]
+
+
+def go_render(cases: list[tuple[str, list[dict]]], tmp_path: Path) -> list[str]:
+    """Render Ollama templates with Go's own text/template (tests/ollama_template_render.go), the engine
+    Ollama runs them with. Ollama puts the Modelfile's SYSTEM first when a conversation has no system message."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("go") is None:
+        pytest.skip("go is not installed (apt-get install golang-go): the Go template renderer cannot run")
+    payload = json.dumps([{"template": t, "messages": m} for t, m in cases])
+    proc = subprocess.run(["go", "run", str(Path(__file__).with_name("ollama_template_render.go"))],
+                          input=payload, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "go"),
+                               "GO111MODULE": "off"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def modelfile_parts(text: str) -> dict:
+    import re
+
+    parts = {k: m.group(1) for k in ("TEMPLATE", "SYSTEM")
+             if (m := re.search(rf'^{k} """(.*?)"""$', text, re.S | re.M))}
+    parts["FROM"] = re.search(r"^FROM (.*)$", text, re.M).group(1)
+    parts["stop"] = re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)
+    return parts
+
+
+def with_system(parts: dict, messages: list[dict]) -> list[dict]:
+    if "SYSTEM" in parts and messages[0]["role"] != "system":
+        return [{"role": "system", "content": parts["SYSTEM"]}, *messages]
+    return messages
+
+
+def test_ollama_folder_and_template_render_as_the_chat_template(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from probllm.export.ollama import modelfile
+    from probllm.models import smollm2_folder
+
+    out = tmp_path / "ollama"
+    result = run_cli("export", "--model", tiny_model_dir, "--format", "ollama", "--quant", "q4_0", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["template"] is True and record["create"].startswith("ollama create ")
+    parts = modelfile_parts((out / "Modelfile").read_text())
+    assert (out / parts["FROM"]).is_file() and parts["FROM"].endswith(".q4_0.gguf")
+    assert parts["stop"] == ["<|im_end|>"]
+
+    # The same translation for SmolLM2's template (a default system prompt) and a Llama-3-style one (a bos
+    # preamble, other role markers), rendered by Go against each template's own Jinja rendering.
+    tiny = AutoTokenizer.from_pretrained(tiny_model_dir)
+    smol_parts = modelfile_parts(modelfile("m.gguf", str(smollm2_folder()))[0])
+    assert smol_parts["SYSTEM"].startswith("You are a helpful AI assistant named SmolLM")
+    llama3_dir = tmp_path / "llama3-style"
+    tiny.chat_template = LLAMA3_STYLE
+    tiny.save_pretrained(llama3_dir)
+    (llama3_dir / "config.json").write_text((Path(tiny_model_dir) / "config.json").read_text())
+    llama3_parts = modelfile_parts(modelfile("m.gguf", str(llama3_dir))[0])
+    system_first = [{"role": "system", "content": "Answer with a letter."}, *TWO_TURNS]
+    cases, expected = [], []
+    for p, folder in ((parts, tiny_model_dir), (smol_parts, smollm2_folder()), (llama3_parts, llama3_dir)):
+        jinja = AutoTokenizer.from_pretrained(folder)
+        for messages in (TWO_TURNS, system_first):
+            cases.append((p["TEMPLATE"], with_system(p, messages)))
+            expected.append(jinja.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert go_render(cases, tmp_path) == expected
