@@ -313,3 +313,27 @@ def test_ollama_folder_and_template_render_as_the_chat_template(tiny_model_dir, 
             cases.append((p["TEMPLATE"], with_system(p, messages)))
             expected.append(jinja.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     assert go_render(cases, tmp_path) == expected
+
+
+# ------------------------------------------------------------------------------------------------------ vllm
+
+
+def test_vllm_command_serves_the_adapter_as_a_lora_module(tiny_model_dir, adapter_dir, tmp_path):
+    import shlex
+
+    result = run_cli("export", "--model", tiny_model_dir, "--adapter", adapter_dir, "--format", "vllm",
+                     "--name", "assistant", "-o", str(tmp_path / "vllm"))
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    args = shlex.split(record["command"])
+    assert args[:3] == ["vllm", "serve", str(Path(tiny_model_dir).resolve())]
+    assert "--enable-lora" in args and args[args.index("--lora-modules") + 1] == \
+        f"assistant={Path(adapter_dir).resolve()}"
+    assert args[args.index("--max-lora-rank") + 1] == "8"  # rank 4, rounded up to a rank vLLM accepts
+    script = (tmp_path / "vllm" / "serve.sh").read_text()
+    assert record["command"] in script and "127.0.0.1" in script
+    assert (tmp_path / "vllm" / "serve.sh").stat().st_mode & 0o100
+
+    merged = run_cli("export", "--model", tiny_model_dir, "--format", "vllm", "-o", str(tmp_path / "plain"))
+    plain = shlex.split(json.loads(merged.stdout.strip().splitlines()[-1])["command"])
+    assert plain[:3] == ["vllm", "serve", str(Path(tiny_model_dir).resolve())] and "--enable-lora" not in plain
