@@ -65,6 +65,8 @@ PRE_TOKENIZERS = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
 
+QUANT_ROWS = 1024  # rows quantized at once (a 4096-wide row is 16 KB of float32)
+
 # gguf.TokenType values (llama.cpp's llama_token_type), written as int32.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
@@ -161,6 +163,7 @@ def plan_tensors(folder: str, config: dict, arch: Architecture, quant: str) -> l
 def convert(p: Planned, config: dict, arch: Architecture):
     """One tensor: read, reorder (Llama q/k), quantize. Returns the array the writer stores."""
     import gguf
+    import numpy as np
     from safetensors import safe_open
 
     with safe_open(str(p.file), framework="pt") as f:
@@ -171,7 +174,15 @@ def convert(p: Planned, config: dict, arch: Architecture):
             data = _rotary_interleave(data, heads)
         elif p.source.endswith(("k_proj.weight", "k_proj.bias")):
             data = _rotary_interleave(data, config.get("num_key_value_heads") or heads)
-    return gguf.quants.quantize(data, p.qtype)
+    if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return gguf.quants.quantize(data, p.qtype)
+    # Block types a slab of rows at a time into the output bytes: numpy's quantizers make several float copies
+    # of what they are given, which for a whole embedding matrix would be several times its size.
+    rows = data.reshape(-1, data.shape[-1])
+    out = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, p.qtype), dtype=np.uint8)
+    for start in range(0, rows.shape[0], QUANT_ROWS):
+        out[start: start + QUANT_ROWS] = gguf.quants.quantize(rows[start: start + QUANT_ROWS], p.qtype)
+    return out.reshape(gguf.quant_shape_to_byte_shape(p.shape, p.qtype))
 
 
 # --------------------------------------------------------------------------------------------- the vocabulary
