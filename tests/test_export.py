@@ -337,3 +337,22 @@ def test_vllm_command_serves_the_adapter_as_a_lora_module(tiny_model_dir, adapte
     merged = run_cli("export", "--model", tiny_model_dir, "--format", "vllm", "-o", str(tmp_path / "plain"))
     plain = shlex.split(json.loads(merged.stdout.strip().splitlines()[-1])["command"])
     assert plain[:3] == ["vllm", "serve", str(Path(tiny_model_dir).resolve())] and "--enable-lora" not in plain
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs_as_transformers_scales():
+    """Llama 3.1's rotary scaling is written as llama.cpp's rope_freqs divisors: the same as transformers'."""
+    import numpy as np
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from probllm.export.gguf_file import llama3_rope_factors, rope_scaling
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_parameters=scaling)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (np.arange(0, 64, 2, dtype=np.float32) / 64))
+    ours = llama3_rope_factors(config.to_dict(), rope_scaling(config.to_dict()))
+    assert np.allclose(plain / ours, scaled.numpy(), rtol=1e-5)
+    assert ours.min() == 1.0 and ours.max() == 8.0

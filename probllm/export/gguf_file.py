@@ -123,6 +123,32 @@ class Planned:
     shape: tuple  # numpy order (rows, cols)
     qtype: object  # gguf.GGMLQuantizationType
     nbytes: int
+    data: object = None  # a tensor computed here rather than read (rope_freqs)
+
+
+def llama3_rope_factors(config: dict, scaling: dict):
+    """Llama 3.1's long-context rotary scaling as llama.cpp takes it: one divisor per rotary frequency (the
+    `rope_freqs` tensor). High frequencies stay, low ones are divided by `factor`, the band between is blended."""
+    import numpy as np
+
+    heads = config["num_attention_heads"]
+    dim = config.get("head_dim") or config["hidden_size"] // heads
+    freqs = 1.0 / (float(rope_theta(config) or 10000.0) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = scaling.get("factor", 8.0)
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings") or config.get("original_max_position_embeddings") \
+        or 8192
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
 
 
 def plan_tensors(folder: str, config: dict, arch: Architecture, quant: str) -> list[Planned]:
@@ -137,6 +163,11 @@ def plan_tensors(folder: str, config: dict, arch: Architecture, quant: str) -> l
     output_type = gguf.GGMLQuantizationType.Q8_0 if GGUF_QUANTS[quant]["bits"] < 8 else wanted
     tied = config.get("tie_word_embeddings", False)
     plan = []
+    scaling = rope_scaling(config)
+    if arch.llama_keys and scaling is not None and scaling["kind"] == "llama3":
+        factors = llama3_rope_factors(config, scaling)
+        plan.append(Planned("", None, "rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32,
+                            factors.nbytes, factors))
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
             for source in f.keys():
@@ -166,6 +197,8 @@ def convert(p: Planned, config: dict, arch: Architecture):
     import numpy as np
     from safetensors import safe_open
 
+    if p.data is not None:
+        return p.data
     with safe_open(str(p.file), framework="pt") as f:
         data = f.get_tensor(p.source).float().numpy()
     if arch.rotary_interleave:
@@ -296,13 +329,15 @@ def add_hyperparameters(writer, config: dict, arch: Architecture, quant: str) ->
         if scaling["kind"] == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(scaling["factor"])
+        elif scaling["kind"] == "llama3" and arch.llama_keys:
+            pass  # carried by the rope_freqs tensor (see plan_tensors), as llama.cpp reads it
         elif scaling["kind"] == "yarn":
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             writer.add_rope_scaling_factor(scaling["factor"])
             writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
         else:
             raise UsageError(f"rope scaling {scaling['kind']!r} (config.json) has no GGUF export yet; "
-                             f"models without it, or with linear or yarn scaling, export")
+                             f"models without it, with linear or yarn scaling, or Llama 3.1's, export")
 
 
 def add_general(writer, folder: str, name: str, total_params: int) -> None:
