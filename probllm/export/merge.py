@@ -231,10 +231,10 @@ def model_card(prov: dict, title: str) -> str:
                   + ").", ""]
     lines += ["## Training data", ""]
     if prov.get("data"):
-        lines += ["| file | sha256 |", "| --- | --- |"]
+        lines += ["| part | file | sha256 |", "| --- | --- | --- |"]
         for entry in prov["data"]:
             entry = entry if isinstance(entry, dict) else {"file": entry}
-            lines.append(f"| {entry.get('file')} | `{_fmt(entry.get('sha256'))}` |")
+            lines.append(f"| {_fmt(entry.get('part'))} | {entry.get('file')} | `{_fmt(entry.get('sha256'))}` |")
         lines.append("")
     else:
         lines += ["Not recorded by the adapter folder (its config.json lists no data files).", ""]
