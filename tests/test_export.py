@@ -356,3 +356,35 @@ def test_llama3_rope_scaling_becomes_rope_freqs_as_transformers_scales():
     ours = llama3_rope_factors(config.to_dict(), rope_scaling(config.to_dict()))
     assert np.allclose(plain / ours, scaled.numpy(), rtol=1e-5)
     assert ours.min() == 1.0 and ours.max() == 8.0
+
+
+def test_gguf_llama2_style_vocabulary_round_trips(tmp_path):
+    """A Llama-2-style tokenizer (sentencepiece BPE with byte fallback, in tokenizer.json) is written as
+    llama.cpp's "llama" vocabulary with scores; read back, it encodes the same ids, bytes included."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+    from tiny_model import _CORPUS
+
+    spm = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainers.BpeTrainer(
+        vocab_size=600, show_progress=False,
+        special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    folder = tmp_path / "llama2-style"
+    tok = LlamaTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(folder)
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         bos_token_id=1, eos_token_id=2)).eval()
+    model.save_pretrained(folder)
+    out = tmp_path / "llama2.f16.gguf"
+    assert run_cli("export", "--model", str(folder), "--format", "gguf", "--quant", "f16", "-o",
+                   str(out)).exit_code == 0
+    back, back_tok = gguf_model(out)
+    text = "Heapsort runs in O(n log n). Entropé ü 3.14"
+    assert back_tok(text)["input_ids"] == tok(text)["input_ids"]
+    assert float((logits(back, tok, text) - logits(model, tok, text)).abs().max()) < 1e-2

@@ -248,6 +248,7 @@ def add_vocabulary(writer, folder: str, config: dict) -> None:
 
     spec = _tokenizer_spec(folder)
     vocab_size = config.get("vocab_size")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     if spec["model"].get("type") == "BPE" and spec["model"].get("byte_fallback"):
         # Llama 2 style (sentencepiece BPE in tokenizer.json): llama.cpp's "llama" tokenizer, tokens with scores.
         vocab = gguf.LlamaHfVocab(Path(folder))
@@ -263,7 +264,6 @@ def add_vocabulary(writer, folder: str, config: dict) -> None:
         writer.add_token_types(types)
         special = gguf.SpecialVocab(Path(folder), n_vocab=len(tokens))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         vocab_size = vocab_size or len(tokenizer)
         by_id = {i: t for t, i in tokenizer.get_vocab().items()}
         added = tokenizer.added_tokens_decoder
@@ -286,11 +286,12 @@ def add_vocabulary(writer, folder: str, config: dict) -> None:
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=len(tokens))
-        if "bos" not in special.add_special_token:
-            # Whether a bos id goes first: what the tokenizer itself does, so that llama.cpp tokenizes the same.
-            ids = tokenizer("a")["input_ids"]
-            special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id \
-                and tokenizer.bos_token_id is not None
+    if "bos" not in special.add_special_token:
+        # Whether a bos id goes first: what the tokenizer itself does, so that llama.cpp tokenizes the same
+        # (llama.cpp's own default differs by vocabulary type).
+        ids = tokenizer("a")["input_ids"]
+        special.add_special_token["bos"] = tokenizer.bos_token_id is not None and bool(ids) \
+            and ids[0] == tokenizer.bos_token_id
     tokenizer_config = Path(folder, "tokenizer_config.json")
     prefix = (json.loads(tokenizer_config.read_text()) if tokenizer_config.exists() else {}).get("add_prefix_space")
     if prefix is None and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
