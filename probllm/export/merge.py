@@ -99,12 +99,12 @@ def load_merged(base: str, adapter: str | None, dtype: str):
 
 
 def save_merged(model, base: str, folder: Path) -> None:
-    """Weights, tokenizer (chat template included) and generation config into `folder`."""
-    from probllm.models import load_tokenizer
+    """Weights, tokenizer (chat template included) and generation config into `folder`. The tokenizer is the
+    base's as saved (not probllm's loading of it, which adds a pad token for batching)."""
+    from transformers import AutoTokenizer
 
     model.save_pretrained(str(folder), safe_serialization=True)
-    tokenizer = load_tokenizer(base, padding_side="right")
-    tokenizer.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(base).save_pretrained(str(folder))
 
 
 @contextmanager
