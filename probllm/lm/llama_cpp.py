@@ -12,6 +12,9 @@ from __future__ import annotations
 import importlib.util
 import time
 
+# eval's scorer (light to import: no torch until a model is scored); this class swaps its engine.
+from probllm.evaluate.mcqa import Scorer
+
 
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
@@ -30,27 +33,15 @@ def load(gguf_path: str, n_ctx: int = 2048, n_threads: int | None = None):
                  n_threads=n_threads or os.cpu_count() or 1)
 
 
-class LlamaCppScorer:
-    """encode / encode_pair / chat / score / generate, as probllm.evaluate.mcqa.Scorer, on llama.cpp."""
+class LlamaCppScorer(Scorer):
+    """probllm.evaluate.mcqa.Scorer on llama.cpp: its prompt encoding (lm-eval's pair encoding, the chat
+    template) and its loglik/letter methods, over this `score` and `generate`."""
 
-    def __init__(self, llm, tokenizer):
+    def __init__(self, llm, tokenizer):  # no torch model: Scorer's own __init__ does not apply
         self.llm = llm
         self.tok = tokenizer
         self.stats: dict = {}
         self.max_length = llm.n_ctx()
-
-    shared_prefix_tokens = 0
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        from probllm.lm.hf_scoring import encode_pair
-
-        return encode_pair(self.tok, context, continuation)
-
-    def chat(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def score(self, groups) -> list[list[tuple[float, bool]]]:
         """(summed log-prob, is greedy) of every continuation after its context, lm-eval's definition; each
@@ -72,13 +63,6 @@ class LlamaCppScorer:
                 scored.append((float(picked.sum()), bool((rows.argmax(axis=1) == np.asarray(cont)).all())))
             out.append(scored)
         return out
-
-    def loglik(self, prompts) -> list[list[float]]:
-        groups = []
-        for p in prompts:
-            pairs = [self.encode_pair(p.context, c) for c in p.continuations]
-            groups.append((pairs[0][0], [c for _, c in pairs]))
-        return [[s for s, _ in scores] for scores in self.score(groups)]
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         return [self.llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0)["choices"][0]["text"]
