@@ -112,3 +112,33 @@ def test_gguf_folder_is_measured_by_llama_cpp_or_says_it_is_missing(tiny_model_d
         assert result["engine"].startswith("llama.cpp") and result["tokens_per_s"] > 0
     else:
         assert "not installed" in result["engine"] and result["tokens_per_s"] is None and result["rss_mb"] is None
+
+
+def test_llama_cpp_scorer_arithmetic_matches_the_transformers_scorer(tiny_model_dir):
+    """LlamaCppScorer's log-softmax and indexing, on llama-cpp-python's eval()/scores protocol served by the tiny
+    transformers model (llama.cpp itself cannot be built here; bench_quantize runs it where it is installed)."""
+    import numpy as np
+    import torch
+
+    from probllm.evaluate.mcqa import Scorer
+    from probllm.lm.llama_cpp import LlamaCppScorer
+
+    model = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    tok = load_tokenizer(tiny_model_dir)
+
+    class SameProtocol:  # Llama.reset / eval / scores / n_ctx, as llama-cpp-python's Llama has them
+        def n_ctx(self):
+            return 1024
+
+        def reset(self):
+            self.scores = None
+
+        def eval(self, tokens):
+            with torch.no_grad():
+                self.scores = np.asarray(model(torch.tensor([tokens])).logits[0])
+
+    hf, cpp = Scorer(model, tok), LlamaCppScorer(SameProtocol(), tok)
+    groups = [cpp.encode_pair("Question: What is 2 + 2?\nAnswer:", c) for c in (" 3", " 4", " four")]
+    groups = [(groups[0][0], [c for _, c in groups])]
+    for (a, ga), (b, gb) in zip(hf.score(groups)[0], cpp.score(groups)[0]):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
