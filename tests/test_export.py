@@ -82,7 +82,7 @@ def test_merged_equals_base_plus_adapter_without_peft(tiny_model_dir, adapter_di
     assert float((logits(base, tok) - logits(with_adapter, tok)).abs().max()) > 1e-2  # the adapter matters
 
     card = (out / "README.md").read_text()
-    assert "base_model:" in card and adapter_dir in card and "0.05" in card  # base, adapter, dpo beta
+    assert tiny_model_dir in card and adapter_dir in card and "0.05" in card  # base, adapter, dpo beta
     assert "pairs.jsonl" in card and "0.625" in card  # data files and the eval summary
     prov = json.loads((out / "probllm_export.json").read_text())
     assert len(prov["adapter"]["sha256"]) == 64 and prov["dpo_config"]["max_steps"] == 4

@@ -208,7 +208,10 @@ def _fmt(value) -> str:
 
 def model_card(prov: dict, title: str) -> str:
     """README.md of an export: hub-style YAML front matter, then the provenance in prose and tables."""
-    lines = ["---", f"base_model: {prov['base_model']}", "library_name: transformers",
+    # base_model (hub convention, which llama.cpp's converter turns into general.base_model.* keys) only for a hub
+    # id: a local path is no model anyone else can find.
+    hub_id = prov["base_model"].count("/") == 1 and not os.path.exists(prov["base_model"])
+    lines = ["---", *([f"base_model: {prov['base_model']}"] if hub_id else []), "library_name: transformers",
              "tags:", "- probllm", "- dpo" if prov.get("adapter") else "- export", "---", "", f"# {title}", "",
              f"Written by `{prov['created_by']}` from the base model `{prov['base_model']}`"
              + (f" with the LoRA adapter `{prov['adapter']['path']}` merged in (PEFT `merge_and_unload`)."
