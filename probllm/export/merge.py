@@ -8,7 +8,6 @@ The other formats (gguf, ollama) merge the same way into a temporary folder firs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from probllm.io import UsageError, log
+from probllm.io import UsageError, log, sha256_file
 
 # What an export folder carries besides the model: its provenance as JSON (the model card is written from it).
 EXPORT_MARKER = "probllm_export.json"
@@ -132,14 +131,6 @@ def merged_source(model: str | None, adapter: str | None, dtype: str, near: Path
 
 
 # ------------------------------------------------------------------------------------------------- provenance
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict | None:

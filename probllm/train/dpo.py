@@ -402,7 +402,7 @@ def check_output(out: str | os.PathLike, resume: bool, overwrite: bool) -> bool:
 
 def data_files(train_files: list[str] | None, eval_files: list[str] | None = None) -> list[dict]:
     """The input files of a run with their sha256, for config.json (what `export` quotes in a model card)."""
-    from probllm.io import expand_paths
+    from probllm.io import expand_paths, sha256_file
 
     entries = []
     for part, paths in (("train", train_files or ["-"]), ("eval", eval_files or [])):
@@ -410,11 +410,7 @@ def data_files(train_files: list[str] | None, eval_files: list[str] | None = Non
             if path == "-":
                 entries.append({"part": part, "file": "-", "sha256": None})
                 continue
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            entries.append({"part": part, "file": os.path.abspath(path), "sha256": h.hexdigest(),
+            entries.append({"part": part, "file": os.path.abspath(path), "sha256": sha256_file(path),
                             "bytes": os.path.getsize(path)})
     return entries
 
