@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup test browser demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
+.PHONY: setup test browser golang demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
 
 setup: $(VENV)/.ready
 
@@ -30,7 +30,7 @@ $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m probllm.models
 	touch $@
 
-test: setup browser
+test: setup browser golang
 	$(PY) -m pytest -q
 
 # Debian's chromium, for the chat page's test in a real headless browser (Playwright drives it through
@@ -39,6 +39,13 @@ browser:
 	@test -x /usr/bin/chromium || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+# Debian's Go toolchain, for the test that renders `export --format ollama`'s TEMPLATE with Go's own text/template
+# (the engine Ollama runs templates with). Installed only when missing; the test skips without it.
+golang:
+	@command -v go >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq golang-go; }
 
 demo: setup demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve
 	@echo "demo outputs are in $(OUT)/" >&2

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from probllm.export import GGUF_QUANTS
 from probllm.io import UsageError, log
 
 DEFAULT_MODEL_ALIASES = {"", "default", "smollm2", "smollm2-135m", "SmolLM2-135M-Instruct"}
@@ -34,7 +35,11 @@ QUANT_METHODS = {
     "quanto-int8": {"bits": 8, "library": "optimum-quanto"},
     "quanto-int4": {"bits": 4, "library": "optimum-quanto"},
     "torch-int8": {"bits": 8, "library": "torch"},
+    # GGUF files (`export --format gguf`), for llama.cpp: measured there when llama-cpp-python is installed.
+    **{f"gguf-{quant}": {"bits": int(quant[1]), "library": "gguf"} for quant in GGUF_QUANTS if quant[0] == "q"},
 }
+# The GGUF file inside a `quantize --method gguf-*` folder.
+QUANT_GGUF_FILE = "model.gguf"
 
 
 def cache_dir() -> Path:
@@ -236,7 +241,13 @@ def load_quantized(path: str, device: str = "cpu"):
     if method not in QUANT_METHODS:
         raise UsageError(f"--model {path}: unknown quantization method {method!r} in its marker file")
     library = QUANT_METHODS[method]["library"]
-    if library == "bitsandbytes":
+    if library == "gguf":
+        # transformers' GGUF loader dequantizes to float32: the quantized weights' accuracy, at float speed
+        # (llama.cpp runs the file itself; see probllm/lm/llama_cpp.py).
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=meta.get("gguf_file", QUANT_GGUF_FILE),
+                                                     dtype=torch.float32)
+        model.to(device)
+    elif library == "bitsandbytes":
         model = AutoModelForCausalLM.from_pretrained(path, device_map=device, use_safetensors=True)
     elif library == "optimum-quanto":
         from optimum.quanto import QuantizedModelForCausalLM

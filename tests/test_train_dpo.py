@@ -243,3 +243,17 @@ def test_ctrl_c_checkpoints_the_last_finished_step(tiny_model_dir, data, tmp_pat
     assert len(checkpoints) == 1
     step = int(checkpoints[0].name.split("-")[1])
     assert 2 <= step < 200 and read_metrics(out)[-1]["step"] == step
+
+
+def test_config_records_the_data_files_and_their_hashes(tmp_path):
+    """What `export` quotes in a model card: every input file of the run with its sha256 (stdin as '-')."""
+    import hashlib
+
+    from probllm.train.dpo import data_files
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "test.jsonl").write_text('{"prompt": "q", "chosen": "c", "rejected": "d"}\n')
+    entries = data_files([str(tmp_path / "train.jsonl")], [str(tmp_path / "test.jsonl")])
+    assert [(e["part"], Path(e["file"]).name) for e in entries] == [("train", "train.jsonl"), ("eval", "test.jsonl")]
+    assert entries[0]["sha256"] == hashlib.sha256((tmp_path / "train.jsonl").read_bytes()).hexdigest()
+    assert data_files(None) == [{"part": "train", "file": "-", "sha256": None}]

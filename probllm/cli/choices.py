@@ -3,6 +3,9 @@ any other (one line, exit 2) before a command starts. Commands pass `.value` on 
 
 from enum import Enum
 
+from probllm.export import EXPORT_FORMATS, GGUF_QUANTS  # registries: importing them loads no gguf or torch
+from probllm.models import QUANT_METHODS
+
 
 class Choice(str, Enum):
     def __str__(self) -> str:  # in messages and defaults: the word, not `Backend.hf`
@@ -89,15 +92,16 @@ class Dtype(Choice):
     float16 = "float16"
 
 
-class QuantMethod(Choice):
-    bnb_int8 = "bnb-int8"
-    bnb_nf4 = "bnb-nf4"
-    bnb_fp4 = "bnb-fp4"
-    quanto_int8 = "quanto-int8"
-    quanto_int4 = "quanto-int4"
-    torch_int8 = "torch-int8"
-
-
 def value(choice):
     """The plain string of a choice (None stays None), for library functions that take strings."""
     return choice.value if isinstance(choice, Enum) else choice
+
+
+def _registry_choice(name: str, words) -> type[Choice]:
+    """A Choice whose words are a registry's keys (the registry stays the one definition of the list)."""
+    return Choice(name, {word.replace("-", "_"): word for word in words})
+
+
+ExportFormat = _registry_choice("ExportFormat", EXPORT_FORMATS)
+GgufQuant = _registry_choice("GgufQuant", GGUF_QUANTS)
+QuantMethod = _registry_choice("QuantMethod", QUANT_METHODS)

@@ -72,7 +72,7 @@ def dpo_command(
         probllm dpo pairs.train.jsonl --eval pairs.test.jsonl -o runs/dpo \\
             --max-steps 30 --max-length 256 --batch-size 4
     """
-    from probllm.train.dpo import check_output, is_main_process, resolve_settings, train
+    from probllm.train.dpo import check_output, data_files, is_main_process, resolve_settings, train
 
     with command("dpo", summary, quiet_summary=not is_main_process()) as stats:
         check_output(out, resume, overwrite)  # check first, load later: a refusal costs no model load
@@ -83,6 +83,7 @@ def dpo_command(
             resolved, out, stats,
             eval_records=read_records(eval_file, eval_stats, skip_invalid, limit=limit) if eval_file else None,
             resume=resume, overwrite=overwrite, skip_invalid=skip_invalid, eval_stats=eval_stats,
+            data=data_files(files, eval_file),
         )
         if is_main_process():
             if eval_file:

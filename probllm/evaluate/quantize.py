@@ -9,10 +9,13 @@ saves, and how it loads (never unpickling anything):
 | bnb-int8, bnb-nf4, bnb-fp4 | bitsandbytes' packed weights + quantization_config, safetensors | transformers `from_pretrained` |
 | quanto-int8, quanto-int4 | optimum-quanto's weight data/scales, safetensors + quanto_qmap.json (JSON) | `QuantizedModelForCausalLM.from_pretrained` |
 | torch-int8 | the float weights, safetensors | `from_pretrained`, then `torch.ao.quantization.quantize_dynamic` (deterministic: per-tensor min/max) |
+| gguf-q8_0, gguf-q5_1, gguf-q5_0, gguf-q4_1, gguf-q4_0 | one GGUF file, llama.cpp's layout (`export --format gguf`) + the tokenizer | llama.cpp (llama-cpp-python) for speed and memory; transformers' GGUF loader (dequantized) for `--model FOLDER` everywhere |
 
 torch's dynamic int8 packs its weights in objects that only pickle can store; re-quantizing the float weights at
 load gives the same int8 weights every time, so the folder stays safetensors-only (at float size on disk).
-An adapter (`--adapter`) is merged into the float weights before quantizing.
+An adapter (`--adapter`) is merged into the float weights before quantizing. A GGUF folder's size is always
+measured; its memory and tokens/s only through llama.cpp (without llama-cpp-python the record says so, and its
+accuracy comes from the dequantized weights).
 """
 
 from __future__ import annotations
@@ -79,7 +82,14 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
             del merged
             source = str(merged_dir)
         info = QUANT_METHODS[method]
-        if info["library"] == "bitsandbytes":
+        if info["library"] == "gguf":
+            from probllm.export.gguf_file import write_gguf
+            from probllm.models import QUANT_GGUF_FILE
+
+            if not os.path.isdir(source):
+                raise UsageError(f"--model {model}: a GGUF is written from a local folder; download it first")
+            write_gguf(source, tmp_out / QUANT_GGUF_FILE, method.removeprefix("gguf-"), model_label(model), model)
+        elif info["library"] == "bitsandbytes":
             from transformers import BitsAndBytesConfig
 
             if method == "bnb-int8":
@@ -110,7 +120,10 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
             "base_model": model_label(model),
             "adapter": adapter,
             "double_quant": double_quant if method in ("bnb-nf4", "bnb-fp4") else None,
+            **({"gguf_file": "model.gguf"} if info["library"] == "gguf" else {}),
             "format": {
+                "gguf": "one GGUF file (llama.cpp's layout, `export --format gguf`); transformers loads it "
+                        "dequantized, llama.cpp runs it as it is",
                 "bitsandbytes": "bitsandbytes packed weights in safetensors; quantization_config in config.json",
                 "optimum-quanto": "optimum-quanto weights in safetensors; quanto_qmap.json",
                 "torch": "float32 weights in safetensors; torch.ao.quantization.quantize_dynamic(qint8) on Linear "
@@ -156,8 +169,70 @@ def publish_permissions(folder: str | os.PathLike) -> None:
 
 
 def weights_size(folder: str) -> int:
-    """Bytes of weight files (safetensors) in a model folder."""
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    """Bytes of weight files (safetensors, GGUF) in a model folder."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in Path(folder).glob(pattern))
+
+
+def _gguf_folder(model: str | None) -> str | None:
+    """The GGUF file of a `quantize --method gguf-*` folder (None for any other model)."""
+    from probllm.models import QUANT_GGUF_FILE, is_quantized_folder
+
+    if model and is_quantized_folder(model):
+        meta = json.loads(_marker_path(model).read_text(encoding="utf-8"))
+        if QUANT_METHODS.get(meta.get("method"), {}).get("library") == "gguf":
+            return str(Path(model) / meta.get("gguf_file", QUANT_GGUF_FILE))
+    return None
+
+
+def _evaluate(scorer, eval_file, eval_limit: int | None, batch_size: int) -> dict:
+    from probllm.evaluate.mcqa import EvalOptions, Summary, evaluate_records
+    from probllm.io import Stats, read_records
+
+    summary = Summary()
+    stats = Stats(command="probllm quantize --eval")
+    files = [eval_file] if isinstance(eval_file, str) else eval_file
+    for _ in evaluate_records(read_records(files, stats), scorer, EvalOptions(batch_size=batch_size,
+                                                                              limit=eval_limit), stats, summary):
+        pass
+    figures = summary.as_dict()
+    overall = figures["overall"]
+    return {"accuracy": overall.get("acc"), "acc_norm": overall.get("acc_norm"), "eval_items": overall.get("items"),
+            "eval_items_per_s": figures["items_per_s"],
+            "eval": {k: figures[k] for k in ("overall", "by_source", "by_subject", "items_per_s")}}
+
+
+def measure_gguf(model: str, gguf_path: str, eval_file=None, eval_limit: int | None = None,
+                 batch_size: int = 16) -> dict:
+    """A GGUF folder in THIS process: through llama.cpp when llama-cpp-python is installed (memory, tokens/s and
+    accuracy of the engine its users run); otherwise accuracy alone, from transformers' dequantized copy (the
+    same quantized weights at float speed: its memory and speed would say nothing about llama.cpp)."""
+    import psutil
+
+    from probllm.lm import llama_cpp
+    from probllm.models import load_model, load_tokenizer, set_threads
+
+    tok = load_tokenizer(model)
+    if not llama_cpp.available():
+        result = {"rss_mb": None, "load_s": None, "tokens_per_s": None,
+                  "engine": f"transformers (dequantized); {llama_cpp.NOT_INSTALLED}"}
+        if eval_file:
+            from probllm.evaluate.mcqa import Scorer
+
+            set_threads()
+            result.update(_evaluate(Scorer(load_model(model, device="cpu"), tok), eval_file, eval_limit,
+                                    batch_size))
+        return result
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    t0 = time.perf_counter()
+    llm = llama_cpp.load(gguf_path)
+    load_s = time.perf_counter() - t0
+    tokens_per_s = llama_cpp.greedy_speed(llm, MEASURE_PROMPT, MEASURE_TOKENS)
+    result = {"rss_mb": round((proc.memory_info().rss - rss0) / 2**20, 1), "load_s": round(load_s, 2),
+              "tokens_per_s": round(tokens_per_s, 2), "engine": "llama.cpp (llama-cpp-python)"}
+    if eval_file:
+        result.update(_evaluate(llama_cpp.LlamaCppScorer(llm, tok), eval_file, eval_limit, batch_size))
+    return result
 
 
 def measure(model: str | None, adapter: str | None = None, eval_file: list[str] | str | None = None,
@@ -168,6 +243,9 @@ def measure(model: str | None, adapter: str | None = None, eval_file: list[str] 
 
     from probllm.models import load_model, load_tokenizer, set_threads
 
+    gguf_path = _gguf_folder(model)
+    if gguf_path:
+        return measure_gguf(model, gguf_path, eval_file, eval_limit, batch_size)
     set_threads()
     # Import every library a method may load before the first reading: the RSS delta is then the model alone.
     import transformers  # noqa: F401
@@ -199,20 +277,9 @@ def measure(model: str | None, adapter: str | None = None, eval_file: list[str] 
     result = {"rss_mb": round(rss / 2**20, 1), "load_s": round(load_s, 2),
               "tokens_per_s": round(n_new / gen_s, 2)}
     if eval_file:
-        from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
-        from probllm.io import Stats, read_records
+        from probllm.evaluate.mcqa import Scorer
 
-        summary = Summary()
-        stats = Stats(command="probllm quantize --eval")
-        files = [eval_file] if isinstance(eval_file, str) else eval_file
-        for _ in evaluate_records(read_records(files, stats), Scorer(lm, tok),
-                                  EvalOptions(batch_size=batch_size, limit=eval_limit), stats, summary):
-            pass
-        figures = summary.as_dict()
-        overall = figures["overall"]
-        result.update({"accuracy": overall.get("acc"), "acc_norm": overall.get("acc_norm"),
-                       "eval_items": overall.get("items"), "eval_items_per_s": figures["items_per_s"],
-                       "eval": {k: figures[k] for k in ("overall", "by_source", "by_subject", "items_per_s")}})
+        result.update(_evaluate(Scorer(lm, tok), eval_file, eval_limit, batch_size))
     return result
 
 
@@ -258,6 +325,8 @@ def run_quantize(stats, *, output: str, method: str, model: str | None = None, a
         base = measure_in_subprocess(model, adapter, eval_file, eval_limit, batch_size)
         record.update({"rss_mb": q["rss_mb"], "base_rss_mb": base["rss_mb"],
                        "tokens_per_s": q["tokens_per_s"], "base_tokens_per_s": base["tokens_per_s"]})
+        if "engine" in q:  # GGUF: which engine measured it (llama.cpp, or accuracy only without it)
+            record["engine"] = q["engine"]
         if eval_file:
             record.update({"accuracy": q["accuracy"], "base_accuracy": base["accuracy"],
                            "acc_norm": q["acc_norm"], "base_acc_norm": base["acc_norm"],

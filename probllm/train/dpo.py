@@ -400,6 +400,21 @@ def check_output(out: str | os.PathLike, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+def data_files(train_files: list[str] | None, eval_files: list[str] | None = None) -> list[dict]:
+    """The input files of a run with their sha256, for config.json (what `export` quotes in a model card)."""
+    from probllm.io import expand_paths, sha256_file
+
+    entries = []
+    for part, paths in (("train", train_files or ["-"]), ("eval", eval_files or [])):
+        for path in expand_paths(paths):
+            if path == "-":
+                entries.append({"part": part, "file": "-", "sha256": None})
+                continue
+            entries.append({"part": part, "file": os.path.abspath(path), "sha256": sha256_file(path),
+                            "bytes": os.path.getsize(path)})
+    return entries
+
+
 def train(
     train_records: Iterable[dict],
     settings: Settings,
@@ -410,6 +425,7 @@ def train(
     overwrite: bool = False,
     skip_invalid: bool = False,
     eval_stats: Stats | None = None,
+    data: list[dict] | None = None,
 ) -> dict:
     """Train a LoRA adapter with DPO; returns the summary record (also written to OUT/summary.json)."""
     import shutil
@@ -465,7 +481,7 @@ def train(
     if is_main_process():
         write_json(out / CONFIG_FILE, {**dataclasses.asdict(resolved), "model": model_label(settings.model),
                                        "model_path": model_path, "requested": dataclasses.asdict(settings),
-                                       "fallbacks": notes, "trl": config.to_dict()})
+                                       "fallbacks": notes, "trl": config.to_dict(), "data": data or []})
 
     dtype = torch.bfloat16 if resolved.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
