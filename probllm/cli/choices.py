@@ -98,6 +98,12 @@ class QuantMethod(Choice):
     torch_int8 = "torch-int8"
 
 
+class CompareBy(Choice):
+    """How `serve --compare` makes its two answers (probllm.serve.feedback.COMPARE_MODES)."""
+    samples = "samples"
+    notes = "notes"
+
+
 def value(choice):
     """The plain string of a choice (None stays None), for library functions that take strings."""
     return choice.value if isinstance(choice, Enum) else choice

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import app, command
-from probllm.cli.choices import value
+from probllm.cli.choices import CompareBy, value
 from probllm.cli.groups import uses
 from probllm.cli.options import LOCAL_MODEL
 
@@ -37,14 +37,24 @@ def serve_command(
                                                "share its batch.", min=0)] = 5.0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own "
                                                     "code (only for models you trust).")] = False,
+    feedback: Annotated[Optional[str], typer.Option("--feedback", metavar="FILE.sqlite", help="Record students' "
+                                                    "ratings (and --compare votes) from the chat page in this "
+                                                    "SQLite file; `probllm feedback export` reads it.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Compare mode: the page answers each question twice, "
+                                          "side by side, and asks which is better (needs --feedback).")] = False,
+    compare_by: Annotated[CompareBy, typer.Option("--compare-by", help="samples: two sampled answers; notes: "
+                                                  "with and without the notes (needs --index).")]
+    = CompareBy.samples,
 ) -> None:
     """Serve the model (with --index: the course assistant) as an OpenAI-compatible HTTP API.
 
     /v1/chat/completions (streamed or whole; with --index the answer's `sources` come back too),
     /v1/completions (echo + logprobs for lm-eval's `local-completions`), /v1/models, and a chat page at /.
-    Concurrent requests share batched generation. Binds 127.0.0.1:8000 by default; Ctrl-C stops it.
+    Concurrent requests share batched generation. Binds 127.0.0.1:8000 by default; Ctrl-C stops it. With
+    --feedback, the page offers thumbs up/down (and with --compare, blind side-by-side votes) and stores them.
 
         probllm serve --index runs/demo/notes.idx
+        probllm serve --index runs/demo/notes.idx --feedback runs/feedback.sqlite --compare
         probllm ask "What is heapsort?" --backend openai \\
             --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct
     """
@@ -54,4 +64,5 @@ def serve_command(
     with command("serve", quiet_summary=True):
         serve(**settings, index=index, top_k=top_k, embedder=embedder, host=host, port=port, api_key=api_key,
               served_model_name=served_model_name, batch_size=batch_size, max_wait_ms=max_wait_ms,
-              trust_remote_code=trust_remote_code)
+              trust_remote_code=trust_remote_code, feedback=feedback,
+              compare=value(compare_by) if compare else None)

@@ -135,7 +135,7 @@ class ThreadRetriever:
 
 
 def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: ThreadRetriever | None = None,
-               top_k: int = 4, static_dir: Path | None = None):
+               top_k: int = 4, static_dir: Path | None = None, feedback=None):
     """The FastAPI app around an `HFLM` (loaded by the caller, or on the first request)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -211,6 +211,11 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
         if page.exists():
             return FileResponse(page)
         return PlainTextResponse(f"probllm serve: {model_name}. OpenAI-compatible API under /v1.\n")
+
+    if feedback is not None:  # `serve --feedback`: students' votes (probllm/serve/feedback.py)
+        from probllm.serve.feedback import feedback_router
+
+        app.include_router(feedback_router(feedback, check_key, APIError))
 
     if static_dir.is_dir():
         app.mount("/static", StaticFiles(directory=str(static_dir)), name="static")

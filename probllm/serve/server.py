@@ -16,7 +16,8 @@ API_KEY_ENV = "PROBLLM_API_KEY"
 def serve(*, model: str | None, adapter: str | None = None, index: str | None = None, top_k: int = 4,
           embedder: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, batch_size: int = 8, max_wait_ms: float = 5.0,
-          dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> None:
+          dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+          feedback: str | None = None, compare: str | None = None) -> None:
     import uvicorn
 
     from probllm.lm.hf_backend import HFLM
@@ -28,6 +29,7 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
     if top_k < 1 or batch_size < 1:
         raise UsageError("--top-k and --batch-size must be at least 1")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    votes = _feedback(feedback, compare, index)  # before the model loads: a bad path costs no load
     lm = HFLM(model, adapter=adapter, batch_size=batch_size, dtype=dtype, device=device,
               max_wait=max_wait_ms / 1000, trust_remote_code=trust_remote_code,
               spare_core_when_batched=True).load()
@@ -38,7 +40,7 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
 
         retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder))
     name = served_model_name or model_label(model)
-    app = create_app(lm, name, api_key=api_key, retriever=retriever, top_k=top_k)
+    app = create_app(lm, name, api_key=api_key, retriever=retriever, top_k=top_k, feedback=votes)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -52,7 +54,9 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
             shown = f"[{host}]" if ":" in host else host
             log(f"probllm serve: {name} at http://{shown}:{bound}/v1"
                 f"{' with the notes of ' + index if index else ''}"
-                f"{' (API key required)' if api_key else ''}; chat page at http://{shown}:{bound}/ ; Ctrl-C stops")
+                f"{' (API key required)' if api_key else ''}"
+                f"{'; feedback to ' + feedback if feedback else ''}{' (compare: ' + compare + ')' if compare else ''}"
+                f"; chat page at http://{shown}:{bound}/ ; Ctrl-C stops")
             sys.stderr.flush()
         await task
 
@@ -68,6 +72,20 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
     if not server.started:
         raise UsageError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     log("probllm serve: stopped")
+
+
+def _feedback(path: str | None, compare: str | None, index: str | None):
+    if path is None:
+        if compare is not None:
+            raise UsageError("--compare records votes: give --feedback FILE.sqlite too")
+        return None
+    from probllm.serve.feedback import COMPARE_MODES, FeedbackConfig, FeedbackStore
+
+    if compare is not None and compare not in COMPARE_MODES:
+        raise UsageError(f"--compare-by {compare}: choose one of {', '.join(COMPARE_MODES)}")
+    if compare == "notes" and not index:
+        raise UsageError("--compare-by notes compares answers with and without the notes: give --index too")
+    return FeedbackConfig(FeedbackStore(path), compare)
 
 
 class _StopRequested(Exception):
