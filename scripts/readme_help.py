@@ -30,8 +30,11 @@ def help_text(name: str | None = None, width: int = WIDTH) -> str:
     root = typer.Context(group, info_name="probllm", **settings)
     if name is None:
         return group.get_help(root)
-    command = group.commands[name]
-    return command.get_help(typer.Context(command, info_name=name, parent=root, **settings))
+    context = root
+    for part in name.split():  # `feedback export`: a command of a command group
+        group = group.commands[part]
+        context = typer.Context(group, info_name=part, parent=context, **settings)
+    return group.get_help(context)
 
 
 def command_names() -> list[str]:
@@ -39,7 +42,11 @@ def command_names() -> list[str]:
 
     from probllm.cli import app
 
-    return list(get_command(app).commands)
+    names = []
+    for name, command in get_command(app).commands.items():
+        names.append(name)
+        names += [f"{name} {sub}" for sub in getattr(command, "commands", {})]  # a group's own commands
+    return names
 
 
 def reference() -> str:

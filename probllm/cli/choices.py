@@ -104,6 +104,12 @@ class CompareBy(Choice):
     notes = "notes"
 
 
+class FeedbackKind(Choice):
+    """What `feedback export` writes (probllm.feedback.EXPORTS)."""
+    comparisons = "comparisons"
+    ratings = "ratings"
+
+
 def value(choice):
     """The plain string of a choice (None stays None), for library functions that take strings."""
     return choice.value if isinstance(choice, Enum) else choice

@@ -54,7 +54,8 @@ def serve_command(
     --feedback, the page offers thumbs up/down (and with --compare, blind side-by-side votes) and stores them.
 
         probllm serve --index runs/demo/notes.idx
-        probllm serve --index runs/demo/notes.idx --feedback runs/feedback.sqlite --compare
+        probllm serve --index runs/demo/notes.idx \\
+            --feedback runs/feedback.sqlite --compare
         probllm ask "What is heapsort?" --backend openai \\
             --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct
     """

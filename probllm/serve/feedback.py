@@ -125,8 +125,8 @@ def feedback_router(config: FeedbackConfig, check_key: Callable, api_error: type
         except ValidationError as e:
             first = e.errors()[0]
             where = _where(first["loc"])
-            raise api_error(400, f"'{where}': {first['msg']}" if where else first["msg"], param=where or None) \
-                from None
+            message = first["msg"].removeprefix("Value error, ")
+            raise api_error(400, f"'{where}': {message}" if where else message, param=where or None) from None
 
     async def store(put: Callable, **vote) -> dict:
         try:
