@@ -90,7 +90,7 @@ def test_students_vote_in_the_browser_and_the_votes_train_dpo(browser, tiny_mode
     second.locator(".fb-comment button[type=submit]").click()
     second.locator('.fb-status[data-state="waiting"]').wait_for()
 
-    with probllm_serve(*args, "--compare", env=env) as (url, _, lines):
+    with probllm_serve(*args, "--compare", env=env) as (url, proc, _):
         second.locator('.fb-status[data-state="saved"]').wait_for(timeout=30_000)  # retried by the page itself
         ratings = rows(db, "ratings")
         assert [(r["rating"], r["comment"]) for r in ratings] == [
@@ -164,6 +164,8 @@ def test_students_vote_in_the_browser_and_the_votes_train_dpo(browser, tiny_mode
         assert errors == [] and other_errors == [] and outside == []
         other_context.close()
         page.close()
+        proc.send_signal(signal.SIGKILL)  # its graceful stop is tested elsewhere: here it would only cost time
+        proc.wait()
 
     trained = run_cli("dpo", str(tmp_path / "pairs.jsonl"), "--model", tiny_model_dir, "-o", str(tmp_path / "dpo"),
                       "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--no-bf16",

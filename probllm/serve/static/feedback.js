@@ -16,7 +16,7 @@
 (function () {
   const SESSION_STORAGE = "probllm-feedback-session";
   const PENDING_STORAGE = "probllm-feedback-pending";
-  const RETRY_MS = 3000;
+  const RETRY_MS = 2000;
   const CRITERIA = [["correctness", "correct"], ["relevance", "relevant"], ["clarity", "clear"],
                     ["completeness", "complete"]];
   const VERDICTS = [["A", "Answer 1"], ["B", "Answer 2"], ["AB", "Tie"], ["None", "Both bad"]];
@@ -71,7 +71,7 @@
         "better, and what holds for each: your votes help train the next version of the assistant.";
       document.getElementById("welcome").appendChild(intro);
     }
-    flush();
+    if (feedback.config) flush(); // votes a closed tab or a down server left waiting
   }
 
   function comparing() {
@@ -121,7 +121,11 @@
             }
             return;
           }
-          dropIfUnchanged(voteId, vote); // refused (4xx): sending it again would not help
+          if (e instanceof chat.HttpError && e.status === 404) { // a server without --feedback: keep it for one with
+            showStatus(voteId, "waiting", "Not saved yet: this server records no feedback now.");
+            return;
+          }
+          dropIfUnchanged(voteId, vote); // refused as malformed: sending it again would not help
           showStatus(voteId, "error", "Not saved: " + (e.message || e));
         }
       }
