@@ -18,6 +18,7 @@ never the exception's text.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import ipaddress
 import json
@@ -190,7 +191,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
     from starlette.exceptions import HTTPException
 
     limits = limits or Limits()
-    app = FastAPI(title="probllm serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await engine.aclose()  # an upstream's connections
+
+    app = FastAPI(title="probllm serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.serving = Serving(engine, model_name, api_key=api_key, retriever=retriever, top_k=top_k,
                                 static_dir=Path(static_dir or STATIC), limits=limits)
 

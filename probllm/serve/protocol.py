@@ -222,7 +222,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: dict | None = None
-    finish_reason: str
+    finish_reason: str | None = None
 
 
 class Completion(BaseModel):
@@ -235,6 +235,8 @@ class Completion(BaseModel):
 
 
 class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the engine's own counters
+
     status: str
     model: str
     generations: int | None = None
