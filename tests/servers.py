@@ -64,12 +64,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def transformers_serve(model_dir: str, timeout: float = 240):
+def transformers_serve(model_dir: str, timeout: float = 240, port: int | None = None):
     """transformers' own OpenAI-compatible server (`transformers serve MODEL`) on 127.0.0.1; yields base_url.
-    The model name requests must carry is the folder's path."""
+    The model name requests must carry is the folder's path. `port`: to come back on the same address."""
     import httpx2 as httpx
 
-    port = free_port()
+    port = port or free_port()
     exe = Path(sys.executable).with_name("transformers")
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"transformers-serve-{port}.log", "w+")
     proc = subprocess.Popen([str(exe), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),

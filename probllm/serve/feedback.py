@@ -4,24 +4,25 @@
 - `POST /v1/feedback/rating`: thumbs up/down (+ optional comment) on one answer.
 - `POST /v1/feedback/comparison`: the verdict on two answers shown side by side (overall and the four criteria).
 
-Same API key and error shape as the other /v1 routes (`check_key` and `APIError` come from the app). Each vote is
-committed (probllm/feedback.py) before the 200 goes out; the write runs on a worker thread, off the event loop
-where generation streams. Nothing about the client (address, agent) is stored: only what the body says, and its
-session is a random id the page made.
+A router of its own, which `build_app` (probllm/serve/server.py) passes to `create_app` only when --feedback is
+given. Same API key (`require_key`), JSON and size checks (the app's Guard) and error shape (pydantic bodies: a 400
+naming the field) as the other /v1 routes. Each vote is committed (probllm/feedback.py) before the 200 goes out;
+the write runs on a worker thread, off the event loop where answers stream. Nothing about the client (address,
+agent) is stored: only what the body says, and its session is a random id the page made.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
+from fastapi import APIRouter, Depends
+from pydantic import Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from probllm.feedback import CRITERIA, FeedbackStore, VoteConflict
+from probllm.serve.app import require_key
+from probllm.serve.protocol import APIError, OpenAIModel
 
 # How compare mode makes its two answers: the page sends both requests itself and records each response's model.
 COMPARE_MODES = {
@@ -29,7 +30,6 @@ COMPARE_MODES = {
     "notes": "one answer with the retrieved notes, one without (`probllm: {retrieve: false}`)",
 }
 COMPARE_TEMPERATURE = 0.8  # samples mode, when the page's address sets no temperature of its own
-MAX_BODY_BYTES = 2_000_000  # a vote with its conversation and passages is a few kB; refuse what cannot be one
 
 Verdict = Literal["A", "B", "AB", "None"]
 Id = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$", description="random, made by the page")
@@ -48,16 +48,12 @@ class FeedbackConfig:
             raise ValueError(f"compare mode is one of {', '.join(COMPARE_MODES)}")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # a newer page may send more; what is stored is listed here
-
-
-class Message(_Body):
+class Message(OpenAIModel):  # fields a newer page may add are ignored: what is stored is listed here
     role: Literal["system", "user", "assistant"]
     content: str = Text
 
 
-class _Vote(_Body):
+class _Vote(OpenAIModel):
     vote_id: str = Id
     session: str = Id
     messages: list[Message] = Field(min_length=1, max_length=200,
@@ -72,7 +68,7 @@ class _Vote(_Body):
         return messages
 
 
-class Answer(_Body):
+class Answer(OpenAIModel):
     text: str = Field(min_length=1, max_length=200_000)
     model: str = Field(min_length=1, max_length=300)
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -84,7 +80,7 @@ class RatingVote(_Vote):
     rating: Literal["up", "down"]
 
 
-class Criteria(_Body):
+class Criteria(OpenAIModel):
     correctness: Verdict
     relevance: Verdict
     clarity: Verdict
@@ -97,53 +93,24 @@ class ComparisonVote(_Vote):
     criteria: Criteria
 
 
-def _where(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def feedback_router(config: FeedbackConfig, check_key: Callable, api_error: type):
-    """The routes, bound to the app's key check and error class (an exception the app answers in OpenAI's
-    shape: `api_error(status, message, param=..., code=...)`)."""
-    router = APIRouter(prefix="/v1/feedback")
-
-    async def parse(request: Request, model: type[BaseModel]):
-        check_key(request)
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise api_error(413, f"a vote is at most {MAX_BODY_BYTES} bytes", code="too_large")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise api_error(400, f"the body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise api_error(400, "the body must be a JSON object")
-        try:
-            return model.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = _where(first["loc"])
-            message = first["msg"].removeprefix("Value error, ")
-            raise api_error(400, f"'{where}': {message}" if where else message, param=where or None) from None
+def feedback_router(config: FeedbackConfig) -> APIRouter:
+    """The routes, bound to one store and compare setting."""
+    router = APIRouter(prefix="/v1/feedback", dependencies=[Depends(require_key)])
 
     async def store(put: Callable, **vote) -> dict:
         try:
             return await run_in_threadpool(lambda: put(**vote))
         except VoteConflict as e:
-            raise api_error(409, str(e), param="vote_id", code="vote_conflict") from None
+            raise APIError(409, str(e), param="vote_id", code="vote_conflict") from None
 
     @router.get("/config")
-    async def feedback_config(request: Request):
-        check_key(request)
+    async def feedback_config():
         return {"object": "feedback.config", "ratings": True, "compare": config.compare is not None,
                 "compare_by": config.compare, "compare_temperature": COMPARE_TEMPERATURE,
                 "criteria": list(CRITERIA)}
 
     @router.post("/rating")
-    async def rating(request: Request):
-        vote: RatingVote = await parse(request, RatingVote)
+    async def rating(vote: RatingVote):
         saved = await store(config.store.add_rating, vote_id=vote.vote_id, session=vote.session,
                             messages=[m.model_dump() for m in vote.messages], answer=vote.answer.text,
                             model=vote.answer.model, settings=vote.answer.settings, sources=vote.answer.sources,
@@ -151,11 +118,10 @@ def feedback_router(config: FeedbackConfig, check_key: Callable, api_error: type
         return {"object": "feedback.rating", **saved}
 
     @router.post("/comparison")
-    async def comparison(request: Request):
+    async def comparison(vote: ComparisonVote):
         if config.compare is None:
-            raise api_error(404, "compare mode is off on this server (serve --compare turns it on)",
-                            code="not_found")
-        vote: ComparisonVote = await parse(request, ComparisonVote)
+            raise APIError(404, "compare mode is off on this server (serve --compare turns it on)",
+                           code="not_found")
         saved = await store(config.store.add_comparison, vote_id=vote.vote_id, session=vote.session,
                             messages=[m.model_dump() for m in vote.messages],
                             answers=[a.model_dump() for a in vote.answers], overall=vote.overall,

@@ -72,6 +72,8 @@
         "Enter the server's API key." : null);
       return api(path, options);
     }
+    // 502/503/504: this server answers, the model server behind it (--backend openai) does not.
+    if (response.status >= 502 && response.status <= 504) throw new Unreachable(await errorMessage(response));
     if (!response.ok) throw new HttpError(response.status, await errorMessage(response));
     return response;
   }
