@@ -7,13 +7,27 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from probllm.cli.app import Limit, ProbllmGroup, ProbllmTyper, SummaryFile, app, command
 from probllm.cli.choices import FeedbackKind, value
 
+
+
+class CommandGroup(ProbllmGroup):
+    """A group of commands under one name (`probllm feedback export`): probllm's help and one-line errors, its
+    few commands listed as click lists them, not under the top level's families."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return TyperGroup.list_commands(self, ctx)
+
+    def format_commands(self, ctx, formatter) -> None:
+        TyperGroup.format_commands(self, ctx, formatter)
+
+
 feedback_app = ProbllmTyper(
     name="feedback",
-    cls=ProbllmGroup,
+    cls=CommandGroup,
     help=("Students' votes from the chat page (`probllm serve --feedback FILE.sqlite`) as training data.\n\n"
           "    probllm feedback export feedback.sqlite \\\n"
           "        | probllm pair-annotated > pairs.jsonl"),
