@@ -218,3 +218,12 @@ def test_store_refuses_what_it_cannot_read(tmp_path):
                  ["feedback", "export", str(newer)], ["feedback", "export", str(newer), "--since", "yesterday"]):
         result = run_cli(*args)
         assert result.exit_code == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+    # serve refuses what cannot work before any model loads (in-process: each of these exits at the check).
+    for args, said in ((["--compare"], "give --feedback"),
+                       (["--feedback", str(tmp_path / "f.sqlite"), "--compare", "--compare-by", "notes"],
+                        "give --index"),
+                       (["--feedback", str(tmp_path / "no" / "f.sqlite")], "does not exist"),
+                       (["--feedback", str(newer)], "newer")):
+        result = run_cli("serve", *args)
+        assert result.exit_code == 2 and said in result.stderr, result.stderr
+
