@@ -48,6 +48,18 @@ class ArcSet(Choice):
     challenge = "challenge"
 
 
+class CompareBy(Choice):
+    """How `serve --compare` makes its two answers (probllm.serve.feedback.COMPARE_MODES)."""
+    samples = "samples"
+    notes = "notes"
+
+
+class FeedbackKind(Choice):
+    """What `feedback export` writes (probllm.feedback.EXPORTS)."""
+    comparisons = "comparisons"
+    ratings = "ratings"
+
+
 class Part(Choice):
     train = "train"
     test = "test"
@@ -96,18 +108,6 @@ class QuantMethod(Choice):
     quanto_int8 = "quanto-int8"
     quanto_int4 = "quanto-int4"
     torch_int8 = "torch-int8"
-
-
-class CompareBy(Choice):
-    """How `serve --compare` makes its two answers (probllm.serve.feedback.COMPARE_MODES)."""
-    samples = "samples"
-    notes = "notes"
-
-
-class FeedbackKind(Choice):
-    """What `feedback export` writes (probllm.feedback.EXPORTS)."""
-    comparisons = "comparisons"
-    ratings = "ratings"
 
 
 def value(choice):

@@ -328,9 +328,9 @@
       answerEl.dataset.state = "streaming";
       for await (const event of sseEvents(response)) {
         if (event.sources) showSources(msgEl, event.sources);
-        Object.assign(served, { model: event.model || served.model, sources: event.sources || served.sources });
         if (event.error) throw new HttpError(500, event.error.message || "the server reported an error");
         const choice = event.choices && event.choices[0];
+        Object.assign(served, { model: event.model || served.model, sources: event.sources || served.sources });
         const delta = choice && choice.delta && choice.delta.content;
         if (delta) {
           text += delta;
