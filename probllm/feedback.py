@@ -36,15 +36,18 @@ SCHEMA_VERSION = 1
 CRITERIA = ("correctness", "relevance", "clarity", "completeness")
 VERDICTS = ("A", "B", "AB", "None")  # the annotated format's values: A, B, both, neither
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ratings (
+# What every vote has: its row (the order `--since` follows), the page's vote id, the pseudonymous session, when
+# it was first cast and last changed (UTC), and the conversation up to the question (JSON), then its own columns.
+_VOTE = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     vote_id TEXT NOT NULL UNIQUE,
     session TEXT NOT NULL,
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
-    messages TEXT NOT NULL,
+    messages TEXT NOT NULL,"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ratings ({_VOTE}
     answer TEXT NOT NULL,
     model TEXT NOT NULL,
     settings TEXT NOT NULL,
@@ -52,13 +55,7 @@ CREATE TABLE IF NOT EXISTS ratings (
     rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
     comment TEXT NOT NULL DEFAULT ''
 );
-CREATE TABLE IF NOT EXISTS comparisons (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vote_id TEXT NOT NULL UNIQUE,
-    session TEXT NOT NULL,
-    created TEXT NOT NULL,
-    updated TEXT NOT NULL,
-    messages TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS comparisons ({_VOTE}
     answer_a TEXT NOT NULL,
     answer_b TEXT NOT NULL,
     model_a TEXT NOT NULL,
@@ -72,9 +69,6 @@ CREATE TABLE IF NOT EXISTS comparisons (
     comment TEXT NOT NULL DEFAULT ''
 );
 """
-
-KINDS = ("comparisons", "ratings")
-
 
 class VoteConflict(Exception):
     """A vote id that another session already used: refused rather than overwritten."""
@@ -189,13 +183,6 @@ class FeedbackStore:
             "settings_a": _json(a.get("settings") or {}), "settings_b": _json(b.get("settings") or {}),
             "sources_a": _json(a.get("sources") or []), "sources_b": _json(b.get("sources") or []),
             "overall": overall, **{c: criteria[c] for c in CRITERIA}, "comment": comment or ""})
-
-    def counts(self) -> dict:
-        conn = _connect(self.path, readonly=True)
-        try:
-            return {kind: conn.execute(f"SELECT COUNT(*) FROM {kind}").fetchone()[0] for kind in KINDS}
-        finally:
-            conn.close()
 
 
 def _json(value) -> str:
