@@ -369,8 +369,9 @@
     // A turn enters the history when something was answered; a stopped answer counts as said.
     if (text && outcome !== "unreachable" && outcome !== "error") {
       state.history.push({ role: "user", content: question }, { role: "assistant", content: text });
-      if (window.ProbFeedback) window.ProbFeedback.rateable(msgEl, Object.assign({ messages: body.messages, text },
-                                                                                 served));
+      if (window.ProbFeedback) {
+        window.ProbFeedback.rateable(msgEl, Object.assign({ messages: body.messages, text }, served));
+      }
     }
     state.busy = false;
     state.controller = null;
