@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import httpx2 as httpx
+import pytest
 from test_chat_page import PAGE_QUERY, browser, open_page  # noqa: F401  (browser: the module's fixture)
 
 from servers import free_port, probllm_serve, transformers_serve
@@ -69,3 +70,55 @@ def test_assistant_over_transformers_serve_streams_sources_and_survives_the_upst
             assert errors == [] and outside == [] and proc.poll() is None
             page.close()
     assert not any("Traceback" in line for line in lines)
+
+
+def _layer(upstream_url: str, timeout: float = 2.0):
+    from probllm.lm.upstream import UpstreamEngine
+    from probllm.serve.app import create_app
+
+    return create_app(UpstreamEngine("m", base_url=upstream_url, timeout=timeout), "m")
+
+
+def test_an_erroring_or_hanging_upstream_is_a_502_or_503_in_bounded_time():
+    import time
+
+    from fake_server import ChatServer
+
+    from servers import app_server
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    faults = {"boom": "500", "busy": "503", "slow": "timeout", "bad": "400"}
+    with ChatServer(faults=lambda b, n: faults.get(b["messages"][-1]["content"]), hang=10) as upstream, \
+            app_server(_layer(upstream.base_url, timeout=1.0)) as root:
+        ok = httpx.post(root + "/v1/chat/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+        for text, status in (("boom", 502), ("busy", 503), ("slow", 503), ("bad", 400)):
+            t0 = time.monotonic()
+            r = httpx.post(root + "/v1/chat/completions", timeout=10,
+                           json={**body, "messages": [{"role": "user", "content": text}]})
+            assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert time.monotonic() - t0 < 5  # --timeout 1: bounded
+        assert "injected error 400" in r.json()["error"]["message"]  # the upstream's 4xx, with its message
+    with app_server(_layer(upstream.base_url)) as root:  # nothing listens there any more
+        r = httpx.post(root + "/v1/chat/completions", json={**body, "stream": True})
+        assert r.status_code == 503 and "cannot be reached" in r.json()["error"]["message"]
+
+
+def test_workers_share_the_port(fake_upstream_url):
+    import json
+
+    with probllm_serve("--backend", "openai", "--base-url", fake_upstream_url, "--model", "m", "--workers", "2") \
+            as (url, proc, lines):
+        assert "2 workers" in "".join(lines)
+        answers = [httpx.post(url + "/chat/completions", timeout=30, json={
+            "model": "m", "messages": [{"role": "user", "content": f"question {i}"}]}) for i in range(4)]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert json.loads(answers[0].text)["sources"] == []
+
+
+@pytest.fixture
+def fake_upstream_url():
+    from fake_server import ChatServer
+
+    with ChatServer() as upstream:
+        yield upstream.base_url

@@ -172,8 +172,9 @@ def _serve_workers(settings: ServeSettings, common: dict, announce) -> None:
     except SystemExit:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port} (in use, or not an address of this "
                          "machine)") from None
+    sock.listen(config.backlog)  # clients queue from now on, not refused while the workers start
     announce(sock.getsockname()[1])
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    Multiprocess(config, sockets=[sock]).run()
     log("probllm serve: stopped")
 
 
