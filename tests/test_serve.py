@@ -343,6 +343,15 @@ def test_a_dns_rebinding_host_is_refused(served):
     assert httpx.get(url + "/models", headers={"Host": f"localhost:{port}"}).status_code == 200
 
 
+def test_allowed_hosts_are_the_bound_address_localhost_and_the_named_domains():
+    from probllm.serve.app import allowed_hosts, is_loopback
+
+    hosts = allowed_hosts("127.0.0.1", ["Course.Example.org"])
+    assert {"127.0.0.1", "localhost", "::1", "course.example.org"} <= hosts and "attacker.example" not in hosts
+    assert allowed_hosts("0.0.0.0") is None and "course.example.org" in allowed_hosts("0.0.0.0", ["course.example.org"])
+    assert is_loopback("127.0.0.2") and is_loopback("[::1]") and not is_loopback("0.0.0.0")
+
+
 def test_post_must_be_json_and_bodies_are_capped(served):
     url, proc, _ = served
     r = httpx.post(url + "/chat/completions", content=json.dumps(CHAT), headers={"Content-Type": "text/plain"})
