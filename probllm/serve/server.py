@@ -121,8 +121,9 @@ def serve(settings: ServeSettings) -> None:
 
     def announce(port: int) -> None:
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-        via = f" (upstream {settings.base_url})" if settings.backend == "openai" else ""
-        log(f"probllm serve: {name}{via} at http://{shown}:{port}/v1"
+        # The upstream after our own URL: scripts take the first URL of this line as the server's.
+        via = f" in front of {settings.base_url}" if settings.backend == "openai" else ""
+        log(f"probllm serve: {name} at http://{shown}:{port}/v1{via}"
             f"{' with the notes of ' + settings.index if settings.index else ''}"
             f"{' (API key required)' if settings.api_key else ''}"
             f"{f', {settings.workers} workers' if settings.workers > 1 else ''}"
