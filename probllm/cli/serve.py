@@ -86,7 +86,8 @@ def serve_command(
             --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct
         probllm serve --backend openai --base-url http://127.0.0.1:8001/v1 \\
             --model SmolLM2-135M-Instruct --index runs/demo/notes.idx --workers 2
-        probllm serve --host 0.0.0.0 --api-key "$KEY" --allowed-host course.example.org
+        probllm serve --host 0.0.0.0 --api-key "$KEY" \\
+            --allowed-host course.example.org
     """
     from probllm.serve.server import ServeSettings, serve
 

@@ -109,9 +109,12 @@ def make_lm(config: BackendConfig) -> LM:
 
 
 def _local_engine(*, model=None, adapter=None, batch_size=8, max_wait=0.005, dtype="auto", device="auto",
-                  trust_remote_code=False, **_other):
+                  trust_remote_code=False, base_url=None, **_other):
     from probllm.lm.hf_backend import HFLM
     from probllm.lm.serving import LocalEngine
+
+    if base_url:
+        raise UsageError("--base-url is for --backend openai (the local backend loads --model here)")
 
     # Loaded now: a model that cannot load stops `serve` before it listens.
     return LocalEngine(HFLM(model, adapter=adapter, batch_size=batch_size, dtype=dtype, device=device,

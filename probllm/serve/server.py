@@ -129,8 +129,9 @@ def serve(settings: ServeSettings) -> None:
 
     def announce(port: int) -> None:
         shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-        via = f" (upstream {settings.base_url})" if settings.backend == "openai" else ""
-        log(f"probllm serve: {name}{via} at http://{shown}:{port}/v1"
+        # The upstream after our own URL: scripts take the first URL of this line as the server's.
+        via = f" in front of {settings.base_url}" if settings.backend == "openai" else ""
+        log(f"probllm serve: {name} at http://{shown}:{port}/v1{via}"
             f"{' with the notes of ' + settings.index if settings.index else ''}"
             f"{' (API key required)' if settings.api_key else ''}"
             f"{f', {settings.workers} workers' if settings.workers > 1 else ''}"
@@ -182,8 +183,9 @@ def _serve_workers(settings: ServeSettings, common: dict, announce) -> None:
     except SystemExit:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port} (in use, or not an address of this "
                          "machine)") from None
+    sock.listen(config.backlog)  # clients queue from now on, not refused while the workers start
     announce(sock.getsockname()[1])
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    Multiprocess(config, sockets=[sock]).run()
     log("probllm serve: stopped")
 
 
