@@ -11,6 +11,13 @@ Targets (issue 10): every request answered, no error, RSS flat across rounds, ag
 
     flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_serve.py
     .venv/bin/python bench/bench_serve.py --clients 1,4 --requests 2 --max-tokens 8 --rounds 1   # a smoke run
+
+With --upstream (issue 20): the assistant layer (`serve --backend openai`) in front of an upstream `probllm serve`,
+32 and 64 clients through the layer and as many straight to the upstream, at the same time (so both share the
+upstream's batches and the comparison is the layer's cost, not the upstream's variance between runs);
+targets: every request answered, layer tokens/s >= 0.9x direct, added TTFT p50 < 30 ms, layer RSS flat.
+
+    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_serve.py --upstream
 """
 
 from __future__ import annotations
@@ -82,6 +89,94 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
             "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan")}
 
 
+def retrieval_ms(index: str, k: int = 4) -> tuple[float, float]:
+    """p50 and p99 of one search of the notes (what the layer adds per request with --index), in-process."""
+    from probllm.rag.retrieve import Retriever
+
+    retriever = Retriever(index)
+    retriever.search([QUESTIONS[0]], k)  # warm
+    times = []
+    for _ in range(5):
+        for q in QUESTIONS:
+            t0 = time.perf_counter()
+            retriever.search([q], k)
+            times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return statistics.median(times), times[int(0.99 * (len(times) - 1))]
+
+
+def upstream_main(args, levels: list[int]) -> None:
+    """The assistant layer (`serve --backend openai`) in front of an upstream `probllm serve`, against the same
+    clients straight to the upstream: same questions, same tokens, both at once."""
+    import tempfile
+
+    from probllm.rag.index import build_index
+    from servers import probllm_serve
+
+    serve_args = ["--batch-size", str(args.batch_size), "--served-model-name", "bench"]
+    if args.model:
+        serve_args += ["--model", args.model]
+    index = str(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "notes.idx")
+    build_index([str(ROOT / "examples" / "notes")], index)
+    r50, r99 = retrieval_ms(index)
+    rows, rss = [], []
+    with probllm_serve(*serve_args) as (up, up_proc, _):
+        with probllm_serve("--backend", "openai", "--base-url", up, "--model", "bench") as (layer, proc, _):
+            asyncio.run(load(up, "bench", 1, 1, 4))
+            asyncio.run(load(layer, "bench", 1, 1, 4))
+            rss.append(("after warm-up", rss_mb(proc.pid)))
+            for rnd in range(1, args.rounds + 1):
+                for c in levels:
+                    # Both groups at once, on the same upstream batches: what differs is the layer alone (run one
+                    # after the other, the upstream's own variance between runs is larger than the layer's cost).
+                    async def both():
+                        return await asyncio.gather(load(up, "bench", c, args.requests, args.max_tokens),
+                                                    load(layer, "bench", c, args.requests, args.max_tokens))
+
+                    for via, res in zip(("direct", "layer"), asyncio.run(both())):
+                        res.update(round=rnd, via=via)
+                        rows.append(res)
+                        print(f"round {rnd}, {c} clients {via}: {res['answered']}/{res['requests']} answered, "
+                              f"{len(res['errors'])} errors, {res['tokens_per_s']:.1f} tokens/s, "
+                              f"TTFT p50 {res['ttft_p50'] * 1000:.0f} ms", file=sys.stderr)
+                        for e in res["errors"][:3]:
+                            print(f"  error: {e}", file=sys.stderr)
+                time.sleep(1.0)
+                rss.append((f"after round {rnd}", rss_mb(proc.pid)))
+
+    lines = [f"The assistant layer (`probllm serve --backend openai`) in front of an upstream `probllm serve` "
+             f"({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {args.batch_size}), against the same number "
+             f"of streaming clients straight to the upstream at the same time (N direct + N through the layer, "
+             f"sharing the upstream's batches): {args.requests} requests "
+             f"per client, {args.max_tokens} tokens each, greedy. Machine: {os.cpu_count()} cores, Python "
+             f"{platform.python_version()}; upstream, layer and clients on the same machine.", "",
+             "| round | clients | answered (layer) | errors | tokens/s direct | tokens/s layer | layer / direct "
+             "| TTFT p50 direct ms | TTFT p50 layer ms | added TTFT p50 ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ok = True
+    for r in (x for x in rows if x["via"] == "layer"):
+        d = next(x for x in rows if x["via"] == "direct" and x["round"] == r["round"] and x["clients"] == r["clients"])
+        ratio = r["tokens_per_s"] / d["tokens_per_s"]
+        added = (r["ttft_p50"] - d["ttft_p50"]) * 1000
+        ok = ok and ratio >= 0.9 and added < 30
+        lines.append(f"| {r['round']} | {r['clients']} | {r['answered']}/{r['requests']} | "
+                     f"{len(r['errors']) + len(d['errors'])} | {d['tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                     f"{ratio:.2f}x | {d['ttft_p50'] * 1000:.0f} | {r['ttft_p50'] * 1000:.0f} | {added:+.0f} |")
+    lines += ["", f"Retrieval (with --index, not in the runs above: the same prompt must reach the upstream both "
+                  f"ways): one search of examples/notes p50 {r50:.1f} ms, p99 {r99:.1f} ms, in-process.",
+              "", "Layer RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss),
+              "", "Targets (issue 20): every request answered, layer tokens/s >= 0.9x direct, added TTFT p50 "
+                  f"< 30 ms, layer RSS flat: {'met' if ok else 'NOT met'} in this run."]
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    marker = "\n## Through the assistant layer (--upstream)\n"
+    RESULTS.write_text(text.split(marker)[0].rstrip("\n") + "\n" + marker + "\n" + table + "\n")
+    if any(r["errors"] or r["answered"] != r["requests"] for r in rows):
+        sys.exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
@@ -90,7 +185,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="the server's --batch-size")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--upstream", action="store_true", help="the assistant layer (serve --backend openai) in "
+                        "front of an upstream probllm serve, against the same clients straight to the upstream "
+                        "(default clients 32,64)")
     args = parser.parse_args()
+    if args.upstream:
+        upstream_main(args, [int(c) for c in (args.clients if args.clients != "1,8,32" else "32,64").split(",")])
+        return
     levels = [int(c) for c in args.clients.split(",")]
 
     from servers import probllm_serve
@@ -130,7 +231,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table + "\n")
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    marker = "\n## Through the assistant layer (--upstream)\n"
+    RESULTS.write_text(table + "\n" + (marker + text.split(marker, 1)[1] if marker in text else ""))
     if any(r["errors"] or r["answered"] != r["requests"] for r in rows):
         sys.exit(1)
 

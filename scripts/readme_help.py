@@ -30,18 +30,28 @@ def help_text(name: str | None = None, width: int = WIDTH) -> str:
     root = typer.Context(group, info_name="probllm", **settings)
     if name is None:
         return group.get_help(root)
-    command = group.commands[name]
-    return command.get_help(typer.Context(command, info_name=name, parent=root, **settings))
+    context = root
+    for part in name.split():  # `feedback export`: a command of a command group
+        group = group.commands[part]
+        context = typer.Context(group, info_name=part, parent=context, **settings)
+    return group.get_help(context)
 
 
 def command_names() -> list[str]:
     import typer
+    from typer.core import TyperGroup
     from typer.main import get_command
 
     from probllm.cli import app
 
     group = get_command(app)
-    return group.list_commands(typer.Context(group, info_name="probllm"))  # by family, as `probllm --help`
+    names = []
+    for name in group.list_commands(typer.Context(group, info_name="probllm")):  # by family, as `probllm --help`
+        command = group.commands[name]
+        names.append(name)
+        if isinstance(command, TyperGroup):  # a group's own commands (`feedback export`)
+            names += [f"{name} {sub}" for sub in command.commands]
+    return names
 
 
 def reference() -> str:

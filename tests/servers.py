@@ -64,12 +64,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def transformers_serve(model_dir: str, timeout: float = 240):
+def transformers_serve(model_dir: str, timeout: float = 240, port: int | None = None):
     """transformers' own OpenAI-compatible server (`transformers serve MODEL`) on 127.0.0.1; yields base_url.
-    The model name requests must carry is the folder's path."""
+    The model name requests must carry is the folder's path. `port`: to come back on the same address."""
     import httpx2 as httpx
 
-    port = free_port()
+    port = port or free_port()
     exe = Path(sys.executable).with_name("transformers")
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"transformers-serve-{port}.log", "w+")
     proc = subprocess.Popen([str(exe), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
@@ -93,3 +93,25 @@ def transformers_serve(model_dir: str, timeout: float = 240):
     finally:
         stop(proc)
         log.close()
+
+
+@contextmanager
+def app_server(app):
+    """An ASGI app (built in this process) on a real uvicorn server on 127.0.0.1 in a thread; yields its root
+    URL. For apps around engines made in the test, where a subprocess would add nothing."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                            timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the in-process server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -147,7 +147,8 @@ def test_help_lists_the_commands_by_family_in_pipeline_order():
     assert families == list(COMMAND_FAMILIES)[:len(families)] and families[:2] == ["Data", "Preference pairs"]
     listed = [line.split()[0] for line in text.split("Data:", 1)[1].splitlines() if line.startswith("  ")]
     assert listed.index("load") < listed.index("dpo") < listed.index("eval") < listed.index("serve")
-    assert set(listed) == set(readme_help.command_names())  # every command is listed, under "Other" if need be
+    top_level = {name for name in readme_help.command_names() if " " not in name}
+    assert set(listed) == top_level  # every command is listed, under "Other" if need be
 
 
 def test_no_arguments_prints_help_and_exits_0():

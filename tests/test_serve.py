@@ -236,6 +236,13 @@ def test_ask_through_serve_with_index_shows_the_same_sources_as_local_ask(cli, t
         follow_up = client(url).chat.completions.create(model=MODEL, max_tokens=2, messages=[
             {"role": "user", "content": question}, {"role": "assistant", "content": "O(n log n)."},
             {"role": "user", "content": "And in the worst case?"}])
+        # The client's system message reaches the model with the notes (ours first, then theirs).
+        asked = [{"role": "user", "content": question}]
+        plain = client(url).chat.completions.create(model=MODEL, max_tokens=1, messages=asked)
+        with_system = client(url).chat.completions.create(model=MODEL, max_tokens=1, messages=[
+            {"role": "system", "content": "Answer in French, citing the notes."}, *asked])
+    assert with_system.model_extra["sources"] == plain.model_extra["sources"] != []
+    assert with_system.usage.prompt_tokens > plain.usage.prompt_tokens + 5
     assert served_ask.code == 0, served_ask.stderr
     from probllm.rag.retrieve import Retriever
 
@@ -251,3 +258,141 @@ def test_ask_through_serve_with_index_shows_the_same_sources_as_local_ask(cli, t
         return [line.strip() for line in stderr.splitlines() if line.strip().startswith("[")]
 
     assert len(sources(local.stderr)) == 2 and sources(served_ask.stderr) == sources(local.stderr)
+
+
+# ------------------------------------------------------------------------------- a faithful API (issue 20)
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about heaps."}]}
+
+
+def test_stop_cuts_the_answer_whole_and_streamed(served):
+    url, _, _ = served
+    c = client(url)
+    # Sampled (the untrained tiny model only writes newlines when greedy), seeded: the same text every time.
+    kw = dict(model=MODEL, messages=CHAT["messages"], max_tokens=16, temperature=1, seed=7)
+    full = c.chat.completions.create(**kw).choices[0].message.content
+    assert len(full) >= 8, full
+    stop = full[4:6]
+    expected = full[:full.index(stop)]
+    whole = c.chat.completions.create(**kw, stop=[stop, "never-there"]).choices[0]
+    assert whole.message.content == expected and whole.finish_reason == "stop"
+    chunks = list(c.chat.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_batched_requests_with_different_seeds_get_what_each_gets_alone(tiny_model_dir):
+    from probllm.lm.hf_backend import HFLM
+
+    lm = HFLM(tiny_model_dir, batch_size=4)
+
+    def params(seed):
+        return {"max_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": seed}
+
+    async def run():
+        await lm.ensure_loaded()
+        ids = lm.encode_prompt(lm.render(CHAT["messages"]))
+        alone = [await lm.generate_ids(ids, params(s)) for s in (1, 2)]
+        before = lm.batches
+        together = await asyncio.gather(lm.generate_ids(ids, params(1)), lm.generate_ids(ids, params(2)))
+        return alone, list(together), lm.batches - before
+
+    alone, together, batches = asyncio.run(run())
+    assert batches == 1  # the two requests shared one generate call
+    assert alone[0] != alone[1] and together == alone
+
+
+@pytest.mark.parametrize("extra,param", [({"n": 2}, "n"), ({"stream": "yes"}, "stream"), ({"seed": 1.5}, "seed"),
+                                         ({"stop": 5}, "stop"), ({"max_tokens": True}, "max_tokens"),
+                                         ({"probllm": {"retrieve": "no"}}, "probllm.retrieve")])
+def test_wrong_types_and_n_get_a_400_naming_the_field(served, extra, param):
+    url, _, _ = served
+    r = httpx.post(url + "/chat/completions", json={**CHAT, "max_tokens": 2, **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    if param == "n":
+        assert "not supported" in r.json()["error"]["message"]
+
+
+def test_unknown_fields_are_ignored_as_openai_does(served):
+    url, _, _ = served
+    r = httpx.post(url + "/chat/completions", json={**CHAT, "max_tokens": 2, "user": "u1", "logit_bias": {},
+                                                    "stream_options": {"include_usage": True}, "frobnicate": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_client_system_message_is_kept_after_ours():
+    from probllm.rag.ask import SYSTEM_WITH_NOTES
+    from probllm.serve.assistant import with_sources
+
+    messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Heapsort?"}]
+    out = with_sources(messages, [{"id": "p1", "text": "Heapsort is O(n log n).", "source": "heapsort.md"}])
+    assert [m["role"] for m in out] == ["system", "user"]
+    assert out[0]["content"].startswith(SYSTEM_WITH_NOTES) and out[0]["content"].endswith("Answer in French.")
+    assert "Heapsort is O(n log n)." in out[1]["content"]
+
+
+# ---------------------------------------------------------------------------------------- hardened (issue 20)
+
+
+def test_a_dns_rebinding_host_is_refused(served):
+    url, _, _ = served
+    port = url.split(":")[2].split("/")[0]
+    r = httpx.get(url + "/models", headers={"Host": f"attacker.example:{port}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(url.replace("/v1", "/"), headers={"Host": "attacker.example"}).status_code == 400
+    assert httpx.get(url + "/models", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
+def test_allowed_hosts_are_the_bound_address_localhost_and_the_named_domains():
+    from probllm.serve.app import allowed_hosts, is_loopback
+
+    hosts = allowed_hosts("127.0.0.1", ["Course.Example.org"])
+    assert {"127.0.0.1", "localhost", "::1", "course.example.org"} <= hosts and "attacker.example" not in hosts
+    assert allowed_hosts("0.0.0.0") is None and "course.example.org" in allowed_hosts("0.0.0.0", ["course.example.org"])
+    assert is_loopback("127.0.0.2") and is_loopback("[::1]") and not is_loopback("0.0.0.0")
+
+
+def test_post_must_be_json_and_bodies_are_capped(served):
+    url, proc, _ = served
+    r = httpx.post(url + "/chat/completions", content=json.dumps(CHAT), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    big = json.dumps({**CHAT, "padding": "x" * (5 * 1024 * 1024)}).encode()
+    r = httpx.post(url + "/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunked():  # no Content-Length: counted as it comes
+        for _ in range(5):
+            yield b" " * (1024 * 1024)
+
+    r = httpx.post(url + "/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.post(url + "/completions", json={"model": MODEL, "prompt": [[1, 2]] * 257, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts"
+    assert proc.poll() is None
+
+
+def test_a_public_bind_without_a_key_refuses_to_start(cli):
+    r = cli("serve", "--host", "0.0.0.0", "--port", "0", env={"PROBLLM_API_KEY": ""})
+    assert r.code != 0 and "--api-key" in r.stderr and "--no-api-key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_500_says_internal_error_with_an_id_in_the_log_never_the_text(capfd):
+    from probllm.lm.serving import CHAT as CHAT_CAPABILITY, Engine
+    from probllm.serve.app import create_app
+
+    from servers import app_server
+
+    class Broken(Engine):
+        capabilities = frozenset({CHAT_CAPABILITY})
+
+        async def chat(self, messages, params):
+            raise RuntimeError("secret-detail of the server")
+
+    with app_server(create_app(Broken(), MODEL)) as root:
+        r = httpx.post(root + "/v1/chat/completions", json=CHAT)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    message = r.json()["error"]["message"]
+    assert message.startswith("internal error (id err-") and "secret" not in r.text
+    eid = message.split("id ")[1].rstrip(")")
+    logged = capfd.readouterr().err
+    assert eid in logged and "secret-detail" in logged

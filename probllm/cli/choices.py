@@ -51,6 +51,18 @@ class ArcSet(Choice):
     challenge = "challenge"
 
 
+class CompareBy(Choice):
+    """How `serve --compare` makes its two answers (probllm.serve.feedback.COMPARE_MODES)."""
+    samples = "samples"
+    notes = "notes"
+
+
+class FeedbackKind(Choice):
+    """What `feedback export` writes (probllm.feedback.EXPORTS)."""
+    comparisons = "comparisons"
+    ratings = "ratings"
+
+
 class Part(Choice):
     train = "train"
     test = "test"

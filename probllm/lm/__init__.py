@@ -103,3 +103,44 @@ def make_lm(config: BackendConfig) -> LM:
         raise UsageError("--base-url is for --backend openai")
     return HFLM(config.model, adapter=config.adapter, batch_size=config.batch_size, device=config.device,
                 dtype=config.dtype)
+
+
+# ------------------------------------------------------------------------------------ engines for `probllm serve`
+
+
+def _local_engine(*, model=None, adapter=None, batch_size=8, max_wait=0.005, dtype="auto", device="auto",
+                  trust_remote_code=False, base_url=None, **_other):
+    from probllm.lm.hf_backend import HFLM
+    from probllm.lm.serving import LocalEngine
+
+    if base_url:
+        raise UsageError("--base-url is for --backend openai (the local backend loads --model here)")
+
+    # Loaded now: a model that cannot load stops `serve` before it listens.
+    return LocalEngine(HFLM(model, adapter=adapter, batch_size=batch_size, dtype=dtype, device=device,
+                            max_wait=max_wait, trust_remote_code=trust_remote_code,
+                            spare_core_when_batched=True).load())
+
+
+def _upstream_engine(*, model=None, base_url=None, api_key_env="OPENAI_API_KEY", timeout=120.0, concurrency=256,
+                     adapter=None, **_other):
+    from probllm.lm.upstream import UpstreamEngine
+
+    if not base_url:
+        raise UsageError("--backend openai needs --base-url (the upstream server, e.g. http://127.0.0.1:8001/v1)")
+    if adapter:
+        raise UsageError("--adapter is for the local backend; an upstream serves its adapters itself (vLLM: "
+                         "--enable-lora --lora-modules NAME=FOLDER, then --model NAME here)")
+    return UpstreamEngine(model or "", base_url=base_url, api_key_env=api_key_env, timeout=timeout,
+                          concurrency=concurrency)
+
+
+# What `probllm serve --backend` chooses from (probllm/lm/serving.py: the interface both implement).
+SERVING_ENGINES = {"hf": _local_engine, "openai": _upstream_engine}
+
+
+def make_engine(backend: str, **settings):
+    """The serving engine `--backend` names, from the settings that apply to it (others are ignored)."""
+    if backend not in SERVING_ENGINES:
+        raise UsageError(f"--backend {backend}: choose one of {', '.join(SERVING_ENGINES)}")
+    return SERVING_ENGINES[backend](**settings)

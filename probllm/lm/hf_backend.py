@@ -15,7 +15,8 @@ the queue runs empty). With `spare_core_when_batched` (what `serve` sets) a pass
 less than a single row: several streams keep the HTTP side busy, and torch's threads stall whenever one of them
 is preempted, so on a small machine the batch runs faster leaving the server a core.
 
-Greedy by default; with a temperature, sampling is seeded per batch from the first request's seed. A model
+Greedy by default; with a temperature, each row samples with a generator of its own, seeded by its request's
+seed: a request's answer is the one it gets alone, whichever requests share its batch. A model
 without a chat template gets one plain transcript prompt (`render`), the same for every command.
 """
 
@@ -67,6 +68,45 @@ class AnswerRepetitionPenalty:
         picked = scores.gather(1, generated)
         picked = picked.where(picked < 0, picked / self.penalty).where(picked >= 0, picked * self.penalty)
         return scores.scatter(1, generated, picked)
+
+
+class RowSampling:
+    """Sampling done per row, each with its own seeded generator (transformers' own sampling draws every row
+    from one global generator, so a request's answer would depend on the others in its batch). Used with
+    greedy decoding: every score but the drawn token's is set to -inf, so the argmax is the draw. Temperature,
+    top-k then top-p, in transformers' order."""
+
+    def __init__(self, batch: list["_GenRequest"], top_k: int = 50):
+        import torch
+
+        self.rows = []
+        for r in batch:
+            g = torch.Generator()
+            g.manual_seed(int(r.params.get("seed", 0) or 0))
+            self.rows.append((float(r.params.get("temperature", 0) or 0),
+                              float(r.params.get("top_p", 1.0) or 1.0), g))
+        self.top_k = top_k
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        chosen = torch.empty(scores.shape[0], dtype=torch.long)
+        for i, (temperature, top_p, gen) in enumerate(self.rows):
+            row = scores[i].float()
+            if temperature <= 0:
+                chosen[i] = int(row.argmax())
+                continue
+            row = row / temperature
+            vals, idx = row.topk(min(self.top_k, row.shape[-1]))
+            probs = vals.softmax(-1)
+            if top_p < 1.0:  # the smallest set of the most likely tokens holding top_p of the probability
+                keep = (probs.cumsum(-1) - probs) < top_p
+                probs = probs * keep
+                probs = probs / probs.sum()
+            chosen[i] = idx[torch.multinomial(probs.cpu(), 1, generator=gen)[0]]
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.to(scores.device).unsqueeze(1), 0.0)
+        return out
 
 
 class _RowStreamer:
@@ -337,14 +377,12 @@ class HFLM(LM):
         kwargs = {"max_new_tokens": max(int(r.params.get("max_tokens", 256)) for r in batch),
                   "pad_token_id": pad}
         penalty = float(params.get("repetition_penalty", 1.0) or 1.0)
-        if penalty != 1.0:
-            kwargs["logits_processor"] = LogitsProcessorList([AnswerRepetitionPenalty(width, penalty)])
-        if float(params.get("temperature", 0) or 0) > 0:
-            kwargs.update(do_sample=True, temperature=float(params["temperature"]),
-                          top_p=float(params.get("top_p", 1.0) or 1.0), top_k=int(params.get("top_k", 50)))
-            torch.manual_seed(int(params.get("seed", 0) or 0))
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        processors = [AnswerRepetitionPenalty(width, penalty)] if penalty != 1.0 else []
+        if any(float(r.params.get("temperature", 0) or 0) > 0 for r in batch):
+            processors.append(RowSampling(batch))  # last: it draws from the penalised scores
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         streamer = _RowStreamer(self, batch)
         self._set_threads(len(batch))
         with torch.no_grad():

@@ -72,6 +72,8 @@
         "Enter the server's API key." : null);
       return api(path, options);
     }
+    // 502/503/504: this server answers, the model server behind it (--backend openai) does not.
+    if (response.status >= 502 && response.status <= 504) throw new Unreachable(await errorMessage(response));
     if (!response.ok) throw new HttpError(response.status, await errorMessage(response));
     return response;
   }
@@ -292,6 +294,7 @@
       // Try now rather than make the student wait for the next poll.
       if (!(await checkServer())) return;
     }
+    if (window.ProbFeedback && window.ProbFeedback.comparing()) return window.ProbFeedback.askCompare(question);
     addUserMessage(question);
     const msgEl = addAssistantMessage();
     const answerEl = msgEl.querySelector(".answer");
@@ -317,6 +320,7 @@
     const body = Object.assign({ messages: messagesFor(question), stream: true }, generationSettings());
     if (state.model) body.model = state.model;
     let outcome = "done";
+    const served = { model: state.model, sources: [] }; // what feedback records about this answer
     try {
       const response = await api("v1/chat/completions", {
         method: "POST", body: JSON.stringify(body), signal: state.controller.signal,
@@ -326,6 +330,7 @@
         if (event.sources) showSources(msgEl, event.sources);
         if (event.error) throw new HttpError(500, event.error.message || "the server reported an error");
         const choice = event.choices && event.choices[0];
+        Object.assign(served, { model: event.model || served.model, sources: event.sources || served.sources });
         const delta = choice && choice.delta && choice.delta.content;
         if (delta) {
           text += delta;
@@ -364,6 +369,9 @@
     // A turn enters the history when something was answered; a stopped answer counts as said.
     if (text && outcome !== "unreachable" && outcome !== "error") {
       state.history.push({ role: "user", content: question }, { role: "assistant", content: text });
+      if (window.ProbFeedback) {
+        window.ProbFeedback.rateable(msgEl, Object.assign({ messages: body.messages, text }, served));
+      }
     }
     state.busy = false;
     state.controller = null;
@@ -438,6 +446,12 @@
   stopEl.addEventListener("click", () => { if (state.controller) state.controller.abort(); });
   $("new-chat").addEventListener("click", startOver);
   document.querySelectorAll(".suggestion").forEach((b) => b.addEventListener("click", () => ask(b.textContent)));
+
+  // What feedback.js (ratings and compare mode, with `serve --feedback`) builds on.
+  window.ProbChat = {
+    state, api, sseEvents, renderInto, showSources, openSource, setNote, messagesFor, generationSettings,
+    addUserMessage, scrollToEnd, updateControls, autoGrow, setOnline, Unreachable, HttpError,
+  };
 
   checkServer();
   questionEl.focus();
