@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.app import (ForceResume, InputFiles, Limit, SkipInvalid, SummaryFile, app, command,
+                             hidden_aliases)
 from probllm.cli.choices import Dtype, QuantMethod, value
 from probllm.cli.groups import uses
 from probllm.cli.options import ENDPOINT, EVAL, LOCAL_MODEL, backend_config
@@ -28,7 +29,9 @@ def eval_command(
     limit: Limit = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append predictions to this file "
                                                    "instead of stdout, as they are scored; run again to resume "
-                                                   "(items already there are skipped).")] = None,
+                                                   "(items already there are skipped, if the same model and "
+                                                   "settings wrote them).")] = None,
+    force_resume: ForceResume = False,
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Shard the items across N "
                                                "processes (CPU threads split between them); one ordered output. "
                                                "`accelerate launch -m probllm eval` works too.")] = 1,
@@ -57,7 +60,7 @@ def eval_command(
                             batch_size=settings["batch_size"], dtype=settings["dtype"], device=settings["device"])
     with command("eval", summary) as stats:
         run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid, backend=config,
-                 output=str(output) if output else None, num_processes=num_processes)
+                 output=str(output) if output else None, force_resume=force_resume, num_processes=num_processes)
 
 
 @app.command("quantize")

@@ -30,7 +30,8 @@ def serve_command(
                                                    show_default=False,
                                                    help="Require 'Authorization: Bearer KEY' on /v1 routes.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model name clients "
-                                                             "send (default: the model's label).")] = None,
+                                                             "send (default: the model's label, with the "
+                                                             "adapter's: MODEL+ADAPTER).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Most requests generated together.",
                                             min=1)] = 8,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="How long a request waits for others to "
@@ -48,9 +49,12 @@ def serve_command(
         probllm ask "What is heapsort?" --backend openai \\
             --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct
     """
+    from probllm.models import model_label
     from probllm.serve.server import serve
 
     settings = {k: value(v) for k, v in local_model.items()}
+    # With an adapter the served model is another model: clients (and their caches) must be able to tell.
+    served_model_name = served_model_name or model_label(settings["model"], settings["adapter"])
     with command("serve", quiet_summary=True):
         serve(**settings, index=index, top_k=top_k, embedder=embedder, host=host, port=port, api_key=api_key,
               served_model_name=served_model_name, batch_size=batch_size, max_wait_ms=max_wait_ms,

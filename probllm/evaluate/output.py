@@ -2,7 +2,9 @@
 
 A prediction is known by its record's `id` (else a hash of its question and choices) and by which occurrence of
 that key it is in the input, so duplicated items (the official MMLU test set has some) are each kept once.
-A last line cut short by a kill is dropped (its item is scored again). When a run completes, a file that was
+A last line cut short by a kill is dropped (its item is scored again). Every prediction carries its
+`provenance` (model identity and scoring settings); a file written by another model or other settings is not
+resumed (probllm/provenance.py). When a run completes, a file that was
 resumed is rewritten (atomically) in input order, so an interruption leaves no trace in the final file.
 """
 
@@ -46,6 +48,12 @@ class ResumableOutput:
 
     def existing(self) -> list[dict]:
         return read_complete(self.path)
+
+    def refusal(self, provenance: dict, force: bool) -> str | None:
+        """Why this file may not be resumed by a run that writes `provenance` (None: it may)."""
+        from probllm.provenance import check_resume
+
+        return check_resume(self.path, self.existing(), provenance, force, "eval") if self.resumed else None
 
     def skip_done(self, records: Iterable[Record], stats: Stats) -> Iterator[Record]:
         seen: Counter = Counter()
