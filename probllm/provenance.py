@@ -35,7 +35,8 @@ def difference(recorded: dict | None, current: dict) -> str | None:
     says so; it is shown next to the id when the ids differ."""
     if not isinstance(recorded, dict):
         return "its records carry no provenance (written by an older probllm, or by something else)"
-    for key in sorted(set(recorded) | set(current)):
+    # In the order this run states them (model first, then what it reads, then settings).
+    for key in [*current, *(k for k in recorded if k not in current)]:
         if key == "model":
             continue
         old, new = recorded.get(key), current.get(key)

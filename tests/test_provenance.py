@@ -135,3 +135,24 @@ def test_serve_with_adapter_lists_a_distinct_model_name(tiny_model_dir, tmp_path
         names = [m.id for m in OpenAI(base_url=url, api_key="none").models.list().data]
     assert names == [f"{tiny_model_dir.rstrip('/')}+{adapter}"]
     assert names[0] != tiny_model_dir
+
+
+def test_ask_output_resumes_only_for_the_same_model_index_and_settings(tiny_model_dir, notes_index, tmp_path):
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "question": f"What is heapsort {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "answers.jsonl"
+    base = ["ask", "--model", tiny_model_dir, "--max-new-tokens", "3", "--index", notes_index, "-o", out]
+    code, _, err = run(*base, "--limit", "2", "-i", src)
+    assert code == 0, err
+    first = read(out)
+    generation = json.loads((Path(notes_index) / "manifest.json").read_text())["generation"]
+    assert all(r["provenance"]["model_id"] == model_identity(tiny_model_dir).id and
+               r["provenance"]["index"]["generation"] == generation for r in first)
+    code, _, err = run(*base, "--temperature", "0.7", "-i", src)
+    assert code == 2 and "not resuming: temperature 0.0 there, 0.7 in this run" in err, err
+    code, _, err = run(*base[:5], "-o", out, "-i", src)  # no --index: the answers would quote nothing
+    assert code == 2 and "not resuming: index" in err, err
+    assert read(out) == first
+    code, _, err = run(*base, "-i", src)
+    assert code == 0 and "2 skipped (already answered in --output" in err, err
+    assert [r["id"] for r in read(out)] == [0, 1, 2]

@@ -352,6 +352,7 @@ def ask_provenance(*, backend: str, model: str | None, adapter: str | None, base
     else:
         prov = {**model_identity(model, adapter).as_dict(),
                 "dtype": str(resolve_dtype(dtype, device_name(device))).replace("torch.", "")}
+    prov["index"] = None
     if index:
         from pathlib import Path
 
