@@ -55,7 +55,9 @@ def test_eval_output_resumes_only_for_the_model_and_settings_that_wrote_it(tiny_
     identity = model_identity(tiny_model_dir)
     assert all(r["provenance"]["model_id"] == identity.id and r["provenance"]["method"] == "loglik"
                for r in first)
-    assert json.loads(summary.read_text())["model_id"] == identity.id
+    written = json.loads(summary.read_text())
+    # The summary names the model and carries per-item correctness for `report`'s paired test.
+    assert written["model_id"] == identity.id and written["item_correct"] == {r["id"]: r["correct"] for r in first}
 
     adapter = save_adapter(tiny_model_dir, tmp_path / "adapter", seed=1)
     other = tmp_path / "other-model"

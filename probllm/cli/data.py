@@ -258,11 +258,11 @@ def decontaminate_command(
     Text is lower-cased and stripped of punctuation first, as lm-eval's decontamination does; the count of
     records that overlap each benchmark goes to stderr. Streams.
 
-        probllm decontaminate --against examples/arc.jsonl \
+        probllm decontaminate --against examples/arc.jsonl \\
             --against examples/mmlu examples/stackexchange.jsonl
         probllm mcqify --source gsm8k examples/gsm8k.jsonl > gsm8k-mcq.jsonl
-        probllm pair-stackexchange examples/stackexchange.jsonl \
-            | probllm decontaminate --against gsm8k-mcq.jsonl --flag \
+        probllm pair-stackexchange examples/stackexchange.jsonl \\
+            | probllm decontaminate --against gsm8k-mcq.jsonl --flag \\
             | jq -c 'select(.contamination)'
     """
     from probllm.data.decontaminate import run_decontaminate

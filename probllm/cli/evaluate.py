@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import (ForceResume, InputFiles, Limit, SkipInvalid, SummaryFile, app, command,
+from probllm.cli.app import (ForceResume, InputFiles, Limit, Seed, SkipInvalid, SummaryFile, app, command,
                              hidden_aliases)
 from probllm.cli.choices import Dtype, QuantMethod, value
 from probllm.cli.groups import uses
@@ -104,16 +104,24 @@ def quantize_command(
 
 @app.command("report")
 def report_command(
-    summaries: Annotated[list[str], typer.Argument(help="`eval --summary` JSON files, as LABEL=FILE or FILE.",
+    summaries: Annotated[list[str], typer.Argument(help="`eval --summary` JSON files or `eval` prediction files "
+                                                   "(JSONL), as LABEL=FILE or FILE; the first is the baseline.",
                                                    show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the markdown here.")] = None,
+    seed: Seed = 0,
+    resamples: Annotated[int, typer.Option("--resamples", help="Paired-bootstrap resamples for the 95% "
+                                           "intervals.", min=1)] = 10_000,
 ) -> None:
-    """Build the ablation table (markdown) from `eval --summary` files: one row per variant.
+    """Build the ablation table (markdown): one row per variant, each compared with the first on the same items.
+
+    Rows that scored the same items as the first get the paired difference in accuracy with a 95% bootstrap
+    interval (over items, seeded) and McNemar's exact p-value, and are marked where p < 0.05.
 
         probllm report base=runs/base.json dpo=runs/dpo.json 8-bit=runs/q8.json \\
             -o runs/ablation.md
+        probllm report base=base-preds.jsonl dpo=dpo-preds.jsonl --seed 1
     """
     from probllm.evaluate.report import run_report
 
     with command("report", quiet_summary=True):
-        run_report(summaries, output)
+        run_report(summaries, output, seed=seed, resamples=resamples)

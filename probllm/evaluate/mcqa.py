@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
@@ -415,9 +415,16 @@ class Summary:
         self.started = time.perf_counter()
         self.items = 0
         self.prior = 0  # items read back from a resumed --output: in the accuracy, not in the speed
+        # Per item: correct or not, keyed by item id (and occurrence), for `report`'s paired tests.
+        self.correct: dict[str, bool] = {}
+        self._occurrences: Counter = Counter()
 
     def add(self, rec: dict, item: Item) -> None:
+        from probllm.evaluate.output import item_key
+
         self.items += 1
+        key = item_key(rec, self._occurrences)
+        self.correct[key] = bool(rec["correct"])
         for key in (("overall", "all"), ("source", item.source), ("subject", item.subject)):
             g = self.groups[key]
             g["acc"].append(1.0 if rec["correct"] else 0.0)
@@ -444,6 +451,7 @@ class Summary:
             "overall": self._metrics(self.groups[("overall", "all")]) if self.items else {"items": 0},
             "by_source": {},
             "by_subject": {},
+            "item_correct": dict(self.correct),
         }
         for (kind, name), g in sorted(self.groups.items()):
             if kind == "source":

@@ -26,6 +26,15 @@ def record_key(rec: dict) -> str:
     return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def item_key(rec: dict, seen: Counter) -> str:
+    """The name of a scored item in a summary's `item_correct`: its `record_key`, plus `#n` for the n-th
+    repeat of that key in the input (counted in `seen`), so duplicated items stay apart."""
+    k = rec["id"] if isinstance(rec.get("id"), str) else record_key(rec)  # a string id as it is: readable
+    n = seen[k]
+    seen[k] += 1
+    return k if n == 0 else f"{k}#{n}"
+
+
 def occurrence_keys(records: Iterable[dict]) -> Iterator[tuple[str, int]]:
     """(key, n): the n-th record with this key (0-based), in the order given."""
     seen: Counter = Counter()
