@@ -179,8 +179,8 @@ class BenchmarkIndex:
         # Equal hashes stay, each with its item: an n-gram in several items, or (rarely) two n-grams whose hashes
         # collide; a hit is confirmed against every item that owns the hash.
         self.hashes, self.owners = h[order], o[order].astype(np.int32)
-        # 32 to 64 bytes per n-gram: a miss passes the bitmap with probability under 1/32.
-        self.bits = max(16, int(len(self.hashes) * 32).bit_length())
+        # 16 to 32 one-byte slots per n-gram (16 MB for a million): a miss passes with probability under 1/16.
+        self.bits = max(16, int(len(self.hashes) * 16).bit_length())
         self.bitmap = np.zeros(1 << self.bits, dtype=bool)
         self.bitmap[self.hashes >> np.uint64(64 - self.bits)] = True
         self._grams: dict[int, set[str]] = {}
