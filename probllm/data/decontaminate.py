@@ -5,12 +5,13 @@ ASCII punctuation is deleted (`don't` -> `dont`, `x-ray` -> `xray`), words are w
 training record is contaminated when one of its word 13-grams (`--ngram`) is also a 13-gram of a benchmark
 item's question followed by its options. A record's fields are checked one by one (no n-gram spans two fields).
 
-Speed: the benchmark side is a sorted array of 64-bit n-gram hashes (12 bytes per n-gram with its owner, so all
-of MMLU, ARC, GSM8K and MATH fit in tens of MB) behind a bitmap that rejects almost every miss with one memory
-read. The training side is hashed a batch at a time with numpy and no Python loop per word: the normalised
-texts of about a thousand records are joined into one byte string, words are hashed with prefix sums of a
-polynomial hash over the bytes, n-grams with prefix sums over the word hashes. A hash hit is confirmed on the
-words themselves before a record is dropped, so a hash collision can never drop a clean record.
+Speed: the benchmark side is a sorted array of 64-bit n-gram hashes (12 bytes per n-gram with its owner: the
+test sets of MMLU, ARC, GSM8K and MATH, about a million n-grams, take 12 MB) behind a table of one-byte slots that
+rejects almost every miss with one memory read. The training side is hashed a batch at a time with numpy and no
+Python loop per word: the texts of about a thousand records are joined and normalised in one call, word
+boundaries are found on the bytes, a word is hashed from its length and its first and last 8 bytes, an n-gram
+is a polynomial of its word hashes from prefix sums. A hash hit is confirmed on the words themselves before a
+record is dropped, so a hash collision can never drop a clean record.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from probllm.io import Record, RecordError, Stats, UsageError, log
+from probllm.io import Record, Stats, UsageError, log
 
 NGRAM = 13
 # Where the text of a pair or QA record lives; message lists (TRL conversational, ShareGPT) are read too.
