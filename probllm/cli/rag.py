@@ -186,24 +186,25 @@ def ask_command(
             raise UsageError("give either a QUESTION or --input records, not both")
         records = None
         if question is None:
-            from probllm.rag.ask import answered_keys, ask_provenance, skip_answered
+            from probllm.rag.ask import answered_keys, ask_provenance, refuse_mixed_output, skip_answered
 
-            provenance = ask_provenance(
-                backend=value(backend["backend"]), model=model, adapter=adapter, base_url=backend["base_url"],
-                dtype=dtype, device=device, index=index,
-                settings={"letter": letter, "top_k": k if index else None, "max_new_tokens": max_new_tokens,
-                          "temperature": temperature, "repetition_penalty": repetition_penalty, "seed": seed,
-                          "question_field": field, "context": None if index else context_field})
             records = read_records(files, stats=stats, skip_invalid=skip_invalid, limit=limit)
             if output is not None:
-                records = skip_answered(records, answered_keys(str(output), key, provenance, force_resume), key,
-                                        stats)
+                records = skip_answered(records, answered_keys(str(output), key), key, stats)
                 # Check first, load later: a rerun with everything answered loads no model and no index.
                 first = next(records, None)
                 if first is None:
                     log(f"probllm ask: every record is already in {output}; nothing to do")
                     return
                 records = itertools.chain([first], records)
+            provenance = ask_provenance(
+                backend=value(backend["backend"]), model=model, adapter=adapter, base_url=backend["base_url"],
+                dtype=dtype, device=device, index=index,
+                settings={"letter": letter, "top_k": k if index else None, "max_new_tokens": max_new_tokens,
+                          "temperature": temperature, "repetition_penalty": repetition_penalty, "seed": seed,
+                          "question_field": field, "context": None if index else context_field})
+            if output is not None:  # appending: only to answers of the same model, index and settings
+                refuse_mixed_output(str(output), provenance, force_resume)
         retriever = None
         if index:
             from probllm.rag.retrieve import Retriever

@@ -359,26 +359,29 @@ def ask_provenance(*, backend: str, model: str | None, adapter: str | None, base
         from probllm.rag.index import MANIFEST, read_manifest
 
         manifest = read_manifest(index)
-        if manifest is None:
-            raise UsageError(f"--index {index}: not an index folder (no {MANIFEST}): build it with `probllm index`")
-        digest = hashlib.sha256(Path(index, MANIFEST).read_bytes()).hexdigest()[:16]
-        prov["index"] = {"generation": manifest.get("generation"), "manifest": f"sha256:{digest}"}
+        if manifest is not None:  # (no index there: the retriever says so, before anything is written)
+            digest = hashlib.sha256(Path(index, MANIFEST).read_bytes()).hexdigest()[:16]
+            prov["index"] = {"generation": manifest.get("generation"), "manifest": f"sha256:{digest}"}
     return {**prov, **settings}
 
 
-def answered_keys(path: str, key: str, provenance: dict | None = None, force: bool = False) -> set:
+def answered_keys(path: str, key: str) -> set:
     """Keys of the records already in an `--output` file, for resuming. A last line cut short by a kill is
-    removed (its record is answered again); every complete line counts. With `provenance`, a file written by
-    another model, index or settings is refused (probllm/provenance.py) unless `force`."""
+    removed (its record is answered again); every complete line counts."""
     import json
 
     from probllm.io import read_complete
+
+    return {json.dumps(rec[key], sort_keys=True) for rec in read_complete(path) if key in rec}
+
+
+def refuse_mixed_output(path: str, provenance: dict, force: bool = False) -> None:
+    """Before appending to an `--output` file: refuse if its records came from another model, index or settings
+    (probllm/provenance.py), unless `force`."""
+    from probllm.io import read_complete
     from probllm.provenance import refuse_mixed_resume
 
-    records = read_complete(path)
-    if provenance is not None and records:
-        refuse_mixed_resume(path, records, provenance, force, "ask")
-    return {json.dumps(rec[key], sort_keys=True) for rec in records if key in rec}
+    refuse_mixed_resume(path, read_complete(path), provenance, force, "ask")
 
 
 def skip_answered(records: Iterable[Record], done: set, key: str, stats: Stats) -> Iterator[Record]:
