@@ -60,8 +60,10 @@ def summarise_predictions(path: str) -> dict:
             raise UsageError(str(e.locate(rec))) from None
         first = first or rec
     prov = first.get("provenance") or {}
-    return summary.as_dict(model=prov.get("model", "?"), model_id=prov.get("model_id"),
+    data = summary.as_dict(model=prov.get("model", "?"), model_id=prov.get("model_id"),
                            method=prov.get("method", first.get("method", "?")))
+    data["items_per_s"] = None  # predictions do not say how fast they were made (their summary does)
+    return data
 
 
 def mcnemar_exact(wins: int, losses: int) -> float:
