@@ -382,7 +382,7 @@ def run_decontaminate(files: list[str] | None, stats: Stats, *, against: list[st
         if not Path(path).expanduser().exists():
             raise UsageError(f"--against {path}: no such file or folder")
     index = load_benchmarks(against, ngram, skip_invalid)
-    log(f"probllm decontaminate: {len(index.items)} benchmark items, {index.size} distinct {ngram}-grams "
+    log(f"probllm decontaminate: {len(index.items)} benchmark items, {index.size} {ngram}-grams "
         f"(" + ", ".join(f"{b}: {k}" for b, k in index.items_per_benchmark.items()) + ")")
     worker = Decontaminator(index, tuple(fields or TEXT_FIELDS), flag)
     try:
