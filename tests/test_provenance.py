@@ -125,6 +125,15 @@ def test_response_cache_misses_when_base_url_changes(tmp_path):
         assert same.cache_hits == 1 and sum(one.seen.values()) == 1
         chats(backend(two), ["What is 2 + 2?"])  # same served name, another server: asked, not read back
         assert sum(two.seen.values()) == 1
+        # corrupt's pairs name the endpoint they came from, as the cache keys it.
+        src = tmp_path / "qa.jsonl"
+        src.write_text(json.dumps({"id": 1, "question": "What is 2 + 2?",
+                                   "answer": "It is 4, because two and two make four."}) + "\n")
+        result = CliRunner().invoke(app, ["corrupt", "--backend", "openai", "--model", "fake-model", "--base-url",
+                                          two.base_url, "--cache", str(cache), str(src)], catch_exceptions=False)
+        pairs = [json.loads(line) for line in result.stdout.splitlines()]
+        assert len(pairs) == 1, result.stderr
+        assert pairs[0]["corruption_model_id"] == f"endpoint:{two.base_url.rstrip('/')}#fake-model"
 
 
 def test_serve_with_adapter_lists_a_distinct_model_name(tiny_model_dir, tmp_path):
