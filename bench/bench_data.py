@@ -14,6 +14,10 @@ Measured:
 - a reference: a plain Python loop that parses and re-serialises each JSONL line (`json.loads`/`json.dumps`), the
   floor any JSONL command pays, so the ratio says what the command's own work costs.
 
+- `decontaminate` of generated preference pairs (prompt 40 words, chosen and rejected 60 each; 1% quote a
+  benchmark question and its options inside other words) against the four benchmarks' example files in
+  ../shared/examples (ARC Easy + Challenge dev and test slices, MMLU test + dev, GSM8K, MATH), converted by
+  `mcqify` first (not timed), with the same json loads+dumps reference on the pairs file.
 - `index` on generated markdown notes (headings, prose, fenced code, `$$` math, Liquid, front matter; one note
   per 100 records): cleaning, markdown parsing, chunking, embedding with the default embedder, hnswlib, SQLite.
 
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -110,6 +115,43 @@ def gen_posts_xml(path: Path, n: int, rng: random.Random) -> None:
         f.write("</posts>\n")
 
 
+SHARED_EXAMPLES = ROOT.parent / "shared" / "examples"
+# The four benchmarks' example files, each converted to MCQ records by mcqify (the --against files).
+BENCHMARKS = {
+    "arc": ["arc/ARC-Easy-Dev.jsonl", "arc/ARC-Challenge-Dev.jsonl", "arc/ARC-Challenge-test-hf-first20.jsonl"],
+    "mmlu": ["mmlu/test", "mmlu/dev"],
+    "gsm8k": ["gsm8k/test-first25.jsonl"],
+    "math": ["math/test"],
+}
+
+
+def convert_benchmarks(examples: Path, tmp: Path, py: str) -> list[Path]:
+    """mcqify each benchmark's example files into one MCQ file per benchmark (once, not timed)."""
+    out = []
+    for name, parts in BENCHMARKS.items():
+        path = tmp / f"{name}-mcq.jsonl"
+        with open(path, "w") as fh:
+            for part in parts:
+                subprocess.run([py, "-m", "probllm", "mcqify", "--source", name, str(examples / part)], cwd=ROOT,
+                               stdout=fh, stderr=subprocess.DEVNULL, check=True, env={**os.environ,
+                                                                                      "PYTHONPATH": str(ROOT)})
+        out.append(path)
+    return out
+
+
+def gen_pairs(path: Path, n: int, rng: random.Random, benchmarks: list[Path]) -> None:
+    """Preference pairs; every 100th prompt quotes a benchmark item (question + options) inside other words."""
+    items = [json.loads(line) for b in benchmarks for line in b.read_text().splitlines()]
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = sentence(rng, 40) + "?"
+            if i % 100 == 0:
+                item = items[rng.randrange(len(items))]
+                prompt = f"{sentence(rng, 10)}: {item['question']} {' '.join(item['choices'])} {sentence(rng, 10)}"
+            f.write(json.dumps({"id": i, "prompt": prompt, "chosen": sentence(rng, 60) + ".",
+                                "rejected": sentence(rng, 60) + "."}) + "\n")
+
+
 def gen_gsm8k(path: Path, n: int, rng: random.Random) -> None:
     with open(path, "w") as f:
         for i in range(n):
@@ -169,21 +211,26 @@ def extract_ref(ref: str, dest: Path) -> str:
     return sha
 
 
-def measure(cmd: list[str], tmp: Path, code: Path = ROOT) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one command (`python -m ...` or `python -c CODE ...`) in its own process,
-    running the probllm found in `code` (this checkout, or a baseline extracted by --baseline-ref)."""
+def measure(cmd: list[str], tmp: Path, code: Path = ROOT) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MB, CPU seconds) of one command (`python -m ...` or `python -c CODE ...`) in its own
+    process, running the probllm found in `code` (this checkout, or a baseline extracted by --baseline-ref).
+    CPU seconds (user + system, from the rusage of waited-for children) say what one core does even when other
+    jobs share the machine and stretch the wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(code)}
     hwm_file = tmp / "hwm"
     hwm_file.unlink(missing_ok=True)
     wrapped = [cmd[0], "-c", HWM_WRAPPER, str(hwm_file), *cmd[1:]]
     with open(os.devnull, "wb") as devnull:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(wrapped, stdout=devnull, stderr=subprocess.PIPE, cwd=code, env=env)
         elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0 or not hwm_file.exists():
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr.decode()[-2000:]}")
-    return elapsed, int(hwm_file.read_text()) / 1024
+    return elapsed, int(hwm_file.read_text()) / 1024, cpu
 
 
 def main() -> None:
@@ -196,6 +243,8 @@ def main() -> None:
     ap.add_argument("--baseline-ref", default=None, help="also run the code of this commit (e.g. c7b2861) and "
                                                           "print new/old time ratios")
     ap.add_argument("--repeats", type=int, default=1, help="runs per case and code; the fastest is kept")
+    ap.add_argument("--examples", default=str(SHARED_EXAMPLES), help="the shared benchmark examples (for the "
+                                                                     "decontaminate case)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     wanted = [w for w in args.only.split(",") if w]
@@ -207,14 +256,16 @@ def main() -> None:
         if args.baseline_ref:
             sha = extract_ref(args.baseline_ref, tmp / "baseline")
             codes = [(f"old {sha}", tmp / "baseline"), ("new", ROOT)]
+        def runs(name: str) -> bool:
+            return not wanted or any(w in name for w in wanted)
+
+        benchmarks = convert_benchmarks(Path(args.examples), tmp, py) if runs("decontaminate (pairs)") else []
+        against = [a for b in benchmarks for a in ("--against", str(b))]
         for n in sizes:
             rng = random.Random(args.seed)
             hf, xml, gsm = tmp / f"se-{n}.jsonl", tmp / f"Posts-{n}.xml", tmp / f"gsm8k-{n}.jsonl"
+            pairs = tmp / f"pairs-{n}.jsonl"
             notes = tmp / f"notes-{n}"
-            gen_hf(hf, n, rng)
-            gen_posts_xml(xml, n, rng)
-            gen_gsm8k(gsm, n, rng)
-            gen_notes(notes, max(1, n // 100), rng)
             cases = [
                 ("pair-stackexchange (HF jsonl)", hf, ["-m", "probllm", "pair-stackexchange", str(hf)]),
                 ("reference: json loads+dumps (HF jsonl)", hf, ["-c", REFERENCE, str(hf)]),
@@ -222,30 +273,46 @@ def main() -> None:
                                                          "math.stackexchange.com", str(xml)]),
                 ("mcqify --source gsm8k", gsm, ["-m", "probllm", "mcqify", "--source", "gsm8k", str(gsm)]),
                 ("reference: json loads+dumps (gsm8k)", gsm, ["-c", REFERENCE, str(gsm)]),
+                ("decontaminate (pairs)", pairs, ["-m", "probllm", "decontaminate", *against, str(pairs)]),
+                ("reference: json loads+dumps (pairs)", pairs, ["-c", REFERENCE, str(pairs)]),
+                # probllm.io's read + write with no work (split keeping everything): the JSONL contract's floor
+                ("reference: probllm io pass-through (pairs)", pairs, ["-m", "probllm", "split", "--part", "train",
+                                                                      "--test-fraction", "0", str(pairs)]),
                 ("index (markdown notes)", notes, ["-m", "probllm", "index", str(notes), "--out", "{index}"]),
             ]
+            cases = [c for c in cases if runs(c[0])]
+            # Only the inputs of the cases that run are generated (Posts.xml at 200k is 570 MB).
+            inputs = {c[1] for c in cases}
+            if hf in inputs:
+                gen_hf(hf, n, rng)
+            if xml in inputs:
+                gen_posts_xml(xml, n, rng)
+            if gsm in inputs:
+                gen_gsm8k(gsm, n, rng)
+            if pairs in inputs:
+                gen_pairs(pairs, n, rng, benchmarks)
+            if notes in inputs:
+                gen_notes(notes, max(1, n // 100), rng)
             for name, path, argv in cases:
-                if wanted and not any(w in name for w in wanted):
-                    continue
                 sides = codes[-1:] if name.startswith("reference") else codes
-                best: dict[str, tuple[float, float]] = {}
+                best: dict[str, tuple[float, float, float]] = {}
                 for rep in range(args.repeats):
                     for label, code in sides:  # alternate old and new, so a busy moment hits both alike
                         index_dir = tmp / f"index-{n}-{rep}-{label.split()[0]}"  # fresh: no incremental reuse
                         cmd = [py] + [a.replace("{index}", str(index_dir)) for a in argv]
-                        seconds, rss = measure(cmd, tmp, code)
+                        seconds, rss, cpu = measure(cmd, tmp, code)
                         shutil.rmtree(index_dir, ignore_errors=True)
                         if label not in best or seconds < best[label][0]:
-                            best[label] = (seconds, rss)
+                            best[label] = (seconds, rss, cpu)
                 mb = input_mb(path)
                 for label, _ in sides:
-                    seconds, rss = best[label]
-                    rows.append((name, label, n, mb, seconds, n / seconds, mb / seconds, rss))
-                    print(f"{name:38s} {label:12s} {n:>8d} records {mb:8.1f} MB {seconds:7.2f} s {rss:7.1f} MB peak",
-                          file=sys.stderr, flush=True)
-            for p in (hf, xml, gsm):
-                p.unlink()
-            shutil.rmtree(notes)
+                    seconds, rss, cpu = best[label]
+                    rows.append((name, label, n, mb, seconds, n / seconds, mb / seconds, rss, cpu))
+                    print(f"{name:38s} {label:12s} {n:>8d} records {mb:8.1f} MB {seconds:7.2f} s {rss:7.1f} MB peak "
+                          f"{cpu:7.2f} CPU s", file=sys.stderr, flush=True)
+            for p in (hf, xml, gsm, pairs):
+                p.unlink(missing_ok=True)
+            shutil.rmtree(notes, ignore_errors=True)
     table = render(rows, args.seed, bool(args.baseline_ref))
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -259,23 +326,39 @@ def input_mb(path: Path) -> float:
 
 
 def render(rows: list[tuple], seed: int, compare: bool) -> str:
-    ref = {(name.split("(")[-1].rstrip(")"), n): rps for name, label, n, _, _, rps, _, _ in rows
-           if name.startswith("ref")}
+    ref = {(name.split("(")[-1].rstrip(")"), n): rps for name, label, n, _, _, rps, _, _, _ in rows
+           if name.startswith("reference: json")}
     lines = [
         f"Generated inputs, seed {seed}; one process per measurement (CLI start-up included); "
         f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}.",
         "",
-        "| command | code | records | input MB | seconds | records/s | MB/s | peak RSS MB | vs json loads+dumps |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| command | code | records | input MB | seconds | records/s | MB/s | peak RSS MB | CPU s | "
+        "vs json loads+dumps |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, label, n, mb, seconds, rps, mbps, rss in rows:
-        kind = "gsm8k" if "gsm8k" in name else "HF jsonl"
+    for name, label, n, mb, seconds, rps, mbps, rss, cpu in rows:
+        kind = "gsm8k" if "gsm8k" in name else "pairs" if "pairs" in name else "HF jsonl"
         skip_ratio = name.startswith(("ref", "index")) or "xml" in name or (kind, n) not in ref
         ratio = "" if skip_ratio else f"{ref[(kind, n)] / rps:.1f}x slower"
         lines.append(f"| {name} | {label} | {n:,} | {mb:.2f} | {seconds:.2f} | {rps:,.0f} | {mbps:.1f} | {rss:.0f} "
-                     f"| {ratio} |")
+                     f"| {cpu:.2f} | {ratio} |")
+    # Start-up (interpreter, imports, for decontaminate the benchmark index) is paid once per run: the rate
+    # between the smallest and the largest input is what a large input sees.
+    spans: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for name, label, n, _, seconds, _, _, _, cpu in rows:
+        spans.setdefault((name, label), []).append((n, seconds, cpu))
+    steady = [(name, label, min(v), max(v)) for (name, label), v in spans.items() if len(v) > 1]
+    if steady:
+        lines += ["", "Beyond start-up: records/s between the smallest and the largest input "
+                      "((n_max - n_min) / (t_max - t_min)), by the clock and per CPU-second of the process:", "",
+                  "| command | code | start-up s (extrapolated) | records/s | records per CPU-second |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for name, label, (n0, t0, c0), (n1, t1, c1) in steady:
+            rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("inf")
+            per_cpu = (n1 - n0) / (c1 - c0) if c1 > c0 else float("inf")
+            lines.append(f"| {name} | {label} | {t0 - n0 / rate:.2f} | {rate:,.0f} | {per_cpu:,.0f} |")
     if compare:
-        times = {(name, label.split()[0], n): seconds for name, label, n, _, seconds, _, _, _ in rows}
+        times = {(name, label.split()[0], n): seconds for name, label, n, _, seconds, _, _, _, _ in rows}
         lines += ["", "New code against the baseline (fastest run of each; below 1.00 the new code is faster):", "",
                   "| command | records | old s | new s | new / old |", "| --- | ---: | ---: | ---: | ---: |"]
         for (name, side, n), new in times.items():

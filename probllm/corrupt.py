@@ -276,7 +276,9 @@ async def _corrupt_one(rec: Record, backend, config: BackendConfig, opts: Corrup
             messages = retry_messages(messages, op, out, reason)
         if reason is not None:
             return _Outcome(rec, rejected=reason, ops=ops)
-    return _Outcome(rec, pair=make_pair(rec, question, answer, text, ops, opts, label), ops=ops)
+    pair = make_pair(rec, question, answer, text, ops, opts, label)
+    pair["corruption_model_id"] = backend.identity  # what the response cache keys on (probllm/models.py)
+    return _Outcome(rec, pair=pair, ops=ops)
 
 
 def _rules_outcomes(records: Iterable[Record], opts: CorruptOptions, rules) -> Iterator[_Outcome]:

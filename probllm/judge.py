@@ -368,7 +368,8 @@ async def _judge_one(rec: Record, backend, config: BackendConfig, opts: JudgeOpt
     question = require(rec, opts.question_field)
     ref = rec.get(opts.reference_field)
     ref = ref if isinstance(ref, str) and ref.strip() else None
-    out = {**rec, "judge_model": label, "judge_mode": opts.mode, "reference_guided": ref is not None}
+    out = {**rec, "judge_model": label, "judge_model_id": backend.identity, "judge_mode": opts.mode,
+           "reference_guided": ref is not None}
     seed = opts.seed
     try:
         if opts.mode == "pairwise":

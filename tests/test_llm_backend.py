@@ -12,6 +12,7 @@ from probllm.lm.base import Cached, Retrying, RetryPolicy
 from probllm.lm.cache import ResponseCache, request_key
 from fake_server import ChatServer, body_hash, last_user_text
 from probllm.lm.openai_backend import OpenAIBackend
+from probllm.models import endpoint_identity
 
 PARAMS = {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 
@@ -105,9 +106,10 @@ def test_cache_hit_sends_nothing_and_identical_requests_share_one_call(tmp_path)
         again = run_all(backend_for(server, cache=ResponseCache(path)), ["a", "b", "a", "a"])
         assert again == first and sum(server.seen.values()) == 0
         # A change in a generation parameter is a different request.
-        key_a = request_key("openai", "fake-model", user("a"), PARAMS)
+        served = endpoint_identity(server.base_url, "fake-model").id  # the key names the endpoint too
+        key_a = request_key("openai", served, user("a"), PARAMS)
         assert key_a in ResponseCache(path).keys()
-        assert request_key("openai", "fake-model", user("a"), {**PARAMS, "seed": 1}) != key_a
+        assert request_key("openai", served, user("a"), {**PARAMS, "seed": 1}) != key_a
 
 
 def test_failures_are_not_cached(tmp_path):

@@ -20,6 +20,7 @@ from probllm.lm import BackendConfig
 from probllm.lm.cache import request_key
 from fake_server import ChatServer, last_user_text
 from probllm.lm.rules import remove, substitute
+from probllm.models import endpoint_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "qa.jsonl"
@@ -170,9 +171,9 @@ def _cache_keys(path: Path) -> set[str]:
         db.close()
 
 
-def _key_of_body(body: dict) -> str:
+def _key_of_body(body: dict, base_url: str) -> str:
     params = {k: body[k] for k in ("max_tokens", "temperature", "top_p", "seed")}
-    return request_key("openai", body["model"], body["messages"], params)
+    return request_key("openai", endpoint_identity(base_url, body["model"]).id, body["messages"], params)
 
 
 def test_kill_9_and_restart_resends_nothing_loses_nothing(tmp_path):
@@ -212,7 +213,7 @@ def test_kill_9_and_restart_resends_nothing_loses_nothing(tmp_path):
         final = tmp_path / "final.jsonl"
         proc = start(server, cache, final)
         assert proc.wait(60) == 0, proc.stderr.read().decode()
-        resent = {_key_of_body(b) for b in server.bodies.values()} & cached_before
+        resent = {_key_of_body(b, server.base_url) for b in server.bodies.values()} & cached_before
         assert resent == set()                                   # nothing that had succeeded was sent again
         assert sum(server.succeeded.values()) == total_requests - len(cached_before)
         assert final.read_text() == reference.read_text()        # nothing missing, nothing duplicated, same order

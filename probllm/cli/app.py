@@ -251,6 +251,10 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice:
 SummaryFile = Annotated[
     Optional[Path], typer.Option("--summary", help="Also write the run's summary as JSON to this file.")
 ]
+ForceResume = Annotated[
+    bool, typer.Option("--force-resume", help="Resume --output even though it was written by another model or "
+                                              "other settings (refused otherwise: results would be mixed).")
+]
 
 
 def _version(value: bool) -> None:

@@ -1,4 +1,5 @@
-"""Commands of the data family: load, pair-annotated, pair-stackexchange, mcqify, split (logic in probllm/data)."""
+"""Commands of the data family: load, pair-annotated, pair-stackexchange, mcqify, split, decontaminate (logic in
+probllm/data)."""
 
 from __future__ import annotations
 
@@ -232,3 +233,40 @@ def split_command(
         splitter = Splitter(test_fraction, value(part), seed, key)
         records = read_records(files, stats, skip_invalid, limit=limit)
         write_records(map_records(records, splitter, stats, skip_invalid), stats)
+
+
+@app.command("decontaminate")
+def decontaminate_command(
+    files: InputFiles = None,
+    against: Annotated[list[str], typer.Option("--against", help="Benchmark file or folder: MCQ records from "
+                                               "`mcqify`, or the raw benchmark (ARC/GSM8K JSONL, MATH JSON, "
+                                               "MMLU CSV). Repeat for several.", show_default=False)] = None,
+    ngram: Annotated[int, typer.Option("--ngram", help="Words in a shared n-gram that marks contamination "
+                                       "(13: lm-eval and GPT-3).", min=1)] = 13,
+    flag: Annotated[bool, typer.Option("--flag", help="Keep every record; add `contamination` (benchmark, item "
+                                       "id, field, shared n-gram) to those that overlap, instead of dropping "
+                                       "them.")] = False,
+    fields: Annotated[Optional[list[str]], typer.Option("--field", help="Record field to check (repeat); "
+                                                        "default: prompt, question, chosen, rejected, answer, "
+                                                        "conversations, messages.", show_default=False)] = None,
+    limit: Limit = None,
+    summary: SummaryFile = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Drop training records (pairs, QA) that share a word 13-gram with a benchmark question and its options.
+
+    Text is lower-cased and stripped of punctuation first, as lm-eval's decontamination does; the count of
+    records that overlap each benchmark goes to stderr. Streams.
+
+        probllm decontaminate --against examples/arc.jsonl \\
+            --against examples/mmlu examples/stackexchange.jsonl
+        probllm mcqify --source gsm8k examples/gsm8k.jsonl > gsm8k-mcq.jsonl
+        probllm pair-stackexchange examples/stackexchange.jsonl \\
+            | probllm decontaminate --against gsm8k-mcq.jsonl --flag \\
+            | jq -c 'select(.contamination)'
+    """
+    from probllm.data.decontaminate import run_decontaminate
+
+    with command("decontaminate", summary) as stats:
+        run_decontaminate(files, stats, against=list(against or []), ngram=ngram, fields=fields, flag=flag,
+                          skip_invalid=skip_invalid, limit=limit)

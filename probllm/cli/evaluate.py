@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputFiles, Limit, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.app import (ForceResume, InputFiles, Limit, Seed, SkipInvalid, SummaryFile, app, command,
+                             hidden_aliases)
 from probllm.cli.choices import Dtype, QuantMethod, value
 from probllm.cli.groups import uses
 from probllm.cli.options import ENDPOINT, EVAL, LOCAL_MODEL, backend_config
@@ -28,7 +29,9 @@ def eval_command(
     limit: Limit = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Append predictions to this file "
                                                    "instead of stdout, as they are scored; run again to resume "
-                                                   "(items already there are skipped).")] = None,
+                                                   "(items already there are skipped, if the same model and "
+                                                   "settings wrote them).")] = None,
+    force_resume: ForceResume = False,
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Shard the items across N "
                                                "processes (CPU threads split between them); one ordered output. "
                                                "`accelerate launch -m probllm eval` works too.")] = 1,
@@ -57,7 +60,7 @@ def eval_command(
                             batch_size=settings["batch_size"], dtype=settings["dtype"], device=settings["device"])
     with command("eval", summary) as stats:
         run_eval(files, stats, **settings, limit=limit, skip_invalid=skip_invalid, backend=config,
-                 output=str(output) if output else None, num_processes=num_processes)
+                 output=str(output) if output else None, force_resume=force_resume, num_processes=num_processes)
 
 
 @app.command("quantize")
@@ -101,16 +104,24 @@ def quantize_command(
 
 @app.command("report")
 def report_command(
-    summaries: Annotated[list[str], typer.Argument(help="`eval --summary` JSON files, as LABEL=FILE or FILE.",
+    summaries: Annotated[list[str], typer.Argument(help="`eval --summary` JSON files or `eval` prediction files "
+                                                   "(JSONL), as LABEL=FILE or FILE; the first is the baseline.",
                                                    show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the markdown here.")] = None,
+    seed: Seed = 0,
+    resamples: Annotated[int, typer.Option("--resamples", help="Paired-bootstrap resamples for the 95% "
+                                           "intervals.", min=1)] = 10_000,
 ) -> None:
-    """Build the ablation table (markdown) from `eval --summary` files: one row per variant.
+    """Build the ablation table (markdown): one row per variant, each compared with the first on the same items.
+
+    Rows that scored the same items as the first get the paired difference in accuracy with a 95% bootstrap
+    interval (over items, seeded) and McNemar's exact p-value, and are marked where p < 0.05.
 
         probllm report base=runs/base.json dpo=runs/dpo.json 8-bit=runs/q8.json \\
             -o runs/ablation.md
+        probllm report base=base-preds.jsonl dpo=dpo-preds.jsonl --seed 1
     """
     from probllm.evaluate.report import run_report
 
     with command("report", quiet_summary=True):
-        run_report(summaries, output)
+        run_report(summaries, output, seed=seed, resamples=resamples)

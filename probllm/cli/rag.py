@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.app import (ForceResume, InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command,
+                             hidden_aliases)
 from probllm.cli.choices import Dtype, LetterMethod, value
 from probllm.cli.groups import uses
 from probllm.cli.options import ENDPOINT, backend_config
@@ -146,6 +147,7 @@ def ask_command(
                                                    "file instead of stdout; run again to resume (records whose "
                                                    "--key is already there are skipped).")] = None,
     key: Annotated[str, typer.Option("--key", help="With --output: the field that names a record.")] = "id",
+    force_resume: ForceResume = False,
     embedder: EmbedderOpt = None,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: float32 on CPU.")] = Dtype.auto,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
@@ -184,7 +186,7 @@ def ask_command(
             raise UsageError("give either a QUESTION or --input records, not both")
         records = None
         if question is None:
-            from probllm.rag.ask import answered_keys, skip_answered
+            from probllm.rag.ask import answered_keys, ask_provenance, refuse_mixed_output, skip_answered
 
             records = read_records(files, stats=stats, skip_invalid=skip_invalid, limit=limit)
             if output is not None:
@@ -195,6 +197,14 @@ def ask_command(
                     log(f"probllm ask: every record is already in {output}; nothing to do")
                     return
                 records = itertools.chain([first], records)
+            provenance = ask_provenance(
+                backend=value(backend["backend"]), model=model, adapter=adapter, base_url=backend["base_url"],
+                dtype=dtype, device=device, index=index,
+                settings={"letter": letter, "top_k": k if index else None, "max_new_tokens": max_new_tokens,
+                          "temperature": temperature, "repetition_penalty": repetition_penalty, "seed": seed,
+                          "question_field": field, "context": None if index else context_field})
+            if output is not None:  # appending: only to answers of the same model, index and settings
+                refuse_mixed_output(str(output), provenance, force_resume)
         retriever = None
         if index:
             from probllm.rag.retrieve import Retriever
@@ -224,11 +234,13 @@ def ask_command(
             sys.stdout.write("\n")
             stats.written = 1
         else:
+            from probllm.provenance import stamp
             from probllm.rag.ask import append_records
 
-            answers = ask_records(records, generator, stats, retriever=retriever, field=field,
-                                  context_field=context_field, k=k, max_new_tokens=max_new_tokens,
-                                  letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid)
+            answers = stamp(ask_records(records, generator, stats, retriever=retriever, field=field,
+                                        context_field=context_field, k=k, max_new_tokens=max_new_tokens,
+                                        letter_method=letter, batch_size=batch_size, skip_invalid=skip_invalid),
+                            provenance)
             if output is not None:
                 append_records(answers, str(output), stats)
             else:

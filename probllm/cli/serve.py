@@ -54,7 +54,8 @@ def serve_command(
     workers: Annotated[int, typer.Option("--workers", help="Server processes (with --backend openai, where the "
                                          "upstream does the heavy work).", min=1)] = 1,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model name clients "
-                                                             "send (default: the model's label; with --backend "
+                                                             "send (default: the model's label, with the adapter's: "
+                                                             "MODEL+ADAPTER; with --backend "
                                                              "openai, --model).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Most requests generated together (local).",
                                             min=1)] = 8,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
@@ -415,9 +415,16 @@ class Summary:
         self.started = time.perf_counter()
         self.items = 0
         self.prior = 0  # items read back from a resumed --output: in the accuracy, not in the speed
+        # Per item: correct or not, keyed by item id (and occurrence), for `report`'s paired tests.
+        self.correct: dict[str, bool] = {}
+        self._occurrences: Counter = Counter()
 
     def add(self, rec: dict, item: Item) -> None:
+        from probllm.evaluate.output import item_key
+
         self.items += 1
+        key = item_key(rec, self._occurrences)
+        self.correct[key] = bool(rec["correct"])
         for key in (("overall", "all"), ("source", item.source), ("subject", item.subject)):
             g = self.groups[key]
             g["acc"].append(1.0 if rec["correct"] else 0.0)
@@ -444,6 +451,7 @@ class Summary:
             "overall": self._metrics(self.groups[("overall", "all")]) if self.items else {"items": 0},
             "by_source": {},
             "by_subject": {},
+            "item_correct": dict(self.correct),
         }
         for (kind, name), g in sorted(self.groups.items()):
             if kind == "source":
@@ -504,6 +512,7 @@ def run_eval(
     device: str = "auto",
     skip_invalid: bool = False,
     output: str | None = None,
+    force_resume: bool = False,
     num_processes: int = 1,
     argv: list[str] | None = None,
     backend=None,
@@ -513,7 +522,8 @@ def run_eval(
 
     `backend` (a `probllm.lm.BackendConfig`) with `backend="openai"` scores a served model instead of loading
     one (see lm_scorer.py); `hf` (the default) loads the model here. `output`: append to this file instead of
-    stdout, skipping what it already holds (resume); `num_processes` (with the command line `argv` to start the
+    stdout, skipping what it already holds (resume), which must have been written by the same model and settings
+    (`eval_provenance`) unless `force_resume`; `num_processes` (with the command line `argv` to start the
     others) or a launcher's environment: shard across processes."""
     import sys
 
@@ -552,7 +562,8 @@ def run_eval(
             raise UsageError("several processes (accelerate/torchrun) read the same records: give input files, "
                              "or use --num-processes, which shares stdin")
         result = _run_eval(files, stats, options, shard, model=model, adapter=adapter, dtype=dtype, device=device,
-                           limit=limit, skip_invalid=skip_invalid, output=output, backend=backend)
+                           limit=limit, skip_invalid=skip_invalid, output=output, force_resume=force_resume,
+                           backend=backend)
         failed = False
         return result
     finally:
@@ -580,11 +591,39 @@ def _note_dtype(model, device: str, main: bool) -> None:
             "in the 2nd-3rd decimal, so near-tied predictions can change (log-softmax is still taken in float32)")
 
 
+def eval_provenance(options: EvalOptions, *, model: str | None, adapter: str | None, dtype: str, device: str,
+                    backend=None) -> dict:
+    """What decides an `eval` prediction: the model's identity and the settings that change scores or answers
+    (not the batch size, the device or the number of processes, which only change how fast). Written in every
+    prediction record; a resume of `-o FILE` requires the same."""
+    import hashlib
+    import json
+
+    from probllm.models import device_name, endpoint_identity, model_identity, resolve_dtype
+
+    if backend is not None and backend.backend == "openai":
+        prov = endpoint_identity(backend.base_url, backend.model or "").as_dict()
+    else:
+        prov = {**model_identity(model, adapter).as_dict(),
+                "dtype": str(resolve_dtype(dtype, device_name(device))).replace("torch.", "")}
+    prov.update(method=options.method, template=options.template, shots=options.shots,
+                chat_template=options.chat_template, context=options.context_field)
+    if options.context_field:
+        prov["max_passages"] = options.max_passages
+    if options.method == "generate":
+        prov["max_new_tokens"] = options.max_new_tokens
+    if options.shots:  # the examples themselves: another --dev file is another prompt
+        dev = json.dumps([[d.question, d.choices, d.gold, d.subject] for d in options.dev], ensure_ascii=False)
+        prov["dev"] = "sha256:" + hashlib.sha256(dev.encode()).hexdigest()[:16]
+    return prov
+
+
 def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapter, dtype, device, limit,
-              skip_invalid, output, backend=None) -> dict:
+              skip_invalid, output, force_resume=False, backend=None) -> dict:
     from probllm.evaluate.output import ResumableOutput
-    from probllm.io import log, progress, read_records, write_records
+    from probllm.io import UsageError, log, progress, read_records, write_records
     from probllm.models import load_model, load_tokenizer, model_label
+    from probllm.provenance import stamp
 
     main = shard is None or shard.is_main
     if shard is not None and device in ("auto", "cuda"):
@@ -593,13 +632,18 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
         if torch.cuda.is_available():
             device = f"cuda:{shard.local_rank}"  # one GPU per process, as accelerate/torchrun lay them out
     summary = Summary()
+    provenance = eval_provenance(options, model=model, adapter=adapter, dtype=dtype, device=device, backend=backend)
     resume = None
     if output is not None:
-        # Process 0 reads (and repairs) the file; every process skips the same records, so shards stay aligned.
+        # Process 0 reads (and repairs) the file and checks who wrote it; every process skips the same records
+        # (so shards stay aligned) and stops on a refusal (so none waits for the others forever).
         resume = ResumableOutput(output) if main else None
+        refusal = resume.refusal(provenance, force_resume) if main else None
         if shard is not None:
-            done = shard.broadcast(resume.done if main else None)
+            done, refusal = shard.broadcast((resume.done, refusal) if main else None)
             resume = resume or ResumableOutput(output, done=done)
+        if refusal:
+            raise UsageError(refusal)
         for rec in resume.existing() if main else []:
             try:
                 summary.add(rec, parse_item(rec, options.context_field, options.max_passages))
@@ -617,19 +661,18 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
                              "applies its template to chats only; score plain prompts, or use --method generate")
         backend.no_cache = True  # scores are cheap to ask again and must reflect the model served now
         scorer = LMScorer(make_backend(backend), backend.model or "")
-        described = {"model": backend.model, "backend": "openai", "base_url": backend.base_url}
+        described = {"model": backend.model, "model_id": provenance["model_id"], "backend": "openai",
+                     "base_url": backend.base_url}
     else:
         import torch
 
         lm = load_model(model, adapter=adapter, dtype=dtype, device=device)
         tok = load_tokenizer(model)
         if options.chat_template and not getattr(tok, "chat_template", None):
-            from probllm.io import UsageError
-
             raise UsageError("--chat-template: this model's tokenizer has no chat template")
         scorer = Scorer(lm, tok)
         _note_dtype(lm, scorer.device, main)
-        described = {"model": model_label(model), "adapter": adapter,
+        described = {"model": model_label(model), "model_id": provenance["model_id"], "adapter": adapter,
                      "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "device": scorer.device,
                      "threads": torch.get_num_threads(), "processes": shard.world if shard else 1}
     load_s = time.perf_counter() - t0
@@ -641,8 +684,8 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
         records = resume.skip_done(records, stats)
     try:
         with progress("eval") as advance:
-            predictions = evaluate_records(records, scorer, options, stats, summary, skip_invalid,
-                                           advance if main else None, shard=shard)
+            predictions = stamp(evaluate_records(records, scorer, options, stats, summary, skip_invalid,
+                                                 advance if main else None, shard=shard), provenance)
             if not main:
                 for _ in predictions:  # other processes score their share; process 0 writes
                     pass

@@ -2,7 +2,9 @@
 
 A prediction is known by its record's `id` (else a hash of its question and choices) and by which occurrence of
 that key it is in the input, so duplicated items (the official MMLU test set has some) are each kept once.
-A last line cut short by a kill is dropped (its item is scored again). When a run completes, a file that was
+A last line cut short by a kill is dropped (its item is scored again). Every prediction carries its
+`provenance` (model identity and scoring settings); a file written by another model or other settings is not
+resumed (probllm/provenance.py). When a run completes, a file that was
 resumed is rewritten (atomically) in input order, so an interruption leaves no trace in the final file.
 """
 
@@ -22,6 +24,15 @@ def record_key(rec: dict) -> str:
         return json.dumps(rec["id"], sort_keys=True, ensure_ascii=False)
     text = json.dumps([rec.get("question"), rec.get("choices")], sort_keys=True, ensure_ascii=False)
     return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def item_key(rec: dict, seen: Counter) -> str:
+    """The name of a scored item in a summary's `item_correct`: its `record_key`, plus `#n` for the n-th
+    repeat of that key in the input (counted in `seen`), so duplicated items stay apart."""
+    k = rec["id"] if isinstance(rec.get("id"), str) else record_key(rec)  # a string id as it is: readable
+    n = seen[k]
+    seen[k] += 1
+    return k if n == 0 else f"{k}#{n}"
 
 
 def occurrence_keys(records: Iterable[dict]) -> Iterator[tuple[str, int]]:
@@ -46,6 +57,12 @@ class ResumableOutput:
 
     def existing(self) -> list[dict]:
         return read_complete(self.path)
+
+    def refusal(self, provenance: dict, force: bool) -> str | None:
+        """Why this file may not be resumed by a run that writes `provenance` (None: it may)."""
+        from probllm.provenance import check_resume
+
+        return check_resume(self.path, self.existing(), provenance, force, "eval") if self.resumed else None
 
     def skip_done(self, records: Iterable[Record], stats: Stats) -> Iterator[Record]:
         seen: Counter = Counter()

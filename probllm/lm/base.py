@@ -112,6 +112,12 @@ class LM:
         """Log-likelihood of each option as the start of the assistant's reply to `messages` (after `prefix`)."""
         raise FatalBackendError(f"the {self.name} backend cannot score a chat reply's options")
 
+    @property
+    def identity(self) -> str:
+        """What produced an answer, as the response cache keys it: the model's content identity or the endpoint
+        and served name (`probllm.models.ModelIdentity.id`), plus backend settings that change the numbers."""
+        return self.model
+
     def counts(self) -> dict:
         return {"requests": self.requests}
 
@@ -127,6 +133,7 @@ class Wrapper(LM):
 
     name = property(lambda self: self.inner.name)
     model = property(lambda self: self.inner.model)
+    identity = property(lambda self: self.inner.identity)
     capabilities = property(lambda self: self.inner.capabilities)
 
     def __getattr__(self, attr):  # backend-specific attributes (batches, tokenizer...) stay reachable
@@ -253,8 +260,9 @@ class Cached(Wrapper):
     async def _cached(self, kind: str, payload: Any, params: dict, fn: Callable[[], Awaitable[Any]]) -> Any:
         from probllm.lm.cache import request_key
 
-        # Chats keep the key they always had (messages + params), so caches of earlier runs stay valid.
-        key = request_key(self.inner.name, self.inner.model, payload,
+        # Keyed by the model's identity, not its name: a folder retrained in place, another adapter or another
+        # --base-url serving the same model name are other models, whose answers must not be read back.
+        key = request_key(self.inner.name, self.inner.identity, payload,
                           params if kind == "chat" else {**params, "kind": kind})
         hit = self.cache.get(key)
         if hit is not None:
@@ -285,10 +293,9 @@ class Cached(Wrapper):
         return [tuple(x) for x in out]
 
     async def choose(self, messages, options, prefix=""):
-        # The key of earlier runs: messages + {"choose", "prefix"}.
         from probllm.lm.cache import request_key
 
-        key = request_key(self.inner.name, self.inner.model, messages, {"choose": options, "prefix": prefix})
+        key = request_key(self.inner.name, self.inner.identity, messages, {"choose": options, "prefix": prefix})
         hit = self.cache.get(key)
         if hit is not None:
             self.cache_hits += 1

@@ -1,7 +1,9 @@
 """A response cache on disk: what makes re-runs free and `kill -9` harmless.
 
-One SQLite file in WAL mode, one row per successful completion, keyed by the sha256 of (backend, model, messages,
-generation parameters). Each answer is committed as soon as it arrives, so a process killed at any point loses
+One SQLite file in WAL mode, one row per successful completion, keyed by the sha256 of (backend, model identity,
+messages, generation parameters). The identity (`LM.identity`: the content hash of a local model's weights and
+adapter, or an endpoint's base URL and served name) is what makes a hit mean "this model said this": a folder
+retrained in place or another server behind the same model name misses. Each answer is committed as soon as it arrives, so a process killed at any point loses
 only the requests that were in flight; the next run finds everything else and sends nothing twice. WAL lets
 several runs (or a reader) share one file.
 """
@@ -21,9 +23,9 @@ def default_cache_path() -> Path:
     return cache_dir() / "llm-cache.sqlite"
 
 
-def request_key(backend: str, model: str, messages: list[dict], params: dict) -> str:
+def request_key(backend: str, identity: str, messages: list[dict], params: dict) -> str:
     """A stable hash of everything that decides a completion (JSON with sorted keys: dict order never matters)."""
-    doc = {"backend": backend, "model": model, "messages": messages, "params": params}
+    doc = {"backend": backend, "model": identity, "messages": messages, "params": params}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -160,8 +160,7 @@ class HFLM(LM):
                  trust_remote_code: bool = False, spare_core_when_batched: bool = False, **_ignored):
         from probllm.models import model_label
 
-        label = model_label(model) + (f"+adapter:{adapter.rstrip('/')}" if adapter else "")
-        super().__init__(label)
+        super().__init__(model_label(model, adapter))
         self.model_name = model
         self.adapter = adapter
         self.batch_size = max(1, batch_size)
@@ -173,6 +172,7 @@ class HFLM(LM):
         self.trust_remote_code = trust_remote_code
         self.tok = None
         self.lm = None
+        self._identity: str | None = None
         self.eos_ids: set[int] = set()
         self.batches = 0
         self._pending: list[_GenRequest] = []
@@ -184,6 +184,17 @@ class HFLM(LM):
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probllm-model")
         self._load_lock = threading.Lock()
         self._threads: int | None = None
+
+    @property
+    def identity(self) -> str:
+        """The content identity of the weights and adapter, and the dtype they compute in (bfloat16 answers
+        differ from float32 ones). Hashing needs no loaded model; a file's hash is remembered across runs."""
+        if self._identity is None:
+            from probllm.models import device_name, model_identity, resolve_dtype
+
+            dtype = str(resolve_dtype(self.dtype, device_name(self.device))).replace("torch.", "")
+            self._identity = f"{model_identity(self.model_name, self.adapter).id}|{dtype}"
+        return self._identity
 
     async def ensure_loaded(self) -> "HFLM":
         """Load on the model thread if not yet loaded (once loaded, no wait behind a running pass)."""

@@ -75,6 +75,12 @@ class OpenAIBackend(LM):
         self._clients = None
         self._next = 0
 
+    @property
+    def identity(self) -> str:
+        from probllm.models import endpoint_identity
+
+        return endpoint_identity(self.base_url, self.model).id
+
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
 

@@ -338,6 +338,33 @@ def check_options(letter_method: str, k: int, max_new_tokens: int, batch_size: i
 # -------------------------------------------------------------------------------------------------- resuming
 
 
+def ask_provenance(*, backend: str, model: str | None, adapter: str | None, base_url: str | None, dtype: str,
+                   device: str, index: str | None, settings: dict) -> dict:
+    """What decides an answer of records mode: the model's identity (content hash, or endpoint and served name),
+    the index generation quoted from (a re-indexed folder quotes other passages) and the `settings` that change
+    the text (letter method, k, generation parameters, fields). Cheap: no model or index is loaded."""
+    import hashlib
+
+    from probllm.models import device_name, endpoint_identity, model_identity, resolve_dtype
+
+    if backend == "openai":
+        prov = endpoint_identity(base_url, model or "").as_dict()
+    else:
+        prov = {**model_identity(model, adapter).as_dict(),
+                "dtype": str(resolve_dtype(dtype, device_name(device))).replace("torch.", "")}
+    prov["index"] = None
+    if index:
+        from pathlib import Path
+
+        from probllm.rag.index import MANIFEST, read_manifest
+
+        manifest = read_manifest(index)
+        if manifest is not None:  # (no index there: the retriever says so, before anything is written)
+            digest = hashlib.sha256(Path(index, MANIFEST).read_bytes()).hexdigest()[:16]
+            prov["index"] = {"generation": manifest.get("generation"), "manifest": f"sha256:{digest}"}
+    return {**prov, **settings}
+
+
 def answered_keys(path: str, key: str) -> set:
     """Keys of the records already in an `--output` file, for resuming. A last line cut short by a kill is
     removed (its record is answered again); every complete line counts."""
@@ -346,6 +373,15 @@ def answered_keys(path: str, key: str) -> set:
     from probllm.io import read_complete
 
     return {json.dumps(rec[key], sort_keys=True) for rec in read_complete(path) if key in rec}
+
+
+def refuse_mixed_output(path: str, provenance: dict, force: bool = False) -> None:
+    """Before appending to an `--output` file: refuse if its records came from another model, index or settings
+    (probllm/provenance.py), unless `force`."""
+    from probllm.io import read_complete
+    from probllm.provenance import refuse_mixed_resume
+
+    refuse_mixed_resume(path, read_complete(path), provenance, force, "ask")
 
 
 def skip_answered(records: Iterable[Record], done: set, key: str, stats: Stats) -> Iterator[Record]:

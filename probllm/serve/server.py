@@ -58,7 +58,8 @@ def announced_name(settings: ServeSettings) -> str:
         return settings.model or ""
     from probllm.models import model_label
 
-    return model_label(settings.model)
+    # With an adapter the served model is another model: clients (and their caches) must be able to tell.
+    return model_label(settings.model, settings.adapter)
 
 
 def check(settings: ServeSettings) -> None:

@@ -331,19 +331,6 @@ class RefLogpCache:
         os.replace(tmp, self.root / f"{key}.safetensors")
 
 
-def model_identity(path: str) -> str:
-    """A cheap, stable identity for a model: hub id, or folder path plus the size and mtime of its weight files
-    (hashing 14 GB of a 7B model would cost more than the reference pass it saves)."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    parts = [str(p.resolve())]
-    for f in sorted(p.glob("*.safetensors")):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
-    return "|".join(parts)
-
-
 def _trainer_class(ref_cache: RefLogpCache | None):
     from trl import DPOTrainer
 
@@ -436,7 +423,7 @@ def train(
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
-    from probllm.models import load_tokenizer, model_label, resolve_model, set_threads
+    from probllm.models import load_tokenizer, model_identity, model_label, resolve_model, set_threads
 
     # transformers 5 renames gradient_checkpointing and warns on every use; the name is still the working one.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -487,7 +474,7 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True)
     peft_config = LoraConfig(r=resolved.lora_r, lora_alpha=resolved.lora_alpha, lora_dropout=resolved.lora_dropout,
                              target_modules=resolved.lora_target, task_type="CAUSAL_LM")
-    ref_cache = RefLogpCache(model_identity(model_path), resolved) if resolved.precompute_ref else None
+    ref_cache = RefLogpCache(model_identity(settings.model).id, resolved) if resolved.precompute_ref else None
     Trainer = _trainer_class(ref_cache)
     samples_per_step = resolved.batch_size * resolved.grad_accum * world
     trainer = Trainer(
