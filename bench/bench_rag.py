@@ -257,7 +257,7 @@ def bench_pdf_index(pdfs: list[Path]) -> dict:
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from probllm.io import Stats
 from probllm.rag.chunk import chunk_document, token_counter
@@ -268,11 +268,15 @@ from probllm.models import resolve_embedder
 # The embedder's own tokenizer, without importing torch (whose 1 GB would hide what the documents cost).
 count = token_counter(SimpleNamespace(_tokenizer=Tokenizer.from_file(resolve_embedder(None) + "/tokenizer.json")))
 count(["warm-up"])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():
+    # VmHWM is this program's own high-water mark (ru_maxrss would carry the forking parent's over exec).
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1])
+base = peak_kb()
 n = 0
 for doc in iter_documents([{folder!r}], Stats()):
     n += len(chunk_document(doc.text, count, 200, 40, markdown=doc.markdown, blocks=doc.blocks))
-print(n, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(n, base, peak_kb())
 """
 
 
