@@ -48,6 +48,7 @@ class Block:
     heading: tuple[str, ...] = ()
     level: int = 0  # heading level for headings
     tokens: int = 0
+    page: int | None = None  # 1-based page (PDF page, slide) for paged formats
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Chunk:
     tokens: int
     position: int = 0
     metadata: dict = field(default_factory=dict)
+    page: int | None = None  # the page the chunk is on (paged formats: chunks do not cross pages)
 
     @property
     def heading_path(self) -> str:
@@ -341,7 +343,7 @@ def _piece(text: str, block: Block, span: tuple[int, int], markdown: bool) -> Bl
         lines = [l for l in body.splitlines() if not FENCE_OPEN.match(l) and not LIQUID_HIGHLIGHT_OPEN.match(l)
                  and not LIQUID_HIGHLIGHT_CLOSE.match(l)]
         body = "```\n" + "\n".join(lines) + "\n```" if any(l.strip() for l in lines) else ""
-    return Block(kind, span[0], span[1], body, block.heading, block.level)
+    return Block(kind, span[0], span[1], body, block.heading, block.level, page=block.page)
 
 
 # ----------------------------------------------------------------------------------------------------- chunks
@@ -353,13 +355,16 @@ def chunk_document(
     chunk_tokens: int = 200,
     overlap: int = 40,
     markdown: bool = True,
+    blocks: list[Block] | None = None,
 ) -> list[Chunk]:
     """Chunks of one document, in order. `count` maps a list of strings to their token counts (batched, so a
-    fast tokenizer does one call per block list)."""
+    fast tokenizer does one call per block list). `blocks`, when given, are the document's blocks already (an
+    extracted PDF or deck: offsets into `text`, pages set); else `text` is parsed."""
     if chunk_tokens < 8:
         raise ValueError("chunk_tokens must be at least 8")
     overlap = max(0, min(overlap, chunk_tokens // 2))
-    blocks = parse_blocks(text, markdown=markdown)
+    blocks = parse_blocks(text, markdown=markdown) if blocks is None else [
+        Block(b.kind, b.start, b.end, b.text, b.heading, b.level, page=b.page) for b in blocks]
     if not blocks:
         return []
     for b, k in zip(blocks, count([b.text for b in blocks])):
@@ -384,10 +389,13 @@ def chunk_document(
 
 def _sections(units: list[Block]) -> Iterable[list[Block]]:
     """Runs of units under the same heading. A heading with no text of its own before the next heading (a
-    title followed by a sub-heading) is carried into the next section rather than made a chunk alone."""
+    title followed by a sub-heading) is carried into the next section rather than made a chunk alone.
+    In a paged document a new page also starts a section, so that every chunk lies on one page and the page
+    it cites is where the whole passage is."""
     section: list[Block] = []
     for u in units:
-        if u.kind == "heading" and any(s.kind != "heading" for s in section):
+        text_so_far = [s for s in section if s.kind != "heading"]
+        if text_so_far and (u.kind == "heading" or u.page != text_so_far[-1].page):
             yield section
             section = []
         section.append(u)
@@ -406,7 +414,9 @@ def _pack(units: list[Block], budget: int, overlap: int, count: TokenCounter, te
     def emit() -> None:
         body = "\n\n".join(u.text for u in current)
         heading = next((u.heading for u in reversed(current) if u.heading), ())
-        out.append(Chunk(body, heading, current[0].start, current[-1].end, used))
+        # Its page is that of its text: a heading at the foot of a page belongs to the text on the next.
+        page = next((u.page for u in current if u.kind != "heading"), current[0].page)
+        out.append(Chunk(body, heading, current[0].start, current[-1].end, used, page=page))
 
     for u in units:
         if not u.text:
@@ -450,7 +460,7 @@ def _overlap_tail(units: list[Block], overlap: int, count: TokenCounter, text: s
                 start = a
             body = _block_text(text, "text", start, u.end, markdown) if start is not None else ""
             if body:
-                tail.insert(0, Block("text", start, u.end, body, u.heading, 0, overlap - room))
+                tail.insert(0, Block("text", start, u.end, body, u.heading, 0, overlap - room, u.page))
         break
     return tail
 

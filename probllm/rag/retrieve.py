@@ -2,7 +2,8 @@
 
 Output is either the chunks themselves (one record per hit: `id`, `score`, `text`, `source`, `heading`, plus
 `rank`, offsets and the query's record id) or, with `attach`, the input records with a `context` list of hits in
-the shared shape `{"id", "score", "text", "source", "heading"}`, ready for `eval --context context` and `ask`.
+the shared shape `{"id", "score", "text", "source", "heading", "page"}` (page: the 1-based PDF page or slide, null
+for unpaged formats), ready for `eval --context context` and `ask`.
 Records are embedded in small batches, so memory stays flat in the input size.
 """
 
@@ -15,7 +16,7 @@ from probllm.io import Record, Stats, UsageError
 from probllm.rag.index import Embedder, RagIndex
 from probllm.records import LETTERS, parse_mcq, parsed_batches
 
-CONTEXT_KEYS = ("id", "score", "text", "source", "heading")
+CONTEXT_KEYS = ("id", "score", "text", "source", "heading", "page")
 
 
 class Retriever:
@@ -23,6 +24,11 @@ class Retriever:
 
     def __init__(self, index_path: str, embedder: str | None = None, ef: int | None = None):
         self.index = RagIndex(index_path)
+        if self.index.count == 0:
+            # An assistant on an empty index answers with no material and no sign of it: say so at start.
+            self.index.close()
+            raise UsageError(f"{index_path}: the index holds no passages (it was built from no document); index "
+                             f"the course material first: probllm index NOTES -o {index_path}")
         self.index.check_embedder(embedder)  # refuse another model before spending time loading it
         self.embedder = Embedder(self.index.embedder_name)
         if self.embedder.dim != self.index.dim:
