@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup test browser golang demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
+.PHONY: setup test test-tools browser golang demo demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve experiment ablation bench-setup bench clean
 
 setup: $(VENV)/.ready
 
@@ -30,22 +30,24 @@ $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m probllm.models
 	touch $@
 
-test: setup browser golang
+test: setup test-tools
 	$(PY) -m pytest -q
 
-# Debian's chromium, for the chat page's test in a real headless browser (Playwright drives it through
-# executable_path; browser downloads from anywhere else are not possible here). Installed only when missing.
-browser:
-	@test -x /usr/bin/chromium || { \
+# The Debian packages that tests drive for real, each installed only when missing, with one `apt-get update`:
+# chromium, for the chat page's tests in a headless browser (Playwright drives it through executable_path; browser
+# downloads from anywhere else are not possible here), and golang-go, for the test that renders
+# `export --format ollama`'s TEMPLATE with Go's own text/template (the engine Ollama runs templates with; the test
+# skips without it).
+test-tools:
+	@missing=""; \
+	test -x /usr/bin/chromium || missing="chromium"; \
+	command -v go >/dev/null || missing="$$missing golang-go"; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
-# Debian's Go toolchain, for the test that renders `export --format ollama`'s TEMPLATE with Go's own text/template
-# (the engine Ollama runs templates with). Installed only when missing; the test skips without it.
-golang:
-	@command -v go >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq golang-go; }
+browser golang: test-tools
 
 demo: setup demo-data demo-llm demo-dpo demo-eval demo-rag demo-serve
 	@echo "demo outputs are in $(OUT)/" >&2
