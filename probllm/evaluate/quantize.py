@@ -80,14 +80,9 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
             source = str(merged_dir)
         info = QUANT_METHODS[method]
         if info["library"] == "bitsandbytes":
-            from transformers import BitsAndBytesConfig
+            from probllm.models import bnb_quantization_config
 
-            if method == "bnb-int8":
-                config = BitsAndBytesConfig(load_in_8bit=True)
-            else:
-                config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.split("-")[1],
-                                            bnb_4bit_use_double_quant=double_quant,
-                                            bnb_4bit_compute_dtype=torch.float32)
+            config = bnb_quantization_config(method, torch.float32, double_quant)
             qmodel = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu",
                                                           use_safetensors=True)
             qmodel.save_pretrained(tmp_out, safe_serialization=True)
