@@ -1,9 +1,11 @@
 """Real DPO training on the tiny 2-layer Llama: metrics move, the adapter loads back, resume matches an
-uninterrupted run, reward-eval agrees with the trainer's eval, plots are drawn, the CLI and accelerate work."""
+uninterrupted run, reward-eval agrees with the trainer's eval, plots are drawn, the CLI and accelerate work; each
+--loss preset trains with the loss it names, and --load-in-4bit trains QLoRA on CPU."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from probllm.io import Stats
-from probllm.train.dpo import resolve_settings, train
+from probllm.train.dpo import LOSSES, resolve_settings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_steps=8, batch_size=4, warmup_steps=2, eval_steps=4, logging_steps=2, save_steps=4, lr=1e-2,
@@ -254,15 +256,15 @@ def _sigmoid(x: float) -> float:
 
 
 # Each preset's loss from what TRL logs for a batch of one pair: rewards r = beta * (log pi - log pi_ref) summed
-# over the answer tokens, logps/chosen (summed), and the answer lengths in tokens. Written from the papers, not
-# from TRL, so a preset that sent TRL the wrong loss type or weight fails.
+# over the answer tokens, logps/chosen (summed), and the answer lengths in tokens. Written from the definitions
+# in docs/train.md, not from TRL's code, so a preset that sent TRL the wrong loss type or weight fails.
 PRESET_LOSS = {
-    "sigmoid": lambda r_c, r_r, lp_c, n_c, n_r, beta, alpha: -math.log(_sigmoid(r_c - r_r)),
-    "sigmoid_norm": lambda r_c, r_r, lp_c, n_c, n_r, beta, alpha: -math.log(_sigmoid(r_c / n_c - r_r / n_r)),
-    "ipo": lambda r_c, r_r, lp_c, n_c, n_r, beta, alpha: ((r_c / n_c - r_r / n_r) / beta - 1 / (2 * beta)) ** 2,
-    "rpo": lambda r_c, r_r, lp_c, n_c, n_r, beta, alpha: -math.log(_sigmoid(r_c - r_r)) + alpha * -lp_c / n_c,
-    "apo_zero": lambda r_c, r_r, lp_c, n_c, n_r, beta, alpha: 1 - _sigmoid(r_c) + _sigmoid(r_r),
-    "hinge": lambda r_c, r_r, lp_c, n_c, n_r, beta, alpha: max(0.0, 1 - (r_c - r_r)),
+    "sigmoid": lambda r_c, r_r, **_: -math.log(_sigmoid(r_c - r_r)),
+    "sigmoid_norm": lambda r_c, r_r, n_c, n_r, **_: -math.log(_sigmoid(r_c / n_c - r_r / n_r)),
+    "ipo": lambda r_c, r_r, n_c, n_r, beta, **_: ((r_c / n_c - r_r / n_r) / beta - 1 / (2 * beta)) ** 2,
+    "rpo": lambda r_c, r_r, logp_c, n_c, alpha, **_: -math.log(_sigmoid(r_c - r_r)) + alpha * -logp_c / n_c,
+    "apo_zero": lambda r_c, r_r, **_: 1 - _sigmoid(r_c) + _sigmoid(r_r),
+    "hinge": lambda r_c, r_r, **_: max(0.0, 1 - (r_c - r_r)),
 }
 ONE_PAIR = {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "I think it is 7 or so, maybe not."}
 
@@ -278,11 +280,6 @@ def _answer_tokens(model_dir: str, prompt: str, answer: str) -> int:
                                    return_dict=True)["input_ids"]
     assert full[:len(head)] == head
     return len(full) - len(head)
-
-
-import math  # noqa: E402  (used by PRESET_LOSS above)
-
-from probllm.train.dpo import LOSSES  # noqa: E402
 
 
 def test_every_loss_preset_has_its_formula_here():
@@ -302,8 +299,8 @@ def test_loss_preset_trains_with_the_loss_it_names(loss, tiny_model_dir, tmp_pat
     n_r = _answer_tokens(tiny_model_dir, ONE_PAIR["prompt"], ONE_PAIR["rejected"])
     assert steps[1]["rewards/margins"] > 0.05  # the second step sees a moved policy: the formulas are not at 0
     for m in steps:
-        expected = PRESET_LOSS[loss](m["rewards/chosen"], m["rewards/rejected"], m["logps/chosen"], n_c, n_r, beta,
-                                     alpha)
+        expected = PRESET_LOSS[loss](r_c=m["rewards/chosen"], r_r=m["rewards/rejected"], logp_c=m["logps/chosen"],
+                                     n_c=n_c, n_r=n_r, beta=beta, alpha=alpha)
         assert m["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6), (loss, m["step"])
     trl = json.loads((tmp_path / "config.json").read_text())
     assert trl["loss"] == loss and trl["trl"]["loss_type"] == list(LOSSES[loss].losses)

@@ -8,7 +8,6 @@ presets and the on-disk reference log-prob cache.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -20,8 +19,7 @@ from typing import Any, Iterable
 from probllm.io import Stats, UsageError
 from probllm.train import run
 from probllm.train.pairs import normalize_pair, to_trl
-from probllm.train.run import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, check_output, is_main_process, model_identity, \
-    setting  # noqa: F401  (re-exported: the CLI, tests and scripts import them from here)
+from probllm.train.run import setting
 
 
 @dataclass(frozen=True)
