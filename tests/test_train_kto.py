@@ -36,7 +36,9 @@ def test_kto_trains_on_ratings_and_writes_adapter_metrics_curves_and_tensorboard
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip())
     assert summary["method"] == "kto" and summary["examples"] == 4 and summary["steps"] == 2
-    assert "4 in, 1 out" in result.stderr and "step 2/2" in result.stderr
+    assert (summary["desirable"], summary["undesirable"]) == (2, 2)
+    assert "4 in, 1 out" in result.stderr and "desirable: 2, undesirable: 2" in result.stderr
+    assert "step 2/2" in result.stderr
     adapter = out / "adapter_model.safetensors"
     assert adapter.stat().st_size > 0 and not list(out.glob("*.bin"))
     from safetensors.torch import load_file

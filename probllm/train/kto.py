@@ -64,7 +64,13 @@ def trainer_class(settings: Settings, model_key: str):
     return KTOTrainer
 
 
-METHOD = run.Method(command="kto", unit="examples", to_row=to_row, config=make_config, trainer_class=trainer_class)
+def label_counts(rows: list[dict]) -> dict:
+    desirable = sum(row["label"] for row in rows)
+    return {"desirable": desirable, "undesirable": len(rows) - desirable}
+
+
+METHOD = run.Method(command="kto", unit="examples", to_row=to_row, config=make_config, trainer_class=trainer_class,
+                    counts=label_counts)
 
 
 def train(train_records: Iterable[dict], settings: Settings, out: str | os.PathLike, stats: Stats, **kw) -> dict:

@@ -449,6 +449,8 @@ class Method:
     trainer_class: Callable[[TrainSettings, str], type]  # (settings, model identity) -> TRL trainer class
     # extra summary fields from the finished trainer and the settings
     summary: Callable[[Any, TrainSettings], dict] = lambda trainer, settings: {}
+    # counts of the training rows worth saying (on stderr and in the summary), e.g. kto's labels
+    counts: Callable[[list[dict]], dict] = lambda rows: {}
 
 
 def train(
@@ -494,6 +496,8 @@ def train(
     if not rows:
         raise RecordError(f"no usable training {unit}", source="input")
     stats.notes[unit] = len(rows)
+    counts = method.counts(rows)
+    stats.notes.update(counts)
     eval_rows = None
     if eval_records is not None:
         eval_rows = read_rows(eval_records, method.to_row, eval_stats or Stats(command=f"probllm {name} --eval"),
@@ -564,6 +568,7 @@ def train(
         "method": name,
         "model": model_label(settings.model),
         unit: len(rows),
+        **counts,
         f"eval_{unit}": len(eval_rows or []),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
