@@ -70,7 +70,7 @@ def label_counts(rows: list[dict]) -> dict:
 
 
 METHOD = run.Method(command="kto", unit="examples", to_row=to_row, config=make_config, trainer_class=trainer_class,
-                    counts=label_counts)
+                    counts=label_counts, sequential=True)
 
 
 def train(train_records: Iterable[dict], settings: Settings, out: str | os.PathLike, stats: Stats, **kw) -> dict:

@@ -451,6 +451,9 @@ class Method:
     summary: Callable[[Any, TrainSettings], dict] = lambda trainer, settings: {}
     # counts of the training rows worth saying (on stderr and in the summary), e.g. kto's labels
     counts: Callable[[list[dict]], dict] = lambda rows: {}
+    # The trainer reads rows in their order (KTO pairs each answer with its batch neighbours' prompts for its KL
+    # estimate): shuffle them once, seeded, so that an export in time order does not train week by week.
+    sequential: bool = False
 
 
 def train(
@@ -496,6 +499,10 @@ def train(
     if not rows:
         raise RecordError(f"no usable training {unit}", source="input")
     stats.notes[unit] = len(rows)
+    if method.sequential:
+        import random
+
+        random.Random(resolved.seed).shuffle(rows)
     counts = method.counts(rows)
     stats.notes.update(counts)
     eval_rows = None
