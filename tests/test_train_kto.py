@@ -47,8 +47,10 @@ def test_kto_trains_on_ratings_and_writes_adapter_metrics_curves_and_tensorboard
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
-    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "learning_rate", "samples_per_second"):
-        assert key in steps[-1], key
+    for key in ("kl", "learning_rate", "samples_per_second"):
+        assert all(key in m for m in steps), key
+    # Rewards are logged per label present in the step's batch (the records are shuffled, seeded, into batches).
+    assert {"rewards/chosen", "rewards/rejected"} <= {k for m in steps for k in m}
     # The adapter starts at zero: policy = reference, so the first loss is KTO's 1 - sigmoid(0) = 0.5 per answer.
     assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-4) and steps[1]["loss"] != steps[0]["loss"]
     config = json.loads((out / "config.json").read_text())
@@ -63,7 +65,7 @@ def test_kto_trains_on_ratings_and_writes_adapter_metrics_curves_and_tensorboard
     pngs = plot_runs([str(out)], tmp_path / "plots")
     assert len(pngs) == 17
     index = (tmp_path / "plots" / "index.md").read_text()
-    assert "## train/loss\n" in index and "## train/rewards/margins\n" in index  # drawn, not "(no data)"
+    assert "## train/loss\n" in index and "## train/rewards/chosen\n" in index  # drawn, not "(no data)"
 
 
 def test_unpaired_records_forms_and_errors():
