@@ -175,8 +175,8 @@ def reward_eval_command(
 
 @app.command("plot")
 def plot_command(
-    runs: Annotated[list[str], typer.Argument(help="`dpo --output` folders or metrics.jsonl files, or globs of "
-                                              "them (several: overlaid).", show_default=False)],
+    runs: Annotated[list[str], typer.Argument(help="`dpo` or `kto` --output folders or metrics.jsonl files, or "
+                                              "globs of them (several: overlaid).", show_default=False)],
     out: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs and index.md/index.html.")]
     = Path("runs/plots"),
     label: Annotated[Optional[list[str]], _opt("--label", "A name per run for the legend (default: folder "
