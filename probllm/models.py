@@ -45,6 +45,18 @@ QUANT_METHODS = {
 QUANT_GGUF_FILE = "model.gguf"
 
 
+def bnb_quantization_config(method: str, compute_dtype: Any = None, double_quant: bool = True):
+    """The bitsandbytes config of a `bnb-*` method: what `quantize` writes and what QLoRA training loads with."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if method == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.split("-")[1],
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+
+
 def cache_dir() -> Path:
     """Where converted models and caches live: $PROBLLM_CACHE, else ~/.cache/probllm."""
     root = os.environ.get("PROBLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "probllm")

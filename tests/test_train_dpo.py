@@ -1,9 +1,11 @@
 """Real DPO training on the tiny 2-layer Llama: metrics move, the adapter loads back, resume matches an
-uninterrupted run, reward-eval agrees with the trainer's eval, plots are drawn, the CLI and accelerate work."""
+uninterrupted run, reward-eval agrees with the trainer's eval, plots are drawn, the CLI and accelerate work; each
+--loss preset trains with the loss it names, and --load-in-4bit trains QLoRA on CPU."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from probllm.io import Stats
-from probllm.train.dpo import resolve_settings, train
+from probllm.train.dpo import LOSSES, resolve_settings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_steps=8, batch_size=4, warmup_steps=2, eval_steps=4, logging_steps=2, save_steps=4, lr=1e-2,
@@ -245,11 +247,114 @@ def test_ctrl_c_checkpoints_the_last_finished_step(tiny_model_dir, data, tmp_pat
     assert 2 <= step < 200 and read_metrics(out)[-1]["step"] == step
 
 
+# --------------------------------------------------------------------------------------------------- loss presets
+
+def _sigmoid(x: float) -> float:
+    import math
+
+    return 1 / (1 + math.exp(-x))
+
+
+# Each preset's loss from what TRL logs for a batch of one pair: rewards r = beta * (log pi - log pi_ref) summed
+# over the answer tokens, logps/chosen (summed), and the answer lengths in tokens. Written from the definitions
+# in docs/train.md, not from TRL's code, so a preset that sent TRL the wrong loss type or weight fails.
+PRESET_LOSS = {
+    "sigmoid": lambda r_c, r_r, **_: -math.log(_sigmoid(r_c - r_r)),
+    "sigmoid_norm": lambda r_c, r_r, n_c, n_r, **_: -math.log(_sigmoid(r_c / n_c - r_r / n_r)),
+    "ipo": lambda r_c, r_r, n_c, n_r, beta, **_: ((r_c / n_c - r_r / n_r) / beta - 1 / (2 * beta)) ** 2,
+    "rpo": lambda r_c, r_r, logp_c, n_c, alpha, **_: -math.log(_sigmoid(r_c - r_r)) + alpha * -logp_c / n_c,
+    "apo_zero": lambda r_c, r_r, **_: 1 - _sigmoid(r_c) + _sigmoid(r_r),
+    "hinge": lambda r_c, r_r, **_: max(0.0, 1 - (r_c - r_r)),
+}
+ONE_PAIR = {"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "I think it is 7 or so, maybe not."}
+
+
+def _answer_tokens(model_dir: str, prompt: str, answer: str) -> int:
+    """Answer length in tokens as the trainer counts it: what the chat template adds after the prompt."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": prompt}]
+    head = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True,
+                                   return_dict=True)["input_ids"]
+    assert full[:len(head)] == head
+    return len(full) - len(head)
+
+
+def test_every_loss_preset_has_its_formula_here():
+    assert set(PRESET_LOSS) == set(LOSSES) == {"sigmoid", "sigmoid_norm", "ipo", "rpo", "apo_zero", "hinge"}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_loss_preset_trains_with_the_loss_it_names(loss, tiny_model_dir, tmp_path):
+    beta, alpha = 0.5, 0.5
+    over = {"rpo_alpha": alpha} if loss == "rpo" else {}
+    settings = resolve_settings(model=tiny_model_dir, loss=loss, beta=beta, max_steps=2, batch_size=1,
+                                logging_steps=1, lr=1e-2, max_length=64, bf16=False, **over)
+    train(iter([dict(ONE_PAIR)]), settings, tmp_path, Stats(command="t"))
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    n_c = _answer_tokens(tiny_model_dir, ONE_PAIR["prompt"], ONE_PAIR["chosen"])
+    n_r = _answer_tokens(tiny_model_dir, ONE_PAIR["prompt"], ONE_PAIR["rejected"])
+    assert steps[1]["rewards/margins"] > 0.05  # the second step sees a moved policy: the formulas are not at 0
+    for m in steps:
+        expected = PRESET_LOSS[loss](r_c=m["rewards/chosen"], r_r=m["rewards/rejected"], logp_c=m["logps/chosen"],
+                                     n_c=n_c, n_r=n_r, beta=beta, alpha=alpha)
+        assert m["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6), (loss, m["step"])
+    trl = json.loads((tmp_path / "config.json").read_text())
+    assert trl["loss"] == loss and trl["trl"]["loss_type"] == list(LOSSES[loss].losses)
+    assert trl["trl"]["loss_weights"] == ([1.0, alpha] if loss == "rpo" else [1.0])
+
+
+def test_loss_settings_old_spelling_and_rpo_alpha_checks(cli, tmp_path):
+    from probllm.io import UsageError
+
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("loss_type: ipo\n")  # the raw TRL string of earlier versions, when it names a preset
+    assert resolve_settings(str(cfg)).loss == "ipo"
+    with pytest.raises(UsageError, match="--rpo-alpha weighs the NLL term of --loss rpo"):
+        resolve_settings(rpo_alpha=0.3)
+    cfg.write_text("loss: dpo_plus\n")
+    with pytest.raises(UsageError, match="--loss dpo_plus: choose one of sigmoid, sigmoid_norm, ipo, rpo"):
+        resolve_settings(str(cfg))
+    run = cli("dpo", "x.jsonl", "--loss-type", "robust", "--output", str(tmp_path / "o"))
+    assert run.code == 2 and "--loss" in run.stderr and "robust" in run.stderr and "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA (4-bit)
+
+def test_load_in_4bit_trains_qlora_on_cpu_and_saves_the_adapter_alone(tiny_model_dir, tmp_path):
+    """bitsandbytes 0.50 quantizes to NF4 and trains through its 4-bit layers on CPU (tried: it does), so
+    --load-in-4bit runs here as on a GPU, only slower."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    settings = resolve_settings(model=tiny_model_dir, load_in_4bit=True, max_steps=2, batch_size=2, logging_steps=1,
+                                lr=1e-2, max_length=64, bf16=False)
+    summary = train(iter(make_pairs(4, 0)), settings, tmp_path, Stats(command="t"))
+    assert summary["steps"] == 2
+    q = summary["base_quantization"]
+    assert q["load_in_4bit"] and q["bnb_4bit_quant_type"] == "nf4" and q["bnb_4bit_use_double_quant"]
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and steps[1]["rewards/margins"] != 0
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)  # the adapter alone: no (quantized) base weights
+    # It fits the full-precision base it was trained on (quantized), as any dpo adapter does.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base(ids).logits
+    assert not torch.allclose(PeftModel.from_pretrained(base, str(tmp_path))(ids).logits, before)
+    assert json.loads((tmp_path / "config.json").read_text())["load_in_4bit"] is True
+
+
 def test_config_records_the_data_files_and_their_hashes(tmp_path):
     """What `export` quotes in a model card: every input file of the run with its sha256 (stdin as '-')."""
     import hashlib
 
-    from probllm.train.dpo import data_files
+    from probllm.train.run import data_files
 
     (tmp_path / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     (tmp_path / "test.jsonl").write_text('{"prompt": "q", "chosen": "c", "rejected": "d"}\n')

@@ -90,14 +90,9 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
                 raise UsageError(f"--model {model}: a GGUF is written from a local folder; download it first")
             write_gguf(source, tmp_out / QUANT_GGUF_FILE, method.removeprefix("gguf-"), model_label(model), model)
         elif info["library"] == "bitsandbytes":
-            from transformers import BitsAndBytesConfig
+            from probllm.models import bnb_quantization_config
 
-            if method == "bnb-int8":
-                config = BitsAndBytesConfig(load_in_8bit=True)
-            else:
-                config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.split("-")[1],
-                                            bnb_4bit_use_double_quant=double_quant,
-                                            bnb_4bit_compute_dtype=torch.float32)
+            config = bnb_quantization_config(method, torch.float32, double_quant)
             qmodel = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu",
                                                           use_safetensors=True)
             qmodel.save_pretrained(tmp_out, safe_serialization=True)

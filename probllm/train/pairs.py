@@ -9,6 +9,11 @@ Accepted input forms (detected per record):
 
 Output: `{"prompt", "chosen", "rejected"}` either as strings (models without a chat template) or as message
 lists, which TRL renders with the model's chat template. Both trainer and `reward-eval` go through `to_trl`, so they see the same tokens.
+
+Unpaired records (`kto`; what `feedback export --kind ratings` writes, TRL's unpaired preference form):
+`{"prompt", "completion", "label"}` with `label` a boolean (true: a good answer), `prompt` and `completion`
+strings or message lists, the same two forms (and the same string-prompt hybrid) as the pairs above; rendered
+by `to_trl` the same way.
 """
 
 from __future__ import annotations
@@ -148,20 +153,55 @@ def _flatten(messages: list[dict]) -> str:
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
 
 
-def to_trl(pair: dict, has_chat_template: bool) -> dict:
-    """A normalised pair in the form TRL tokenises: messages when the model has a chat template (explicit string
-    prompts become one user turn), plain text otherwise (messages flattened as `Role: content`)."""
-    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+def to_trl(pair: dict, has_chat_template: bool, answers: tuple[str, ...] = ("chosen", "rejected")) -> dict:
+    """A normalised record in the form TRL tokenises: messages when the model has a chat template (explicit string
+    prompts become one user turn), plain text otherwise (messages flattened as `Role: content`). `answers` names
+    its answer fields: chosen and rejected for a pair, completion for an unpaired record."""
+    prompt = pair["prompt"]
     if has_chat_template:
-        # Every pair becomes messages (one dataset cannot mix strings and message lists): string prompts,
+        # Every record becomes messages (one dataset cannot mix strings and message lists): string prompts,
         # implicit ones included, become one user turn.
         if isinstance(prompt, str):
             return {"prompt": [{"role": "user", "content": prompt}],
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}]}
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+                    **{k: [{"role": "assistant", "content": pair[k]}] for k in answers}}
+        return {"prompt": prompt, **{k: pair[k] for k in answers}}
     if isinstance(prompt, list):
         return {"prompt": _flatten(prompt) + "Assistant: ",
-                "chosen": "".join(m["content"] for m in chosen),
-                "rejected": "".join(m["content"] for m in rejected)}
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+                **{k: "".join(m["content"] for m in pair[k]) for k in answers}}
+    return {"prompt": prompt, **{k: pair[k] for k in answers}}
+
+
+# ---------------------------------------------------------------------------------------------- unpaired records
+
+
+def normalize_unpaired(record: dict) -> dict:
+    """One unpaired record (`prompt`, `completion`, `label`) to `{"prompt", "completion", "label", "form"}`.
+
+    String or message-list prompt and completion as for pairs (a string prompt with a message completion is one
+    user turn); `label` must be a boolean. Raises RecordError naming the field."""
+    for name in ("prompt", "completion", "label"):
+        if name not in record:
+            raise RecordError("missing", field=name)
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise RecordError("expected a boolean (true: a good answer, false: a bad one)", field="label")
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(completion, list):
+        form = "conversational"
+        completion = _messages(completion, "completion")
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise RecordError("is empty", field="prompt")
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            prompt = _messages(prompt, "prompt")
+    elif isinstance(completion, str):
+        form = "string"
+        if not isinstance(prompt, str):
+            raise RecordError("expected a string (completion is a string)", field="prompt")
+        if not prompt.strip():
+            raise RecordError("is empty", field="prompt")
+    else:
+        raise RecordError("expected a string or a message list", field="completion")
+    _check_completion(completion, "completion")
+    return {"prompt": prompt, "completion": completion, "label": label, "form": form}

@@ -39,7 +39,7 @@ def metrics_path(run: str) -> Path:
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.exists():
-        raise UsageError(f"{run}: no metrics.jsonl (give a `dpo --output` folder or a metrics.jsonl file)")
+        raise UsageError(f"{run}: no metrics.jsonl (give a `dpo` or `kto` --output folder or a metrics.jsonl file)")
     return p
 
 
