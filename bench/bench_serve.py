@@ -113,7 +113,11 @@ def upstream_main(args, levels: list[int]) -> None:
     from probllm.rag.index import build_index
     from servers import probllm_serve
 
-    serve_args = ["--batch-size", str(args.batch_size), "--served-model-name", "bench"]
+    # The upstream's batch holds both groups, and waits long enough for the layer's requests (which come a few
+    # ms after the direct ones) to join: with static batches, arriving second would otherwise mean waiting for a
+    # whole batch, which measures the arrival order, not the layer (vLLM's continuous batching has no such edge).
+    batch = max(args.batch_size, 2 * max(levels))
+    serve_args = ["--batch-size", str(batch), "--max-wait-ms", "100", "--served-model-name", "bench"]
     if args.model:
         serve_args += ["--model", args.model]
     index = str(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "notes.idx")
@@ -145,7 +149,7 @@ def upstream_main(args, levels: list[int]) -> None:
                 rss.append((f"after round {rnd}", rss_mb(proc.pid)))
 
     lines = [f"The assistant layer (`probllm serve --backend openai`) in front of an upstream `probllm serve` "
-             f"({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {args.batch_size}), against the same number "
+             f"({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {batch} --max-wait-ms 100), against the same number "
              f"of streaming clients straight to the upstream at the same time (N direct + N through the layer, "
              f"sharing the upstream's batches): {args.requests} requests "
              f"per client, {args.max_tokens} tokens each, greedy. Machine: {os.cpu_count()} cores, Python "

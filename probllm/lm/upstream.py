@@ -64,8 +64,11 @@ class UpstreamEngine(Engine):
             self._clients = [httpx.AsyncClient(base_url=self.base_url + "/", headers=headers,
                                                timeout=httpx.Timeout(self.timeout,
                                                                      connect=min(CONNECT_TIMEOUT, self.timeout)),
+                                               # Kept warm between bursts (httpx closes idle ones after
+                                               # 5 s): a burst of students must not reopen them all.
                                                limits=httpx.Limits(max_connections=per,
-                                                                   max_keepalive_connections=per))
+                                                                   max_keepalive_connections=per,
+                                                                   keepalive_expiry=300))
                              for _ in range(n)]
         self._next = (self._next + 1) % len(self._clients)
         return self._clients[self._next]
