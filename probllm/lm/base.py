@@ -180,26 +180,24 @@ class Retrying(Wrapper):
     async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        last: TransientError | None = None
         for attempt in range(1, self.retry.tries + 1):
             try:
                 async with self._sem:  # released before the backoff below: waiting costs no slot
                     return await fn()
             except TransientError as e:
-                last = e
+                await self._retry_or_give_up(attempt, e)
             except RequestFailed:
                 self.failures += 1
                 raise
-            if attempt == self.retry.tries:
-                break
-            await self._back_off(attempt, last)
-        self.failures += 1
-        raise RequestFailed(f"gave up after {self.retry.tries} tries ({last})")
 
-    async def _back_off(self, attempt: int, last: TransientError) -> None:
+    async def _retry_or_give_up(self, attempt: int, error: TransientError) -> None:
+        """After a transient failure (outside the request slot): give up after the last try, else back off."""
+        if attempt >= self.retry.tries:
+            self.failures += 1
+            raise RequestFailed(f"gave up after {self.retry.tries} tries ({error})") from None
         self.retries += 1
-        if last.retry_after is not None:
-            wait = min(self.retry.retry_after_cap, max(0.0, last.retry_after))
+        if error.retry_after is not None:
+            wait = min(self.retry.retry_after_cap, max(0.0, error.retry_after))
             wait += self._jitter.uniform(0, 0.1 * wait + 0.01)
         else:
             wait = self.retry.backoff(attempt, self._jitter)
@@ -222,7 +220,6 @@ class Retrying(Wrapper):
         # attempt would repeat it, so a failure mid-stream is the caller's to see.
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        last: TransientError | None = None
         for attempt in range(1, self.retry.tries + 1):
             started = False
             try:
@@ -234,15 +231,10 @@ class Retrying(Wrapper):
             except TransientError as e:
                 if started:
                     raise
-                last = e
+                await self._retry_or_give_up(attempt, e)
             except RequestFailed:
                 self.failures += 1
                 raise
-            if attempt == self.retry.tries:
-                break
-            await self._back_off(attempt, last)
-        self.failures += 1
-        raise RequestFailed(f"gave up after {self.retry.tries} tries ({last})")
 
 
 class Cached(Wrapper):
