@@ -14,6 +14,10 @@ from typing import Optional
 
 from probllm.cli.choices import Backend, Dtype, EvalMethod, JudgeBackend, Template
 from probllm.cli.groups import Opt, OptionGroup
+from probllm.lm import BackendConfig
+
+# The library's defaults are the CLI's: one definition (BackendConfig), read here rather than written twice.
+_DEFAULT = BackendConfig()
 
 BACKEND = OptionGroup("backend", (
     Opt("backend", Backend, Backend.hf, "openai: any OpenAI-compatible endpoint; hf: a local transformers model; "
@@ -21,14 +25,14 @@ BACKEND = OptionGroup("backend", (
     Opt("model", Optional[str], None, "Endpoint model name (openai), or hub id / folder (hf; default: the "
                                       "offline SmolLM2)."),
     Opt("base_url", Optional[str], None, "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM)."),
-    Opt("api_key_env", str, "OPENAI_API_KEY", "Environment variable holding the API key (never printed)."),
+    Opt("api_key_env", str, _DEFAULT.api_key_env, "Environment variable holding the API key (never printed)."),
     Opt("adapter", Optional[str], None, "LoRA adapter folder for --backend hf."),
-    Opt("concurrency", int, 16, "Requests in flight at once (openai).", settings={"min": 1}),
-    Opt("batch_size", int, 8, "Prompts per generate call (hf).", settings={"min": 1}),
-    Opt("tries", int, 5, "Attempts per request on 429/5xx/timeouts/malformed answers, with exponential backoff "
-                         "and Retry-After.", settings={"min": 1}),
-    Opt("retry_base", float, 1.0, "First backoff in seconds (doubles each retry)."),
-    Opt("timeout", float, 120.0, "Seconds before one request counts as timed out."),
+    Opt("concurrency", int, _DEFAULT.concurrency, "Requests in flight at once (openai).", settings={"min": 1}),
+    Opt("batch_size", int, _DEFAULT.batch_size, "Prompts per generate call (hf).", settings={"min": 1}),
+    Opt("tries", int, _DEFAULT.tries, "Attempts per request on 429/5xx/timeouts/malformed answers, with "
+                                      "exponential backoff and Retry-After.", settings={"min": 1}),
+    Opt("retry_base", float, _DEFAULT.retry_base, "First backoff in seconds (doubles each retry)."),
+    Opt("timeout", float, _DEFAULT.timeout, "Seconds before one request counts as timed out."),
     Opt("cache", Optional[Path], None, "Response cache (SQLite); default ~/.cache/probllm/llm-cache.sqlite."),
     Opt("no_cache", bool, False, "Neither read nor write the response cache."),
 ))

@@ -29,7 +29,7 @@ class BackendConfig:
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     adapter: str | None = None
-    concurrency: int = 8
+    concurrency: int = 16
     batch_size: int = 8
     tries: int = 5
     retry_base: float = 1.0
