@@ -12,7 +12,7 @@ import typer
 from probllm.cli.app import InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
 from probllm.cli.choices import Dtype, LetterMethod, value
 from probllm.cli.groups import uses
-from probllm.cli.options import ENDPOINT, backend_config
+from probllm.cli.options import ENDPOINT, RETRIEVAL, backend_config, retrieval_settings
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(
@@ -69,6 +69,7 @@ def index_command(
 
 
 @app.command("retrieve")
+@uses(RETRIEVAL)
 def retrieve_command(
     query: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are read from "
                                                         "--input files or stdin.", show_default=False)] = None,
@@ -84,15 +85,18 @@ def retrieve_command(
                                                "and its options.")] = False,
     embedder: EmbedderOpt = None,
     ef: EfOpt = None,
+    retrieval: dict = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
-    """Find the passages of an index closest to a question (cosine similarity), as JSONL.
+    """Find the passages of an index that answer a question, as JSONL.
 
     One record per passage (`id`, `score`, `text`, `source`, `heading`, `rank`, offsets), or with `--attach`
-    the input records with a `context` list, which `eval --context context` and `ask` read.
+    the input records with a `context` list, which `eval --context context` and `ask` read. Passages are
+    found by embeddings and by keywords (BM25) fused (`--search hybrid`, the default), or by either alone.
 
         probllm retrieve --index notes.idx "Worst case of heapsort?" -k 3
+        probllm retrieve --index notes.idx "Master theorem" --search keyword
         probllm retrieve --index notes.idx --attach --with-choices -i mcq.jsonl \\
             | probllm eval --context context
     """
@@ -100,7 +104,8 @@ def retrieve_command(
     from probllm.rag.retrieve import Retriever, retrieve_records, retrieve_text
 
     with command("retrieve", summary_file=summary) as stats:
-        retriever = Retriever(index, embedder=embedder, ef=ef)
+        retriever = Retriever(index, embedder=embedder, ef=ef, **retrieval_settings(retrieval))
+        stats.notes["search"] = retriever.describe()
         if query is not None:
             if files:
                 from probllm.io import UsageError
@@ -116,7 +121,7 @@ def retrieve_command(
 
 
 @app.command("ask")
-@uses(ENDPOINT)
+@uses(ENDPOINT, RETRIEVAL)
 def ask_command(
     question: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are answered "
                                                            "(--input files or stdin).", show_default=False)] = None,
@@ -150,6 +155,7 @@ def ask_command(
     dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: float32 on CPU.")] = Dtype.auto,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
     backend: dict = None,
+    retrieval: dict = None,
     seed: Seed = 0,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
@@ -199,7 +205,8 @@ def ask_command(
         if index:
             from probllm.rag.retrieve import Retriever
 
-            retriever = Retriever(index, embedder=embedder)
+            retriever = Retriever(index, embedder=embedder, **retrieval_settings(retrieval))
+            stats.notes["search"] = retriever.describe()
         lm = None
         if value(backend["backend"]) == "openai":
             from probllm.lm import Retrying, RetryPolicy, make_lm

@@ -9,13 +9,14 @@ import typer
 from probllm.cli.app import app, command
 from probllm.cli.choices import value
 from probllm.cli.groups import uses
-from probllm.cli.options import LOCAL_MODEL
+from probllm.cli.options import LOCAL_MODEL, RETRIEVAL, retrieval_settings
 
 
 @app.command("serve")
-@uses(LOCAL_MODEL)
+@uses(LOCAL_MODEL, RETRIEVAL)
 def serve_command(
     local_model: dict = None,
+    retrieval: dict = None,
     index: Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`: serve "
                                                  "the course assistant (answers grounded in the notes, with "
                                                  "their sources).")] = None,
@@ -52,6 +53,6 @@ def serve_command(
 
     settings = {k: value(v) for k, v in local_model.items()}
     with command("serve", quiet_summary=True):
-        serve(**settings, index=index, top_k=top_k, embedder=embedder, host=host, port=port, api_key=api_key,
+        serve(**settings, **retrieval_settings(retrieval), index=index, top_k=top_k, embedder=embedder, host=host, port=port, api_key=api_key,
               served_model_name=served_model_name, batch_size=batch_size, max_wait_ms=max_wait_ms,
               trust_remote_code=trust_remote_code)

@@ -66,6 +66,21 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_key);
 """
 
+# Keyword search (BM25): an FTS5 index over the chunk texts and headings, stored in the same sidecar and kept in
+# step with `chunks` by triggers, so it changes in the very transactions (and generations) that change the chunks.
+# External content: the text is stored once, in `chunks`. Porter stemming: "gradients" finds "gradient".
+KEYWORD_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+  text, heading, content='chunks', content_rowid='label', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+  INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.label, new.text, new.heading);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+  INSERT INTO chunks_fts(chunks_fts, rowid, text, heading) VALUES ('delete', old.label, old.text, old.heading);
+END;
+"""
+KEYWORD_INDEX = "fts5-bm25/1"  # the manifest's `keyword` entry: an index without it has dense search only
+
 
 @dataclass
 class Settings:
@@ -195,16 +210,54 @@ class RagIndex:
                 r = rows.get(int(label))
                 if r is None:
                     continue
-                hits.append({"id": r["chunk_id"], "score": round(1.0 - float(dist), 6), "text": r["text"],
-                             "source": r["source"], "heading": r["heading"], "start": r["start"], "end": r["end"]})
+                hits.append(self._hit(r, round(1.0 - float(dist), 6)))
             results.append(hits)
         return results
+
+    @property
+    def has_keyword(self) -> bool:
+        """Whether this index has its keyword (BM25) table: indexes built before keyword search do not."""
+        return bool(self.manifest.get("keyword"))
+
+    def keyword_search(self, queries: list[str], k: int) -> list[list[dict]]:
+        """Top-k chunks by BM25 (SQLite FTS5) for each query text, best first; `score` is the BM25 score
+        (higher is better). A query with no searchable word finds nothing."""
+        from probllm.rag.search import fts_query
+
+        results = []
+        for text in queries:
+            match = fts_query(text)
+            if not match or self.count == 0:
+                results.append([])
+                continue
+            # bm25() is lower-is-better; the heading counts half as much as the text.
+            found = self.db.execute("SELECT rowid, bm25(chunks_fts, 1.0, 0.5) FROM chunks_fts WHERE chunks_fts "
+                                    "MATCH ? ORDER BY 2 LIMIT ?", (match, k)).fetchall()
+            rows = self.rows([int(label) for label, _ in found])
+            results.append([self._hit(rows[int(label)], round(-float(score), 6)) for label, score in found
+                            if int(label) in rows])
+        return results
+
+    @staticmethod
+    def _hit(r: sqlite3.Row, score: float) -> dict:
+        return {"id": r["chunk_id"], "score": score, "text": r["text"], "source": r["source"],
+                "heading": r["heading"], "start": r["start"], "end": r["end"],
+                "page": r["page"] if "page" in r.keys() else None}
+
+    def documents(self) -> list[dict]:
+        """The indexed documents: key, source, and the file they were read from (None for JSONL records)."""
+        root = self.manifest.get("root") or os.getcwd()
+        out = []
+        for key, source, metadata in self.db.execute("SELECT key, source, metadata FROM documents ORDER BY key"):
+            path = os.path.join(root, key)
+            out.append({"key": key, "source": source, "path": path if os.path.isfile(path) else None})
+        return out
 
     def rows(self, labels: list[int]) -> dict[int, sqlite3.Row]:
         out: dict[int, sqlite3.Row] = {}
         for i in range(0, len(labels), 500):
             part = labels[i:i + 500]
-            q = ("SELECT c.label, c.chunk_id, c.text, c.heading, c.start, c.end, d.source FROM chunks c "
+            q = ("SELECT c.*, d.source FROM chunks c "
                  f"JOIN documents d ON d.key = c.doc_key WHERE c.label IN ({','.join('?' * len(part))})")
             for r in self.db.execute(q, part):
                 out[int(r["label"])] = r
@@ -340,6 +393,14 @@ class IndexWriter:
             shutil.copyfile(self.folder / old["files"]["chunks"], self.db_path)
         self.db = sqlite3.connect(str(self.db_path))
         self.db.executescript(SCHEMA)
+        self.dirty = False
+        if not (old or {}).get("keyword"):
+            # A new index, or one built before keyword search: (re)build the FTS table from the chunks already
+            # there; the next commit records it in the manifest.
+            self.db.executescript(KEYWORD_SCHEMA)
+            self.db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild')")
+            self.db.commit()
+            self.dirty = True
         self.hnsw = hnswlib.Index(space="cosine", dim=embedder.dim)
         capacity = max(1024, self.next_label)
         if old and old.get("capacity_used"):
@@ -349,7 +410,6 @@ class IndexWriter:
             self.hnsw.init_index(max_elements=capacity, M=settings.M, ef_construction=settings.ef_construction,
                                  random_seed=seed, allow_replace_deleted=True)
         self.hnsw.set_num_threads(1)  # one thread: the same inputs give the same graph (determinism)
-        self.dirty = False
         self.committed_generations = 0
 
     # ------------------------------------------------------------------ state
@@ -458,6 +518,10 @@ class IndexWriter:
             "documents": n_documents,
             "next_label": self.next_label,
             "capacity_used": self.hnsw.get_current_count(),
+            "keyword": KEYWORD_INDEX,
+            # Document keys are file paths as given to `index`: relative ones are relative to this folder (the
+            # server finds the indexed files by it to serve them).
+            "root": os.getcwd(),
             "files": {"vectors": self.vectors_path.name, "chunks": self.db_path.name},
         }
         write_json(self.folder / MANIFEST, manifest)
@@ -534,8 +598,8 @@ def _unchanged_report(paths: list[str], out: str, manifest: dict, settings: Sett
                       text_field: str, id_field: str, skip_invalid: bool) -> IndexReport | None:
     """The report of a re-index that would change nothing (same settings, same documents, same texts), read
     from the committed index without loading the embedder; None as soon as anything differs."""
-    if Settings(**manifest["settings"]) != settings:
-        return None
+    if Settings(**manifest["settings"]) != settings or not manifest.get("keyword"):
+        return None  # (an index built before keyword search is rebuilt with its FTS table)
     db = sqlite3.connect(f"file:{Path(out) / manifest['files']['chunks']}?mode=ro", uri=True)
     try:
         known = {k: h for k, h in db.execute("SELECT key, content_hash FROM documents")}

@@ -112,9 +112,12 @@ def with_sources(messages: list[dict], passages: list[dict]) -> list[dict]:
     return [grounded[0], *history, grounded[1], *messages[last + 1:]]
 
 
-def source_records(passages: list[dict]) -> list[dict]:
+def source_records(passages: list[dict], documents=None) -> list[dict]:
+    from probllm.rag.retrieve import citation, location
+
     return [{"n": i, "id": p.get("id"), "score": p.get("score"), "text": p.get("text"), "source": p.get("source"),
-             "heading": p.get("heading")} for i, p in enumerate(passages, 1)]
+             "heading": p.get("heading"), "page": p.get("page"), "location": location(p), "citation": citation(p),
+             "document": documents.link(p) if documents else None} for i, p in enumerate(passages, 1)]
 
 
 class ThreadRetriever:
@@ -135,7 +138,7 @@ class ThreadRetriever:
 
 
 def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: ThreadRetriever | None = None,
-               top_k: int = 4, static_dir: Path | None = None):
+               top_k: int = 4, static_dir: Path | None = None, documents=None):
     """The FastAPI app around an `HFLM` (loaded by the caller, or on the first request)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -205,6 +208,9 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
 
     # ------------------------------------------------------------------------------------------- routes
 
+    if documents is not None:  # the indexed files, for the page's source links (probllm/serve/documents.py)
+        app.include_router(documents.router(check_key))
+
     @app.get("/", include_in_schema=False)
     async def index():
         page = static_dir / "index.html"
@@ -251,7 +257,7 @@ def create_app(lm, model_name: str, *, api_key: str | None = None, retriever: Th
             if not passages or len(prompt_ids) + room_for_answer <= lm.max_length:
                 break
             passages = passages[:-1]
-        sources = source_records(passages)
+        sources = source_records(passages, documents)
         params = fit(prompt_ids, params, DEFAULT_MAX_TOKENS)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())

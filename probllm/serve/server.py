@@ -14,7 +14,7 @@ API_KEY_ENV = "PROBLLM_API_KEY"
 
 
 def serve(*, model: str | None, adapter: str | None = None, index: str | None = None, top_k: int = 4,
-          embedder: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          embedder: str | None = None, search: str = "hybrid", reranker: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, batch_size: int = 8, max_wait_ms: float = 5.0,
           dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> None:
     import uvicorn
@@ -31,14 +31,17 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
     lm = HFLM(model, adapter=adapter, batch_size=batch_size, dtype=dtype, device=device,
               max_wait=max_wait_ms / 1000, trust_remote_code=trust_remote_code,
               spare_core_when_batched=True).load()
-    retriever = None
+    retriever = documents = None
     if index:
         from probllm.rag.retrieve import Retriever
         from probllm.serve.app import ThreadRetriever
 
-        retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder))
+        from probllm.serve.documents import Documents
+
+        retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder, search=search, reranker=reranker))
+        documents = Documents.from_index(index)
     name = served_model_name or model_label(model)
-    app = create_app(lm, name, api_key=api_key, retriever=retriever, top_k=top_k)
+    app = create_app(lm, name, api_key=api_key, retriever=retriever, top_k=top_k, documents=documents)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -235,11 +235,9 @@
       num.textContent = String(n);
       const heading = document.createElement("span");
       heading.className = "heading";
-      heading.textContent = s.heading || s.source || s.id || "passage";
-      const where = document.createElement("span");
-      where.className = "where";
-      where.textContent = s.source || "";
-      summary.append(num, heading, where);
+      heading.textContent = s.heading || (s.location ? "" : s.source || s.id || "passage");
+      summary.append(num, sourceLocation(s), heading);
+      if (s.citation) summary.title = s.citation;
       const passage = document.createElement("div");
       passage.className = "passage";
       details.append(summary, passage);
@@ -254,6 +252,58 @@
       list.appendChild(li);
     });
     section.hidden = false;
+  }
+
+  // ------------------------------------------------------------------------------------- citations
+
+  // `file, p. N` of a source (the server formats it: `location`, and `citation` with the heading), as a link to
+  // the indexed file at that page when the server serves it (`document`: documents/ID#page=N).
+  function sourceLocation(s) {
+    const text = s.location || s.source || "";
+    if (!s.document) {
+      const where = document.createElement("span");
+      where.className = "where";
+      where.textContent = text;
+      return where;
+    }
+    const link = document.createElement("a");
+    link.className = "where";
+    link.href = s.document;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = text;
+    link.title = "Open " + (s.citation || text);
+    link.addEventListener("click", (event) => {
+      event.stopPropagation(); // opening the file does not fold the passage
+      openDocument(event, link);
+    });
+    return link;
+  }
+
+  // With an API key, a plain link cannot send it: fetch the file with the key and open it from memory at the
+  // same page anchor. Without a key the browser follows the link itself.
+  async function openDocument(event, link) {
+    if (!sessionStorage.getItem(KEY_STORAGE)) return;
+    event.preventDefault();
+    const [path, anchor] = link.getAttribute("href").split("#");
+    const opened = window.open("", "_blank");
+    try {
+      const response = await api(path, { method: "GET" });
+      const url = URL.createObjectURL(await response.blob());
+      if (opened) opened.location.href = url + (anchor ? "#" + anchor : "");
+    } catch (e) {
+      if (opened) opened.close();
+    }
+  }
+
+  // The `[n]` markers of an answer: each names its source on hover (`file, p. N > heading`).
+  function labelCitations(msgEl, sources) {
+    if (!Array.isArray(sources)) return;
+    const byNumber = new Map(sources.map((s, i) => [String(s.n || i + 1), s]));
+    msgEl.querySelectorAll(".answer .cite").forEach((cite) => {
+      const s = byNumber.get(cite.dataset.n);
+      if (s && s.citation) cite.title = "Source " + cite.dataset.n + ": " + s.citation;
+    });
   }
 
   // Chunks start with their section's title, which the summary line shows already.
@@ -305,9 +355,11 @@
     let text = "";
     let chunks = 0;
     let pending = false;
+    let sources = null;
     const paint = () => {
       pending = false;
       renderInto(answerEl, text);
+      labelCitations(msgEl, sources);
       scrollToEnd();
     };
     const schedule = () => {
@@ -323,7 +375,7 @@
       });
       answerEl.dataset.state = "streaming";
       for await (const event of sseEvents(response)) {
-        if (event.sources) showSources(msgEl, event.sources);
+        if (event.sources) { sources = event.sources; showSources(msgEl, sources); }
         if (event.error) throw new HttpError(500, event.error.message || "the server reported an error");
         const choice = event.choices && event.choices[0];
         const delta = choice && choice.delta && choice.delta.content;
