@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
-from probllm.cli.choices import Dtype, LetterMethod, value
+from probllm.cli.app import InputFiles, InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
+from probllm.cli.choices import Dtype, LetterMethod, SearchMode, value
 from probllm.cli.groups import uses
 from probllm.cli.options import ENDPOINT, RETRIEVAL, backend_config, retrieval_settings
+from probllm.rag.search import SEARCH_MODES
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(
@@ -240,3 +241,58 @@ def ask_command(
                 append_records(answers, str(output), stats)
             else:
                 write_records(answers, stats)
+
+
+@app.command("rag-eval")
+@uses(RETRIEVAL.without("search"))
+def rag_eval_command(
+    files: InputFiles = None,
+    index: Annotated[str, typer.Option("--index", help="Index folder built by `probllm index`.")] = ...,
+    search: Annotated[Optional[list[SearchMode]], typer.Option(
+        "--search", help="Search modes to compare (repeat) [default: every mode].", show_default=False)] = None,
+    k: KOpt = 5,
+    field: QuestionField = "question",
+    source_field: Annotated[str, typer.Option("--source-field", help="Record field naming the file (or list of "
+                                              "files) that holds the answer; a name or a path ending.")] = "source",
+    pages_field: Annotated[str, typer.Option("--pages-field", help="Record field with the answer's pages "
+                                             "(1-based; optional per record).")] = "pages",
+    limit: Limit = None,
+    embedder: EmbedderOpt = None,
+    ef: EfOpt = None,
+    retrieval: dict = None,
+    summary: SummaryFile = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Check an index before students use it: hit@k and MRR of each search mode, by file and by page.
+
+    Each question record names its answer's `source` (file name or path ending, or a list) and optionally its
+    `pages`. One record per question and mode goes to stdout (with `file_rank`, `page_rank` and the hits), the
+    table to stderr, the figures to --summary. With --reranker, every mode is also measured reranked.
+
+        probllm rag-eval examples/rag-questions.jsonl --index notes.idx -k 3
+        probllm rag-eval --index notes.idx -i questions.jsonl --search hybrid \\
+            --reranker cross-encoder/ms-marco-MiniLM-L6-v2 --summary rag-eval.json
+    """
+    from probllm.io import log, read_records, write_records
+    from probllm.rag.rageval import evaluate_retrieval, metrics_table
+    from probllm.rag.retrieve import Retriever
+
+    modes = [value(m) for m in search] if search else list(SEARCH_MODES)
+    with command("rag-eval", summary_file=summary) as stats:
+        # One retriever (one embedder load) for every mode: keyword alone needs no embedder.
+        retriever = Retriever(index, embedder=embedder, ef=ef, search="keyword" if modes == ["keyword"] else "hybrid",
+                              reranker=retrieval["reranker"])
+        if not retriever.index.has_keyword:
+            modes = ["dense"]  # the retriever said why, once
+        runs = [(m, False) for m in modes] + ([(m, True) for m in modes] if retriever.reranker else [])
+        tallies: dict = {}
+        records = read_records(files, stats=stats, skip_invalid=skip_invalid, limit=limit)
+        write_records(evaluate_retrieval(records, retriever, runs, tallies, stats, k=k, field=field,
+                                         source_field=source_field, pages_field=pages_field,
+                                         skip_invalid=skip_invalid), stats)
+        reranker = retriever.reranker.name if retriever.reranker else None
+        log(f"rag-eval of {index} (embedder {retriever.index.embedder_name}"
+            f"{', reranker ' + reranker if reranker else ''}), top {k}:\n{metrics_table(tallies, k)}")
+        stats.figures.update({"k": k, "index": str(index), "embedder": retriever.index.embedder_name,
+                              "reranker": reranker,
+                              "retrieval": {label: t.figures() for label, t in tallies.items()}})

@@ -51,23 +51,29 @@ class Retriever:
                  "hybrid": f"hybrid (dense {self.index.embedder_name} + BM25, RRF)"}[self.mode]
         return parts + (f", reranked by {self.reranker.name}" if self.reranker else "")
 
-    def search(self, queries: list[str], k: int) -> list[list[dict]]:
+    def search(self, queries: list[str], k: int, mode: str | None = None, rerank: bool = True) -> list[list[dict]]:
+        """Hits for each query, best first. `mode` and `rerank` override the retriever's own for one call
+        (`rag-eval` compares the modes with one loaded retriever)."""
         if not queries:
             return []
+        mode = mode or self.mode
+        reranker = self.reranker if rerank else None
+        if mode != "dense" and not self.index.has_keyword or mode != "keyword" and self.embedder is None:
+            raise UsageError(f"--search {mode} is not available with this retriever ({self.describe()})")
         # Fusion and reranking choose among more candidates than they return.
-        n = candidates_for(k) if self.mode == "hybrid" or self.reranker else k
+        n = candidates_for(k) if mode == "hybrid" or reranker else k
         dense = keyword = None
-        if self.mode in ("dense", "hybrid"):
+        if mode in ("dense", "hybrid"):
             dense = self.index.search(self.embedder.embed(queries), k=n, ef=self.ef)
-        if self.mode in ("keyword", "hybrid"):
+        if mode in ("keyword", "hybrid"):
             keyword = self.index.keyword_search(queries, k=n)
         results = []
         for i, query in enumerate(queries):
-            if self.mode == "hybrid":
+            if mode == "hybrid":
                 hits = reciprocal_rank_fusion([dense[i], keyword[i]])[:n]
             else:
                 hits = (dense or keyword)[i]
-            hits = self.reranker.rerank(query, hits, k) if self.reranker else hits[:k]
+            hits = reranker.rerank(query, hits, k) if reranker else hits[:k]
             results.append(hits)
         return results
 
