@@ -17,6 +17,9 @@ def test_ranks_by_file_and_by_page():
     assert first_rank(hits, expected, by_page=False) == 2
     assert first_rank(hits, expected, by_page=True) == 3
     assert first_rank(hits, Expected("q", ["ecture3.pdf"], None), by_page=False) is None  # whole names only
+    by_file = parse_expected({"question": "q", "source": ["intro.pdf", "lecture3.pdf"],
+                              "pages": {"intro.pdf": [2], "lecture3.pdf": [9]}})
+    assert first_rank(hits, by_file, by_page=True) == 1 and first_rank(hits[1:], by_file, by_page=True) is None
     assert same_file("notes/week3/lecture3.pdf", "week3/lecture3.pdf") and same_file("a.md", "./a.md")
     tally = Tally()
     tally.add(2, 3, True)
@@ -34,6 +37,8 @@ def test_bad_expectations_name_the_field():
     with pytest.raises(RecordError, match="pages"):
         parse_expected({"question": "q", "source": "a.pdf", "pages": [0]})
     assert parse_expected({"question": "q", "source": "a.pdf", "pages": 3}).pages == {3}
+    with pytest.raises(RecordError, match="b.pdf"):
+        parse_expected({"question": "q", "source": "a.pdf", "pages": {"b.pdf": [1]}})
 
 
 def test_rag_eval_cli_on_the_notes_index(notes_index, tmp_path):

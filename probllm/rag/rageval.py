@@ -2,7 +2,9 @@
 before opening it to students.
 
 Each question record names where its answer is: `source` (a file name, a path ending, or a list of them) and
-optionally `pages` (1-based page numbers of a paged format: a PDF page, a slide). For every search mode (and with
+optionally `pages` (1-based page numbers of a paged format: a PDF page, a slide), either one list for every
+source or a mapping from each source to its pages (`{"notes.pdf": [57], "lecture7.pdf": [15, 16]}`: the
+same answer in the notes and on the slides). For every search mode (and with
 the reranker) the top-k passages are retrieved and the rank of the first passage from an expected file (file
 level) and from an expected file at an expected page (page level) is recorded. Reported per mode:
 
@@ -29,7 +31,7 @@ from probllm.records import parsed_batches
 class Expected:
     question: str
     sources: list[str]
-    pages: set[int] | None
+    pages: set[int] | dict[str, set[int]] | None  # for every source, or by source
 
 
 def parse_expected(rec: dict, field: str = "question", source_field: str = "source",
@@ -44,13 +46,24 @@ def parse_expected(rec: dict, field: str = "question", source_field: str = "sour
         raise RecordError("missing: the file (or list of files) holding the answer", field=source_field)
     pages = rec.get(pages_field)
     if pages is not None:
-        if isinstance(pages, int) and not isinstance(pages, bool):
-            pages = [pages]
-        if not isinstance(pages, list) or not pages or not all(
-                isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in pages):
-            raise RecordError("must be a page number or a list of them (1-based)", field=pages_field)
-        pages = set(pages)
+        if isinstance(pages, dict):  # the same answer at other pages of other files (slides and notes)
+            unknown = set(pages) - set(sources)
+            if unknown:
+                raise RecordError(f"names a file not in '{source_field}': {sorted(unknown)[0]}", field=pages_field)
+            pages = {name: _page_set(v, pages_field) for name, v in pages.items()}
+        else:
+            pages = _page_set(pages, pages_field)
     return Expected(question, sources, pages)
+
+
+def _page_set(pages, field: str) -> set[int]:
+    if isinstance(pages, int) and not isinstance(pages, bool):
+        pages = [pages]
+    if not isinstance(pages, list) or not pages or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in pages):
+        raise RecordError("must be a page number or a list of them (1-based), or a mapping of files to those",
+                          field=field)
+    return set(pages)
 
 
 def same_file(hit_source: str, expected: str) -> bool:
@@ -63,10 +76,12 @@ def same_file(hit_source: str, expected: str) -> bool:
 
 def first_rank(hits: list[dict], expected: Expected, by_page: bool) -> int | None:
     for rank, hit in enumerate(hits, 1):
-        if not any(same_file(str(hit.get("source", "")), s) for s in expected.sources):
-            continue
-        if not by_page or hit.get("page") in expected.pages:
-            return rank
+        for source in expected.sources:
+            if not same_file(str(hit.get("source", "")), source):
+                continue
+            pages = expected.pages.get(source, set()) if isinstance(expected.pages, dict) else expected.pages
+            if not by_page or hit.get("page") in pages:
+                return rank
     return None
 
 
