@@ -180,7 +180,7 @@ def test_retrieve_finds_the_passage_a_question_was_written_from(tmp_path, cli, e
     top1 = 0
     for rec, (_, heading) in zip(run.records, QUESTIONS):
         assert rec["keep"] == int(rec["id"][1:])  # input fields kept
-        assert [set(c) for c in rec["context"]] == [{"id", "score", "text", "source", "heading"}] * 3
+        assert [set(c) for c in rec["context"]] == [{"id", "score", "text", "source", "heading", "page"}] * 3
         headings = [c["heading"] for c in rec["context"]]
         assert heading in headings, (rec["question"], headings)
         top1 += headings[0] == heading

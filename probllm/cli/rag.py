@@ -31,8 +31,9 @@ hidden_aliases("ask", field="--question-field")
 
 @app.command("index")
 def index_command(
-    paths: Annotated[list[str], typer.Argument(help="Notes: markdown/text files, folders of them, or JSONL/JSON "
-                                                    "records with a text field.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(help="Course material: markdown/text, PDF, .pptx, .ipynb, .tex or "
+                                                    "HTML files, folders of them, or JSONL/JSON records with a "
+                                                    "text field.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Index folder (created, or updated in place).",
                                       show_default=False)],
     embedder: EmbedderOpt = None,
@@ -51,14 +52,17 @@ def index_command(
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
-    """Build or update a vector index of course notes (hnswlib + SQLite sidecar).
+    """Build or update a vector index of course material (hnswlib + SQLite sidecar).
 
     The index mirrors PATHS: run it again with the same paths and only new or changed documents are embedded,
     documents no longer there are removed; an interrupted run leaves the previous index usable. Front matter,
     HTML and Liquid markup are cleaned; chunks follow headings and paragraphs, never splitting code or math.
-    PDF is not read (no PDF library is installed): convert it to text first.
+    PDFs and slides keep their page numbers (each chunk's `page`); running headers, footers and page numbers
+    are left out; pages with no text (scans) are named on stderr. A file that cannot be read (corrupt,
+    encrypted) is an error, or counted and skipped with --skip-invalid; a run that read no document fails.
 
         probllm index examples/notes -o runs/demo/notes.idx
+        probllm index lectures/ slides/week1.pptx notebooks/ -o course.idx --skip-invalid
         probllm index 'notes/*/*.md' ~/lectures.jsonl --text-field body -o notes.idx
     """
     from probllm.rag.index import build_index
@@ -92,9 +96,9 @@ def retrieve_command(
 ) -> None:
     """Find the passages of an index that answer a question, as JSONL.
 
-    One record per passage (`id`, `score`, `text`, `source`, `heading`, `rank`, offsets), or with `--attach`
-    the input records with a `context` list, which `eval --context context` and `ask` read. Passages are
-    found by embeddings and by keywords (BM25) fused (`--search hybrid`, the default), or by either alone.
+    One record per passage (`id`, `score`, `text`, `source`, `heading`, `page`, `rank`, offsets), or with
+    `--attach` the input records with a `context` list, which `eval --context context` and `ask` read. Passages
+    are found by embeddings and by keywords (BM25) fused (`--search hybrid`, the default), or by either alone.
 
         probllm retrieve --index notes.idx "Worst case of heapsort?" -k 3
         probllm retrieve --index notes.idx "Master theorem" --search keyword

@@ -48,6 +48,7 @@ class Block:
     heading: tuple[str, ...] = ()
     level: int = 0  # heading level for headings
     tokens: int = 0
+    page: int | None = None  # 1-based page (PDF page, slide) for paged formats
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Chunk:
     tokens: int
     position: int = 0
     metadata: dict = field(default_factory=dict)
+    page: int | None = None  # the page the chunk starts on (paged formats)
 
     @property
     def heading_path(self) -> str:
@@ -341,7 +343,7 @@ def _piece(text: str, block: Block, span: tuple[int, int], markdown: bool) -> Bl
         lines = [l for l in body.splitlines() if not FENCE_OPEN.match(l) and not LIQUID_HIGHLIGHT_OPEN.match(l)
                  and not LIQUID_HIGHLIGHT_CLOSE.match(l)]
         body = "```\n" + "\n".join(lines) + "\n```" if any(l.strip() for l in lines) else ""
-    return Block(kind, span[0], span[1], body, block.heading, block.level)
+    return Block(kind, span[0], span[1], body, block.heading, block.level, page=block.page)
 
 
 # ----------------------------------------------------------------------------------------------------- chunks
@@ -353,13 +355,16 @@ def chunk_document(
     chunk_tokens: int = 200,
     overlap: int = 40,
     markdown: bool = True,
+    blocks: list[Block] | None = None,
 ) -> list[Chunk]:
     """Chunks of one document, in order. `count` maps a list of strings to their token counts (batched, so a
-    fast tokenizer does one call per block list)."""
+    fast tokenizer does one call per block list). `blocks`, when given, are the document's blocks already (an
+    extracted PDF or deck: offsets into `text`, pages set); else `text` is parsed."""
     if chunk_tokens < 8:
         raise ValueError("chunk_tokens must be at least 8")
     overlap = max(0, min(overlap, chunk_tokens // 2))
-    blocks = parse_blocks(text, markdown=markdown)
+    blocks = parse_blocks(text, markdown=markdown) if blocks is None else [
+        Block(b.kind, b.start, b.end, b.text, b.heading, b.level, page=b.page) for b in blocks]
     if not blocks:
         return []
     for b, k in zip(blocks, count([b.text for b in blocks])):
@@ -406,7 +411,7 @@ def _pack(units: list[Block], budget: int, overlap: int, count: TokenCounter, te
     def emit() -> None:
         body = "\n\n".join(u.text for u in current)
         heading = next((u.heading for u in reversed(current) if u.heading), ())
-        out.append(Chunk(body, heading, current[0].start, current[-1].end, used))
+        out.append(Chunk(body, heading, current[0].start, current[-1].end, used, page=current[0].page))
 
     for u in units:
         if not u.text:
@@ -450,7 +455,7 @@ def _overlap_tail(units: list[Block], overlap: int, count: TokenCounter, text: s
                 start = a
             body = _block_text(text, "text", start, u.end, markdown) if start is not None else ""
             if body:
-                tail.insert(0, Block("text", start, u.end, body, u.heading, 0, overlap - room))
+                tail.insert(0, Block("text", start, u.end, body, u.heading, 0, overlap - room, u.page))
         break
     return tail
 

@@ -6,7 +6,7 @@ An index is a folder:
       manifest.json          written LAST, atomically: names the current generation's files, the embedder
                              (name + dimension), the chunking and hnswlib settings, counts
       vectors.<gen>.bin      hnswlib index; integer labels
-      chunks.<gen>.sqlite    sidecar: label -> chunk id, text, source, heading, offsets; documents -> content hash
+      chunks.<gen>.sqlite    sidecar: label -> chunk id, text, source, heading, page, offsets; documents -> hash
 
 Updating never touches the files the manifest names. It copies the sidecar to the next generation's name,
 applies the changes there and in memory, writes `vectors.<gen+1>.bin`, and only then replaces the manifest
@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Iterator
 
 from probllm.io import Interrupted, RecordError, Stats, UsageError, expand_paths, log, progress, read_records, \
     require, write_json
-from probllm.rag.chunk import Chunk, chunk_document, token_counter
+from probllm.rag.chunk import Block, Chunk, chunk_document, token_counter
+from probllm.rag.extract import EXTRACTION_VERSION, EXTRACTORS, ExtractError, extractor_for
 
 FORMAT = "probllm-rag-index/1"
 MANIFEST = "manifest.json"
@@ -43,6 +44,7 @@ TEXT_SUFFIXES = {".md": True, ".markdown": True, ".mdx": True, ".txt": False, ".
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")
 GENERATION_FILE = re.compile(r"^(vectors\.\d+\.bin|chunks\.\d+\.sqlite(-journal|-wal|-shm)?)$")
 DEFAULT_EMBEDDER_LABEL = "all-MiniLM-L6-v2"
+SUPPORTED = "markdown, text, JSONL, JSON, " + ", ".join(dict.fromkeys(e.label for e in EXTRACTORS.values()))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -60,11 +62,25 @@ CREATE TABLE IF NOT EXISTS chunks (
   position INTEGER NOT NULL,
   text TEXT NOT NULL,
   heading TEXT NOT NULL,
-  start INTEGER NOT NULL,        -- character offsets into the original document
-  end INTEGER NOT NULL
+  start INTEGER NOT NULL,        -- character offsets into the original document (an extracted one: its text)
+  end INTEGER NOT NULL,
+  page INTEGER                   -- 1-based page (PDF page, slide number); NULL for unpaged formats
 );
 CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_key);
 """
+CHUNK_COLUMNS = ("label", "chunk_id", "doc_key", "chunk_hash", "position", "text", "heading", "start", "end", "page")
+
+
+def has_page_column(db: sqlite3.Connection) -> bool:
+    """Indexes built before pages were recorded have no `page` column: they still load (pages read as None)."""
+    return any(row[1] == "page" for row in db.execute("PRAGMA table_info(chunks)"))
+
+
+def upgrade_schema(db: sqlite3.Connection) -> None:
+    """Bring a sidecar copied from an older generation to the current schema (in the new generation's copy only:
+    the committed files are never written)."""
+    if not has_page_column(db):
+        db.execute("ALTER TABLE chunks ADD COLUMN page INTEGER")
 
 # Keyword search (BM25): an FTS5 index over the chunk texts and headings, stored in the same sidecar and kept in
 # step with `chunks` by triggers, so it changes in the very transactions (and generations) that change the chunks.
@@ -180,6 +196,7 @@ class RagIndex:
         db_path = Path(folder) / manifest["files"]["chunks"]
         self.db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         self.db.row_factory = sqlite3.Row
+        self.page_column = "c.page" if has_page_column(self.db) else "NULL"  # an index from before pages
 
     @property
     def embedder_name(self) -> str:
@@ -190,7 +207,7 @@ class RagIndex:
 
     def search(self, vectors, k: int, ef: int | None = None) -> list[list[dict]]:
         """Top-k chunks for each query vector: dicts with id, score (cosine similarity), text, source, heading,
-        start, end; best first."""
+        page (None for unpaged formats), start, end; best first."""
         if self.count == 0:
             return [[] for _ in range(len(vectors))]
         k = max(1, min(k, self.count))
@@ -242,7 +259,7 @@ class RagIndex:
     def _hit(r: sqlite3.Row, score: float) -> dict:
         return {"id": r["chunk_id"], "score": score, "text": r["text"], "source": r["source"],
                 "heading": r["heading"], "start": r["start"], "end": r["end"],
-                "page": r["page"] if "page" in r.keys() else None}
+                "page": r["page"]}
 
     def documents(self) -> list[dict]:
         """The indexed documents: key, source, and the file they were read from (None for JSONL records)."""
@@ -257,7 +274,8 @@ class RagIndex:
         out: dict[int, sqlite3.Row] = {}
         for i in range(0, len(labels), 500):
             part = labels[i:i + 500]
-            q = ("SELECT c.*, d.source FROM chunks c "
+            q = (f"SELECT c.label, c.chunk_id, c.text, c.heading, c.start, c.end, {self.page_column} AS page, "
+                 "d.source FROM chunks c "
                  f"JOIN documents d ON d.key = c.doc_key WHERE c.label IN ({','.join('?' * len(part))})")
             for r in self.db.execute(q, part):
                 out[int(r["label"])] = r
@@ -277,6 +295,20 @@ class Document:
     text: str
     markdown: bool
     metadata: dict
+    blocks: list[Block] | None = None  # a paged format's extracted blocks (with pages); else `text` is parsed
+    extracted: bool = False  # read through an extractor (its version is part of the content hash)
+    pages: int = 0  # pages (slides) of a paged format
+    scanned: tuple[int, ...] = ()  # its pages that hold images but no text
+
+
+def note_pages(doc: Document, stats: Stats) -> None:
+    """Pages are counted, and pages without text named, once per run for each document read."""
+    if doc.pages:
+        stats.notes["pages"] = stats.notes.get("pages", 0) + doc.pages
+    if doc.scanned:
+        log(f"{stats.command}: scanned or image-only (no text to index): {doc.source} p. "
+            f"{', '.join(map(str, doc.scanned))}")
+        stats.notes["scanned pages"] = stats.notes.get("scanned pages", 0) + len(doc.scanned)
 
 
 def _norm_path(path: str) -> str:
@@ -295,19 +327,15 @@ def iter_documents(paths: Iterable[str], stats: Stats, text_field: str = "text",
     in folders counted, an unsupported file named on its own is an error."""
 
     def skip_unsupported(path: str) -> None:
-        stats.skip("PDF (no PDF library installed)" if path.lower().endswith(".pdf")
-                   else f"unsupported file type {Path(path).suffix or '(none)'}")
+        stats.skip(f"unsupported file type {Path(path).suffix or '(none)'}")
 
-    suffixes = tuple(JSONL_SUFFIXES) + tuple(TEXT_SUFFIXES)
+    suffixes = tuple(JSONL_SUFFIXES) + tuple(TEXT_SUFFIXES) + tuple(EXTRACTORS)
     for given in expand_paths(paths, suffixes=suffixes, on_other=skip_unsupported):
         if given == "-":
             raise UsageError("index reads notes from files or folders, not stdin")
         kind = _file_kind(given)
         if kind is None:
-            if given.lower().endswith(".pdf"):
-                raise UsageError(f"{given}: PDF is not supported (no PDF library is installed); "
-                                 f"convert it to text or markdown first")
-            raise UsageError(f"{given}: unsupported file type (markdown, text, JSONL or JSON)")
+            raise UsageError(f"{given}: unsupported file type (one of: {SUPPORTED})")
         yield from _file_documents(given, kind, stats, text_field, id_field, skip_invalid)
 
 
@@ -315,6 +343,8 @@ def _file_kind(path: str) -> str | None:
     low = path.lower()
     if low.endswith(JSONL_SUFFIXES):
         return "records"
+    if extractor_for(low) is not None:
+        return "extract"
     suffix = os.path.splitext(low)[1]
     if suffix in TEXT_SUFFIXES:
         return "markdown" if TEXT_SUFFIXES[suffix] else "text"
@@ -337,6 +367,11 @@ def _file_documents(path: str, kind: str, stats: Stats, text_field: str, id_fiel
             yield Document(key, key, text, True, meta)
         return
     stats.read += 1
+    if kind == "extract":
+        doc = _extracted_document(path, stats, skip_invalid)
+        if doc is not None:
+            yield doc
+        return
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             text = fh.read()
@@ -348,12 +383,35 @@ def _file_documents(path: str, kind: str, stats: Stats, text_field: str, id_fiel
     yield Document(key, key, text, kind == "markdown", {})
 
 
+def _extracted_document(path: str, stats: Stats, skip_invalid: bool) -> Document | None:
+    """A PDF, deck, notebook, LaTeX or HTML file through its extractor. A file that cannot be read is one error
+    line naming it (counted and skipped with --skip-invalid); its pages without text are noted by the run
+    (`note_pages`)."""
+    extractor = extractor_for(path)
+    try:
+        got = extractor.read(path)
+    except ExtractError as e:
+        stats.reject(RecordError(str(e), source=path), skip_invalid=skip_invalid)
+        return None
+    except UnicodeDecodeError:
+        stats.reject(RecordError("not UTF-8 text", source=path), skip_invalid=skip_invalid)
+        return None
+    key = _norm_path(path)
+    return Document(key, key, got.text, got.markdown, {}, blocks=got.blocks, extracted=True, pages=got.pages,
+                    scanned=tuple(got.scanned))
+
+
 def content_hash(doc: Document, settings: Settings) -> str:
     h = hashlib.sha256()
     h.update(settings.chunking_key().encode())
     h.update(b"\0markdown" if doc.markdown else b"\0text")
+    if doc.extracted:
+        h.update(f"\0extracted/{EXTRACTION_VERSION}".encode())
     h.update(b"\0")
     h.update(doc.text.encode("utf-8"))
+    for b in doc.blocks or ():
+        # Structure the text alone does not show: where headings and pages begin.
+        h.update(f"\0{b.kind}:{b.level}:{b.page}:{b.start}".encode())
     return h.hexdigest()
 
 
@@ -393,6 +451,7 @@ class IndexWriter:
             shutil.copyfile(self.folder / old["files"]["chunks"], self.db_path)
         self.db = sqlite3.connect(str(self.db_path))
         self.db.executescript(SCHEMA)
+        upgrade_schema(self.db)
         self.dirty = False
         if not (old or {}).get("keyword"):
             # A new index, or one built before keyword search: (re)build the FTS table from the chunks already
@@ -470,9 +529,10 @@ class IndexWriter:
                     while chunk_id in seen_ids:  # the same text twice in one document
                         chunk_id, n = f"{p.doc.key}#{h[:8]}-{n}", n + 1
                     seen_ids.add(chunk_id)
-                    self.db.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self.db.execute(f"INSERT INTO chunks ({', '.join(CHUNK_COLUMNS)}) "
+                                    f"VALUES ({', '.join('?' * len(CHUNK_COLUMNS))})",
                                     (label, chunk_id, p.doc.key, h, c.position, c.text, c.heading_path,
-                                     c.start, c.end))
+                                     c.start, c.end, c.page))
                 self.live += len(p.chunks)
         self.dirty = True
         return len(todo)
@@ -607,6 +667,7 @@ def _unchanged_report(paths: list[str], out: str, manifest: dict, settings: Sett
         db.close()
     scan = Stats(command=stats.command)
     seen: set[str] = set()
+    read: list[Document] = []
     for doc in iter_documents(paths, scan, text_field=text_field, id_field=id_field, skip_invalid=skip_invalid):
         if doc.key in seen:
             scan.skip("duplicate document key")
@@ -614,8 +675,11 @@ def _unchanged_report(paths: list[str], out: str, manifest: dict, settings: Sett
         if known.get(doc.key) != content_hash(doc, settings):
             return None
         seen.add(doc.key)
-    if seen != set(known):
+        read.append(Document(doc.key, doc.source, "", doc.markdown, {}, pages=doc.pages, scanned=doc.scanned))
+    if seen != set(known) or not seen:
         return None
+    for doc in read:
+        note_pages(doc, stats)
     stats.read += scan.read
     stats.skipped.update(scan.skipped)
     stats.invalid.update(scan.invalid)
@@ -627,6 +691,14 @@ def _unchanged_report(paths: list[str], out: str, manifest: dict, settings: Sett
         "embedder loaded": "no (nothing changed)",
     })
     return report
+
+
+def _reasons(stats: Stats) -> str:
+    """Why nothing was read: the skip and error counts of the run."""
+    counts = {**stats.skipped, **stats.invalid}
+    if not counts:
+        return f"no {SUPPORTED} file"
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def build_index(
@@ -706,13 +778,14 @@ def build_index(
                     stats.skip("duplicate document key")
                     continue
                 seen.add(doc.key)
+                note_pages(doc, stats)
                 doc_hash = content_hash(doc, settings)
                 if known.get(doc.key) == doc_hash:
                     report.unchanged += 1
                     advance()
                     continue
                 chunks = chunk_document(doc.text, embedder.count_tokens, settings.chunk_tokens, settings.overlap,
-                                        markdown=doc.markdown)
+                                        markdown=doc.markdown, blocks=doc.blocks)
                 is_update = doc.key in known
                 p = writer.plan(doc, doc_hash, chunks, is_update)
                 report.changed += is_update
@@ -731,6 +804,9 @@ def build_index(
                 report.chunks_embedded += writer.apply(pending)
                 advance(len(pending))
                 pending = []
+            if not seen:
+                raise UsageError(f"no document was read from {', '.join(paths)} ({_reasons(stats)}); "
+                                 + ("no index was written" if created else f"{out} is left as it was"))
             gone = sorted(set(known) - seen)
             report.removed = writer.remove(gone)
             report.documents = len(seen)

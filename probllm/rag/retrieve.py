@@ -2,7 +2,8 @@
 
 Output is either the chunks themselves (one record per hit: `id`, `score`, `text`, `source`, `heading`, plus
 `rank`, offsets and the query's record id) or, with `attach`, the input records with a `context` list of hits in
-the shared shape `{"id", "score", "text", "source", "heading"}`, ready for `eval --context context` and `ask`.
+the shared shape `{"id", "score", "text", "source", "heading", "page"}` (page: the 1-based PDF page or slide, null
+for unpaged formats), ready for `eval --context context` and `ask`.
 Records are embedded in small batches, so memory stays flat in the input size.
 """
 
@@ -16,7 +17,7 @@ from probllm.rag.index import Embedder, RagIndex
 from probllm.rag.search import DEFAULT_SEARCH, SEARCH_MODES, Reranker, candidates_for, reciprocal_rank_fusion
 from probllm.records import LETTERS, parse_mcq, parsed_batches
 
-CONTEXT_KEYS = ("id", "score", "text", "source", "heading")
+CONTEXT_KEYS = ("id", "score", "text", "source", "heading", "page")
 
 
 class Retriever:
@@ -28,6 +29,11 @@ class Retriever:
         if search not in SEARCH_MODES:
             raise UsageError(f"--search {search}: choose one of {', '.join(SEARCH_MODES)}")
         self.index = RagIndex(index_path)
+        if self.index.count == 0:
+            # An assistant on an empty index answers with no material and no sign of it: say so at start.
+            self.index.close()
+            raise UsageError(f"{index_path}: the index holds no passages (it was built from no document); index "
+                             f"the course material first: probllm index NOTES -o {index_path}")
         self.index.check_embedder(embedder)  # refuse another model before spending time loading it
         self.mode = search
         if search != "dense" and not self.index.has_keyword:
