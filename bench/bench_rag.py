@@ -9,17 +9,25 @@
    (one thread) for several ef values (target: recall >= 0.98 and p50 < 2 ms at 100k).
 3. `ask` time to first token with the default SmolLM2, with and without the notes index (model already loaded;
    retrieval, prompt building and the prefill count).
+4. Formats (`--sections formats`): PDF extraction pages/s of `probllm.rag.extract.read_pdf` (PDFium text plus
+   headings, header/footer and hyphen clean-up) against the raw extraction loops of pypdfium2 and pypdf on the same
+   real lecture PDFs (`--pdfs`, default /work/rag-pdfs/scicomp: see docs/rag.md for where they come from), the
+   text-quality counts behind the choice of PDFium, `probllm index` build time of those PDFs, and peak memory
+   of extraction and chunking for 1x and 4x as many files (flat: documents stream one at a time).
 
     flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_rag.py            # about 3-4 minutes on 2 cores
+    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_rag.py --sections formats   # about 2 minutes
     .venv/bin/python bench/bench_rag.py --sizes 10000 --quick                     # a smoke run
 
-Prints a markdown table and writes it to bench/results/rag.md.
+Prints markdown tables and writes them to bench/results/rag.md; each section sits between `<!-- section: NAME -->`
+markers, so a run of some `--sections` replaces only theirs and keeps the others' last results.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import platform
 import shutil
 import statistics
@@ -49,7 +57,7 @@ def bench_indexing(corpus: Path, repeats: int) -> dict:
     texts = []
     for doc in iter_documents([str(corpus)], Stats()):
         chunks = chunk_document(doc.text, embedder.count_tokens, settings.chunk_tokens, settings.overlap,
-                                markdown=doc.markdown)
+                                markdown=doc.markdown, blocks=doc.blocks)
         texts.extend(c.embed_text() for c in chunks)
     embedder.model.encode(texts[:128], batch_size=embedder.batch_size)  # warm-up (threads, allocator)
 
@@ -172,24 +180,201 @@ def bench_ask(runs: int, max_new_tokens: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------------ formats (PDF)
+
+DEFAULT_PDFS = Path("/work/rag-pdfs/scicomp")
+
+
+def _pdfium_raw(path: str) -> tuple[int, str]:
+    import pypdfium2 as pdfium
+
+    doc = pdfium.PdfDocument(path)
+    texts = [doc[i].get_textpage().get_text_range() for i in range(len(doc))]
+    doc.close()
+    return len(texts), "\n".join(texts)
+
+
+def _pypdf_raw(path: str) -> tuple[int, str]:
+    from pypdf import PdfReader
+
+    texts = [page.extract_text() or "" for page in PdfReader(path).pages]
+    return len(texts), "\n".join(texts)
+
+
+def _probllm_pdf(path: str) -> tuple[int, str]:
+    from probllm.rag.extract import read_pdf
+
+    got = read_pdf(path)
+    return got.pages, got.text
+
+
+def text_quality(text: str) -> dict:
+    """What the index would hold that a reader does not want: ligature code points, hyphens of line breaks
+    (a lowercase word broken by `-` at the end of a line), PDFium's hyphen marks, letters split by spaces."""
+    return {
+        "ligatures": sum(text.count(chr(c)) for c in range(0xFB00, 0xFB07)),
+        "hyphen breaks": len(re.findall(r"[a-z]-\n[a-z]", text)) + text.count("\ufffe"),
+        "chars": len(text),
+    }
+
+
+def bench_extraction(pdfs: list[Path], repeats: int) -> list[dict]:
+    rows = []
+    for label, fn in (("pypdfium2 raw loop (`get_text_range` per page)", _pdfium_raw),
+                      ("pypdf raw loop (`page.extract_text()` per page)", _pypdf_raw),
+                      ("`probllm` PDF extractor (pypdfium2 + headings, clean-up)", _probllm_pdf)):
+        best, pages, text = None, 0, ""
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = [fn(str(p)) for p in pdfs]
+            elapsed = time.perf_counter() - t
+            best = elapsed if best is None else min(best, elapsed)
+            pages, text = sum(n for n, _ in out), "\n".join(t for _, t in out)
+        rows.append({"label": label, "seconds": best, "pages": pages, "rate": pages / best, **text_quality(text)})
+    return rows
+
+
+def bench_pdf_index(pdfs: list[Path]) -> dict:
+    from probllm.io import Stats
+    from probllm.rag.index import Embedder, build_index
+
+    embedder = Embedder(None)
+    embedder.embed(["warm-up"] * 8)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rag-pdf-"))
+    try:
+        folder = tmp / "pdfs"
+        folder.mkdir()
+        for p in pdfs:
+            (folder / p.name).symlink_to(p)
+        stats = Stats(command="probllm index")
+        t = time.perf_counter()
+        report = build_index([str(folder)], str(tmp / "idx"), stats=stats, embedder=embedder)
+        elapsed = time.perf_counter() - t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"seconds": elapsed, "chunks": report.chunks_total, "documents": report.documents,
+            "pages": stats.notes.get("pages", 0)}
+
+
+MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from probllm.io import Stats
+from probllm.rag.chunk import chunk_document, token_counter
+from probllm.rag.index import iter_documents
+from types import SimpleNamespace
+from tokenizers import Tokenizer
+from probllm.models import resolve_embedder
+# The embedder's own tokenizer, without importing torch (whose 1 GB would hide what the documents cost).
+count = token_counter(SimpleNamespace(_tokenizer=Tokenizer.from_file(resolve_embedder(None) + "/tokenizer.json")))
+count(["warm-up"])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n = 0
+for doc in iter_documents([{folder!r}], Stats()):
+    n += len(chunk_document(doc.text, count, 200, 40, markdown=doc.markdown, blocks=doc.blocks))
+print(n, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(pdfs: list[Path], factors=(1, 4)) -> list[dict]:
+    """Peak memory of reading, extracting and chunking the PDFs, and of 4x as many files (the same PDFs under
+    other names): flat, since `iter_documents` yields one document at a time."""
+    import subprocess
+
+    rows = []
+    for factor in factors:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-rag-mem-"))
+        try:
+            for copy in range(factor):
+                for p in pdfs:
+                    (tmp / f"{copy}-{p.name}").symlink_to(p)
+            code = MEMORY_PROBE.format(root=str(ROOT), folder=str(tmp))
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            chunks, base_kb, peak_kb = map(int, out.stdout.split()[-3:])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rows.append({"files": factor * len(pdfs), "chunks": chunks, "base_mb": base_kb / 1024,
+                     "peak_mb": peak_kb / 1024})
+    return rows
+
+
+def formats_section(emit, pdf_dir: Path, repeats: int) -> None:
+    pdfs = sorted(pdf_dir.glob("*.pdf")) if pdf_dir.is_dir() else []
+    emit("## Formats: PDF extraction, on real lecture PDFs")
+    emit()
+    if not pdfs:
+        emit(f"_No PDFs in {pdf_dir} (pass --pdfs DIR): section not measured._")
+        return
+    ext = bench_extraction(pdfs, repeats)
+    reference = ext[0]["rate"]
+    emit(f"{len(pdfs)} PDFs, {ext[0]['pages']} pages ({pdf_dir}: lecture slides exported by LibreOffice and "
+         f"pdfTeX lecture notes, CC BY-SA 4.0; docs/rag.md names the repository); best of {repeats}.")
+    emit()
+    emit("| extraction | seconds | pages/s | vs pypdfium2 raw | ligature code points left | hyphenated line "
+         "breaks left | characters |")
+    emit("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in ext:
+        emit(f"| {r['label']} | {r['seconds']:.2f} | {r['rate']:.0f} | {r['rate'] / reference:.2f}x | "
+             f"{r['ligatures']} | {r['hyphen breaks']} | {r['chars']:,} |")
+    emit()
+    ix = bench_pdf_index(pdfs)
+    emit(f"`probllm index` of these PDFs into a new index (extract, chunk, embed with all-MiniLM-L6-v2, hnswlib, "
+         f"SQLite, commit): {ix['seconds']:.1f} s for {ix['pages']} pages, {ix['chunks']} chunks "
+         f"({ix['pages'] / ix['seconds']:.1f} pages/s; the embedder takes most of it).")
+    emit()
+    emit("| files | chunks | peak memory (MB) | before the first file (MB) | growth (MB) |")
+    emit("| ---: | ---: | ---: | ---: | ---: |")
+    for r in bench_memory(pdfs):
+        emit(f"| {r['files']} | {r['chunks']} | {r['peak_mb']:.0f} | {r['base_mb']:.0f} | "
+             f"{r['peak_mb'] - r['base_mb']:.0f} |")
+    emit()
+    emit("Peak memory of `iter_documents` + `chunk_document` (real tokenizer) in a fresh process; the 4x row reads "
+         "each PDF four times under other names.")
+
+
+def update_sections(path: Path, sections: dict[str, list[str]], order: list[str]) -> str:
+    """The results file with these sections replaced (or added), the other sections as they were."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = dict(re.findall(r"<!-- section: (\w+) -->\n(.*?)<!-- /section -->\n", old, re.S))
+    # A file from before sections keeps its text above them, until a run of every section rewrites it.
+    header = old.split("<!-- section:")[0] if kept else old
+    if set(sections) == set(order):
+        kept, header = {}, ""
+    kept.update({name: "\n".join(lines) + "\n" for name, lines in sections.items()})
+    header = header or "# Retrieval benchmarks (`bench/bench_rag.py`)\n\n"
+    names = [n for n in order if n in kept] + [n for n in kept if n not in order]
+    return header + "".join(f"<!-- section: {n} -->\n{kept[n]}<!-- /section -->\n" for n in names)
+
+
+SECTIONS = ("indexing", "ann", "ask", "formats")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"some of {', '.join(SECTIONS)}")
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--efs", default="10,20,40,80,160")
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--ef-construction", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pdfs", default=str(DEFAULT_PDFS), help="folder of real lecture PDFs (formats section)")
     ap.add_argument("--quick", action="store_true", help="fewer queries, no repeats: a smoke run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rag.md"))
     args = ap.parse_args()
     if args.quick:
         args.queries, args.repeats = 200, 1
+    wanted = [s for s in args.sections.split(",") if s]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        ap.error(f"--sections: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
 
     shared = ROOT.parent / "shared" / "examples" / "corpus" / "cs231n"
     corpus = shared if shared.is_dir() else ROOT / "examples" / "notes"
-    lines = []
+    sections: dict[str, list[str]] = {}
+    lines: list[str] = []
 
     def emit(line: str = "") -> None:
         print(line, flush=True)
@@ -197,59 +382,75 @@ def main() -> None:
 
     import torch
 
-    emit("# Retrieval benchmarks (`bench/bench_rag.py`)")
-    emit()
-    emit(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
-         f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-         f"Shared, noisy VM: read orders of magnitude.")
-    emit()
+    machine = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+               f"{torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+               f"Shared, noisy VM: read orders of magnitude.")
 
-    ix = bench_indexing(corpus, args.repeats)
-    emit(f"## Indexing throughput ({ix['chunks']} chunks of {ix['corpus']}, all-MiniLM-L6-v2, batch 64, "
-         f"best of {args.repeats})")
-    emit()
-    emit("| pipeline | seconds | chunks/s | vs encode |")
-    emit("| --- | ---: | ---: | ---: |")
-    emit(f"| `SentenceTransformer.encode` (reference) | {ix['encode_s']:.2f} | {ix['encode_rate']:.0f} | 1.00x |")
-    emit(f"| `probllm index` (clean, chunk, embed, hnswlib, SQLite, commit) | {ix['index_s']:.2f} | "
-         f"{ix['index_rate']:.0f} | {ix['ratio']:.2f}x |")
-    emit()
+    def section(name: str) -> bool:
+        """Start section `name` if it was asked for (each section says when and where it was measured)."""
+        nonlocal lines
+        if name not in wanted:
+            return False
+        lines = sections.setdefault(name, [])
+        emit(f"_{machine}_")
+        emit()
+        return True
 
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    efs = [int(e) for e in args.efs.split(",") if e]
-    emit(f"## ANN search: hnswlib cosine, M={args.M}, ef_construction={args.ef_construction}, k={K}, "
-         f"{args.queries} queries, one query per call on one thread")
-    emit()
-    emit("Synthetic clustered 384-d unit vectors (n/100 topics, neighbours share a topic); recall@10 against "
-         "exact numpy search.")
-    emit()
-    emit("| vectors | build (s, all cores) | ef | recall@10 | p50 (ms) | p99 (ms) | exact numpy p50 (ms) |")
-    emit("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    chosen = {}
-    for n in sizes:
-        for r in bench_ann(n, args.queries, efs, args.M, args.ef_construction, args.seed):
-            emit(f"| {n:,} | {r['build_s']:.1f} | {r['ef']} | {r['recall']:.3f} | {r['p50']:.3f} | "
-                 f"{r['p99']:.3f} | {r['brute_p50']:.2f} |")
-            if r["recall"] >= 0.98 and n not in chosen:
-                chosen[n] = r
-    emit()
-    for n, r in chosen.items():
-        emit(f"- {n:,} vectors: smallest ef reaching recall >= 0.98 is {r['ef']} "
-             f"(recall {r['recall']:.3f}, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms).")
-    emit()
+    if section("indexing"):
+        ix = bench_indexing(corpus, args.repeats)
+        emit(f"## Indexing throughput ({ix['chunks']} chunks of {ix['corpus']}, all-MiniLM-L6-v2, batch 64, "
+             f"best of {args.repeats})")
+        emit()
+        emit("| pipeline | seconds | chunks/s | vs encode |")
+        emit("| --- | ---: | ---: | ---: |")
+        emit(f"| `SentenceTransformer.encode` (reference) | {ix['encode_s']:.2f} | {ix['encode_rate']:.0f} | 1.00x |")
+        emit(f"| `probllm index` (clean, chunk, embed, hnswlib, SQLite, commit) | {ix['index_s']:.2f} | "
+             f"{ix['index_rate']:.0f} | {ix['ratio']:.2f}x |")
+        emit()
 
-    a = bench_ask(runs=1 if args.quick else 3, max_new_tokens=32)
-    emit(f"## `ask` time to first token (SmolLM2-135M-Instruct, float32, greedy; model load {a['load_s']:.1f} s "
-         f"not included; median of {1 if args.quick else 3})")
-    emit()
-    emit("| mode | time to first token (s) | total for the answer (s) | answer tokens |")
-    emit("| --- | ---: | ---: | ---: |")
-    for label in ("with index", "without index"):
-        r = a[label]
-        emit(f"| {label} (k=4) | {r['ttft']:.2f} | {r['total']:.2f} | {r['tokens']:.0f} |" if label == "with index"
-             else f"| {label} | {r['ttft']:.2f} | {r['total']:.2f} | {r['tokens']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if section("ann"):
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        efs = [int(e) for e in args.efs.split(",") if e]
+        emit(f"## ANN search: hnswlib cosine, M={args.M}, ef_construction={args.ef_construction}, k={K}, "
+             f"{args.queries} queries, one query per call on one thread")
+        emit()
+        emit("Synthetic clustered 384-d unit vectors (n/100 topics, neighbours share a topic); recall@10 against "
+             "exact numpy search.")
+        emit()
+        emit("| vectors | build (s, all cores) | ef | recall@10 | p50 (ms) | p99 (ms) | exact numpy p50 (ms) |")
+        emit("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        chosen = {}
+        for n in sizes:
+            for r in bench_ann(n, args.queries, efs, args.M, args.ef_construction, args.seed):
+                emit(f"| {n:,} | {r['build_s']:.1f} | {r['ef']} | {r['recall']:.3f} | {r['p50']:.3f} | "
+                     f"{r['p99']:.3f} | {r['brute_p50']:.2f} |")
+                if r["recall"] >= 0.98 and n not in chosen:
+                    chosen[n] = r
+        emit()
+        for n, r in chosen.items():
+            emit(f"- {n:,} vectors: smallest ef reaching recall >= 0.98 is {r['ef']} "
+                 f"(recall {r['recall']:.3f}, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms).")
+        emit()
+
+    if section("ask"):
+        a = bench_ask(runs=1 if args.quick else 3, max_new_tokens=32)
+        emit(f"## `ask` time to first token (SmolLM2-135M-Instruct, float32, greedy; model load {a['load_s']:.1f} s "
+             f"not included; median of {1 if args.quick else 3})")
+        emit()
+        emit("| mode | time to first token (s) | total for the answer (s) | answer tokens |")
+        emit("| --- | ---: | ---: | ---: |")
+        for label in ("with index", "without index"):
+            r = a[label]
+            emit(f"| {label} (k=4) | {r['ttft']:.2f} | {r['total']:.2f} | {r['tokens']:.0f} |"
+                 if label == "with index" else f"| {label} | {r['ttft']:.2f} | {r['total']:.2f} | {r['tokens']:.0f} |")
+        emit()
+
+    if section("formats"):
+        formats_section(emit, Path(args.pdfs), args.repeats)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(update_sections(out, sections, list(SECTIONS)), encoding="utf-8")
     print(f"\nwritten to {args.out}", file=sys.stderr)
 
 

@@ -79,6 +79,17 @@ def write_lecture_pdf(path: Path, encrypt: bool = False) -> Path:
     return path
 
 
+def write_scan_pdf(path: Path) -> Path:
+    from fpdf import FPDF
+    from PIL import Image
+
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.image(Image.new("L", (50, 70), 200), x=10, y=10, w=150)
+    pdf.output(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def lecture_pdf(tmp_path_factory) -> Path:
     return write_lecture_pdf(tmp_path_factory.mktemp("pdf") / "lecture3.pdf")
@@ -269,6 +280,11 @@ def test_index_of_nothing_fails_and_leaves_no_index(tmp_path, embedder):
     message = str(err.value)
     assert "no document was read" in message and "not a readable PDF: 1" in message
     assert "unsupported file type .png: 1" in message and not out.exists()
+
+    scan = write_scan_pdf(notes / "scan.pdf")
+    with pytest.raises(UsageError) as err:  # read, but nothing in it to index
+        build_index([str(scan)], str(out), embedder=embedder)
+    assert "hold no text to index (1 scanned or image-only pages)" in str(err.value) and not out.exists()
 
     result = CliRunner().invoke(app, ["index", str(notes / "broken.pdf"), "-o", str(out)])
     assert result.exit_code == 65 and "Traceback" not in result.output

@@ -809,6 +809,12 @@ def build_index(
                                  + ("no index was written" if created else f"{out} is left as it was"))
             gone = sorted(set(known) - seen)
             report.removed = writer.remove(gone)
+            if writer.live == 0:
+                # Documents were read but none had text (scans, empty files): an index of nothing helps no one.
+                raise UsageError(f"the {len(seen)} document(s) read hold no text to index"
+                                 + (f" ({stats.notes['scanned pages']} scanned or image-only pages)"
+                                    if stats.notes.get("scanned pages") else "") + "; "
+                                 + ("no index was written" if created else f"{out} is left as it was"))
             report.documents = len(seen)
             if writer.dirty or manifest is None or Settings(**manifest["settings"]) != settings:
                 writer.commit(len(seen))
