@@ -41,6 +41,9 @@ def test_fts_query_takes_words_never_query_syntax():
     assert fts_query('What is "NOT" AND x_i* OR NEAR(a b)?') == \
         '"what" OR "is" OR "not" OR "and" OR "x" OR "i" OR "or" OR "near" OR "a" OR "b"'
     assert fts_query("?? -- **") == ""
+    # Content-word pairs as phrases: the passage naming the principle outranks one with the words apart.
+    assert '"pareto principle"' in fts_query("What does the Pareto principle say?")
+    assert '"the pareto"' not in fts_query("What does the Pareto principle say?")
 
 
 def test_keyword_search_finds_an_exact_term_that_dense_search_misses(notes_index):

@@ -14,7 +14,8 @@ from typing import Iterable, Iterator
 
 from probllm.io import Record, Stats, UsageError, log
 from probllm.rag.index import Embedder, RagIndex
-from probllm.rag.search import DEFAULT_SEARCH, SEARCH_MODES, Reranker, candidates_for, reciprocal_rank_fusion
+from probllm.rag.search import DEFAULT_SEARCH, SEARCH_MODES, Reranker, candidates_for, fusion_depth, \
+    reciprocal_rank_fusion
 from probllm.records import LETTERS, parse_mcq, parsed_batches
 
 CONTEXT_KEYS = ("id", "score", "text", "source", "heading", "page")
@@ -67,7 +68,7 @@ class Retriever:
         if mode != "dense" and not self.index.has_keyword or mode != "keyword" and self.embedder is None:
             raise UsageError(f"--search {mode} is not available with this retriever ({self.describe()})")
         # Fusion and reranking choose among more candidates than they return.
-        n = candidates_for(k) if mode == "hybrid" or reranker else k
+        n = candidates_for(k) if reranker else fusion_depth(k) if mode == "hybrid" else k
         dense = keyword = None
         if mode in ("dense", "hybrid"):
             dense = self.index.search(self.embedder.embed(queries), k=n, ef=self.ef)

@@ -29,26 +29,39 @@ DEFAULT_SEARCH = "hybrid"
 RRF_K = 60  # the constant of the original paper, used as is by most hybrid-search tools
 
 
+def fusion_depth(k: int) -> int:
+    """How many passages each first-stage list contributes to the fusion. Elasticsearch fuses the top `size` of
+    each list by default; twice k lets a passage just below the cut in both lists come up. (Chosen on the
+    bench's question set: see bench/results/rag.md.)"""
+    return max(10, 2 * k)
+
+
 def candidates_for(k: int) -> int:
-    """How many passages each first-stage search contributes before fusion or reranking: a passage that ranks
-    6th in both lists should be able to come out on top."""
+    """How many fused candidates the reranker reads: it can only promote what the first stage found."""
     return max(20, 4 * k)
 
 
 # Words, not symbols: FTS5 query syntax (quotes, AND/OR/NOT, NEAR, column filters, *) must never be taken from
-# a student's question. Each word is quoted and the words are OR-ed, so BM25 ranks by how many rare words match.
-# The same word split as FTS5's unicode61 tokenizer (letters and digits; `_`, `-`, `'` separate).
+# a student's question. Each word is quoted and the words are OR-ed, so BM25 ranks by how many rare words match;
+# adjacent pairs of content words are added as phrases, so a passage naming "the Pareto principle" or "call by
+# sharing" as such outranks one that has the words apart. The same word split as FTS5's unicode61 tokenizer
+# (letters and digits; `_`, `-`, `'` separate).
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# Function words: kept as words (BM25 gives them little weight), never the start or end of a phrase.
+_FUNCTION_WORDS = frozenset(
+    "a an and are as at be by can could do does did for from had has have how i if in into is it its me my no "
+    "not of on or our should so than that the their them then there these they this to was we were what when "
+    "where which who whom why will with would you your".split())
 
 
 def fts_query(text: str, max_terms: int = 64) -> str:
-    """An FTS5 MATCH expression for a free-text question: its distinct words, quoted, OR-ed ('' if none)."""
-    seen: dict[str, None] = {}
-    for word in _WORD.findall(text.lower()):
-        seen.setdefault(word, None)
-        if len(seen) >= max_terms:
-            break
-    return " OR ".join(f'"{w}"' for w in seen)
+    """An FTS5 MATCH expression for a free-text question: its distinct words and content-word pairs, quoted,
+    OR-ed ('' if it has no word)."""
+    words = _WORD.findall(text.lower())
+    terms = [f'"{w}"' for w in words]
+    terms += [f'"{a} {b}"' for a, b in zip(words, words[1:])
+              if a not in _FUNCTION_WORDS and b not in _FUNCTION_WORDS]
+    return " OR ".join(list(dict.fromkeys(terms))[:max_terms])
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[dict]], k: int = RRF_K) -> list[dict]:

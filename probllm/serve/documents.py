@@ -9,8 +9,8 @@ other text formats are sent as plain text, anything else as a download. With `--
 API is required.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route's parameter types at run time, and
+# `Request` is imported inside `router()` (fastapi loads only when serving).
 import hashlib
 import mimetypes
 import os
