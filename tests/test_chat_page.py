@@ -188,10 +188,9 @@ def test_sources_cite_file_and_page_and_open_the_served_pdf(browser, tiny_model_
         carnot = [i for i, w in enumerate(wheres) if w.endswith("lecture3.pdf, p. 2")]
         assert carnot, wheres
         summary = sources.nth(carnot[0]).locator("summary")
-        assert summary.inner_text().replace("\n", " ").endswith("lecture3.pdf, p. 2 > Carnot cycle") or \
-            "Carnot cycle" in summary.locator(".heading").inner_text()
+        assert summary.locator(".heading").inner_text() == "Carnot cycle"
         assert summary.get_attribute("title").endswith("lecture3.pdf, p. 2 > Carnot cycle")
-        link = sources.nth(carnot[0]).locator("a.where")
+        link = sources.nth(carnot[0]).locator("a.open-document")
         href = link.get_attribute("href")
         assert href.startswith("documents/") and href.endswith("#page=2")
         # Opening the link fetches the PDF itself (headless chromium may show or download it: either way the

@@ -235,8 +235,9 @@
       num.textContent = String(n);
       const heading = document.createElement("span");
       heading.className = "heading";
-      heading.textContent = s.heading || (s.location ? "" : s.source || s.id || "passage");
-      summary.append(num, sourceLocation(s), heading);
+      heading.textContent = s.heading || s.source || s.id || "passage";
+      summary.append(num, heading, sourceLocation(s));
+      if (s.document) summary.append(documentLink(s));
       if (s.citation) summary.title = s.citation;
       const passage = document.createElement("div");
       passage.className = "passage";
@@ -256,25 +257,26 @@
 
   // ------------------------------------------------------------------------------------- citations
 
-  // `file, p. N` of a source (the server formats it: `location`, and `citation` with the heading), as a link to
-  // the indexed file at that page when the server serves it (`document`: documents/ID#page=N).
+  // `file, p. N` of a source (the server formats it: `location`, and `citation` with the heading).
   function sourceLocation(s) {
-    const text = s.location || s.source || "";
-    if (!s.document) {
-      const where = document.createElement("span");
-      where.className = "where";
-      where.textContent = text;
-      return where;
-    }
+    const where = document.createElement("span");
+    where.className = "where";
+    where.textContent = s.location || s.source || "";
+    return where;
+  }
+
+  // A link to the indexed file at the source's page, when the server serves it (`document`: documents/ID#page=N).
+  // A small link of its own, so that a click on the rest of the line still opens the passage.
+  function documentLink(s) {
     const link = document.createElement("a");
-    link.className = "where";
+    link.className = "open-document";
     link.href = s.document;
     link.target = "_blank";
     link.rel = "noopener";
-    link.textContent = text;
-    link.title = "Open " + (s.citation || text);
+    link.textContent = "open";
+    link.title = "Open " + (s.citation || s.location || s.source || "the document");
     link.addEventListener("click", (event) => {
-      event.stopPropagation(); // opening the file does not fold the passage
+      event.stopPropagation(); // opening the file does not fold or unfold the passage
       openDocument(event, link);
     });
     return link;
