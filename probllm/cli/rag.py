@@ -52,7 +52,7 @@ def index_command(
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
-    """Build or update a vector index of course material (hnswlib + SQLite sidecar).
+    """Build or update an index of course material: vectors (hnswlib) and keywords (BM25, SQLite FTS5).
 
     The index mirrors PATHS: run it again with the same paths and only new or changed documents are embedded,
     documents no longer there are removed; an interrupted run leaves the previous index usable. Front matter,

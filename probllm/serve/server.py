@@ -54,7 +54,7 @@ def serve(*, model: str | None, adapter: str | None = None, index: str | None = 
             bound = server.servers[0].sockets[0].getsockname()[1]
             shown = f"[{host}]" if ":" in host else host
             log(f"probllm serve: {name} at http://{shown}:{bound}/v1"
-                f"{' with the notes of ' + index if index else ''}"
+                f"{' with the notes of ' + index + f' ({search} search)' if index else ''}"
                 f"{' (API key required)' if api_key else ''}; chat page at http://{shown}:{bound}/ ; Ctrl-C stops")
             sys.stderr.flush()
         await task
