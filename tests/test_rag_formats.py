@@ -257,6 +257,8 @@ def test_corrupt_and_encrypted_pdfs_are_one_line_errors(tmp_path, lecture_pdf, e
     stats = Stats(command="probllm index")
     build_index([str(notes)], str(out), stats=stats, embedder=embedder, skip_invalid=True)
     assert stats.invalid == {"not a readable PDF": 1, "encrypted PDF": 1} and stats.notes["documents"] == 1
+    with pytest.raises(RecordError):  # an update that meets the bad files stops, and changes nothing
+        build_index([str(notes)], str(out), embedder=embedder)
     index = RagIndex(out)  # the index is there and answers
     try:
         assert index.search(embedder.embed(["pressure and volume"]), k=1)[0][0]["source"].endswith("good.md")
@@ -354,3 +356,18 @@ def test_registry_names_every_extracted_suffix():
     assert set(EXTRACTORS) == {".pdf", ".pptx", ".ipynb", ".tex", ".html", ".htm"}
     assert [s for s, e in EXTRACTORS.items() if e.paged] == [".pdf", ".pptx"]
     assert os.path.basename(dejavu()) == "DejaVuSans.ttf"
+
+
+def test_chunks_do_not_cross_pages():
+    from probllm.rag.chunk import Block
+    from probllm.rag.extract import _layout
+
+    w = ("Waves",)
+    got = _layout([Block("heading", 0, 0, "Waves", w, 1, page=1), Block("text", 0, 0, "Sound is a wave.", w, page=1),
+                   Block("text", 0, 0, "Light is one too.", w, page=2),
+                   Block("heading", 0, 0, "Optics", ("Optics",), 1, page=2),  # at the foot of page 2
+                   Block("text", 0, 0, "Lenses bend light.", ("Optics",), page=3)])
+    chunks = chunk_document(got.text, word_counter, 200, 20, markdown=False, blocks=got.blocks)
+    assert [(c.page, c.heading, c.text) for c in chunks] == [
+        (1, w, "Waves\n\nSound is a wave."), (2, w, "Light is one too."),
+        (3, ("Optics",), "Optics\n\nLenses bend light.")]

@@ -60,7 +60,7 @@ class Chunk:
     tokens: int
     position: int = 0
     metadata: dict = field(default_factory=dict)
-    page: int | None = None  # the page the chunk starts on (paged formats)
+    page: int | None = None  # the page the chunk is on (paged formats: chunks do not cross pages)
 
     @property
     def heading_path(self) -> str:
@@ -389,10 +389,13 @@ def chunk_document(
 
 def _sections(units: list[Block]) -> Iterable[list[Block]]:
     """Runs of units under the same heading. A heading with no text of its own before the next heading (a
-    title followed by a sub-heading) is carried into the next section rather than made a chunk alone."""
+    title followed by a sub-heading) is carried into the next section rather than made a chunk alone.
+    In a paged document a new page also starts a section, so that every chunk lies on one page and the page
+    it cites is where the whole passage is."""
     section: list[Block] = []
     for u in units:
-        if u.kind == "heading" and any(s.kind != "heading" for s in section):
+        text_so_far = [s for s in section if s.kind != "heading"]
+        if text_so_far and (u.kind == "heading" or u.page != text_so_far[-1].page):
             yield section
             section = []
         section.append(u)
@@ -411,7 +414,9 @@ def _pack(units: list[Block], budget: int, overlap: int, count: TokenCounter, te
     def emit() -> None:
         body = "\n\n".join(u.text for u in current)
         heading = next((u.heading for u in reversed(current) if u.heading), ())
-        out.append(Chunk(body, heading, current[0].start, current[-1].end, used, page=current[0].page))
+        # Its page is that of its text: a heading at the foot of a page belongs to the text on the next.
+        page = next((u.page for u in current if u.kind != "heading"), current[0].page)
+        out.append(Chunk(body, heading, current[0].start, current[-1].end, used, page=page))
 
     for u in units:
         if not u.text:

@@ -5,7 +5,7 @@ markdown, text and JSONL. Each extractor gives an `Extracted`: either markdown t
 markdown and then follow exactly the markdown path: same block parser, heading paths, chunker) or, for a paged
 format (PDF, slides), the blocks themselves, each with the 1-based page it is on, laid out one after another in
 `text` (the chunks' offsets point into that text). Either way the same chunker packs them, so chunks never cross a
-heading and every chunk of a paged format carries the page it starts on.
+heading or a page, and every chunk of a paged format carries its page.
 
 PDF is read with pypdfium2 (PDFium, BSD/Apache; not PyMuPDF, which is AGPL). On the course PDFs of the bench it
 extracted 13x faster than pypdf with the same text, and it marks the hyphens that the typesetter added at line
