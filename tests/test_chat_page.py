@@ -97,6 +97,21 @@ def test_ask_stream_sources_follow_up_and_key(browser, tiny_model_dir, notes_ind
                 sources.nth(with_math[0]).locator("summary").click()
             assert sources.nth(with_math[0]).locator(".passage .katex").count() > 0
 
+        # The notes' own files are served with the same key as the API: the page fetches one with it and opens it
+        # from memory (a plain link could not send the key).
+        import httpx2 as httpx
+
+        link = sources.first.locator("a.open-document")
+        href = link.get_attribute("href")
+        assert httpx.get(root + "/" + href).status_code == 401
+        with page.expect_popup() as popup:
+            link.click()
+        opened = popup.value
+        opened.wait_for_url(lambda u: u.startswith("blob:"))  # a blank tab first, the file once it is fetched
+        opened.wait_for_load_state()
+        assert "heap" in opened.content().lower()
+        opened.close()
+
         # A follow-up goes with the conversation so far.
         page.fill("#question", "And what about its best case?")
         page.click("#send")
