@@ -175,6 +175,25 @@ def check_embedder(manifest: dict, folder: str, name: str | None) -> None:
             f"new index with --output")
 
 
+def indexed_documents(folder: str | os.PathLike) -> list[dict]:
+    """The documents of an index (read from its sidecar alone, no vectors loaded): key, source, and the file
+    it was read from when that file is still there (None for JSONL records and files gone since)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UsageError(f"{folder}: no index here (build one with `probllm index NOTES --output {folder}`)")
+    root = manifest.get("root") or os.getcwd()  # indexes from before `root` was recorded: the current folder
+    db = sqlite3.connect(f"file:{Path(folder) / manifest['files']['chunks']}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT key, source FROM documents ORDER BY key").fetchall()
+    finally:
+        db.close()
+    out = []
+    for key, source in rows:
+        path = os.path.join(root, key)
+        out.append({"key": key, "source": source, "path": path if os.path.isfile(path) else None})
+    return out
+
+
 class RagIndex:
     """A loaded index for queries (read-only)."""
 
@@ -260,15 +279,6 @@ class RagIndex:
         return {"id": r["chunk_id"], "score": score, "text": r["text"], "source": r["source"],
                 "heading": r["heading"], "start": r["start"], "end": r["end"],
                 "page": r["page"]}
-
-    def documents(self) -> list[dict]:
-        """The indexed documents: key, source, and the file they were read from (None for JSONL records)."""
-        root = self.manifest.get("root") or os.getcwd()
-        out = []
-        for key, source, metadata in self.db.execute("SELECT key, source, metadata FROM documents ORDER BY key"):
-            path = os.path.join(root, key)
-            out.append({"key": key, "source": source, "path": path if os.path.isfile(path) else None})
-        return out
 
     def rows(self, labels: list[int]) -> dict[int, sqlite3.Row]:
         out: dict[int, sqlite3.Row] = {}

@@ -47,13 +47,10 @@ class Documents:
 
     @classmethod
     def from_index(cls, index_path: str) -> "Documents":
-        from probllm.rag.index import RagIndex
+        from probllm.rag.index import indexed_documents
 
-        index = RagIndex(index_path)
-        try:
-            return cls([IndexedFile(d["key"], d["source"], d["path"]) for d in index.documents() if d["path"]])
-        finally:
-            index.close()
+        return cls([IndexedFile(d["key"], d["source"], d["path"]) for d in indexed_documents(index_path)
+                    if d["path"]])
 
     def link(self, passage: dict) -> str | None:
         """The page-relative address of a passage's file (at its page, for a PDF), or None when it has none."""
