@@ -172,3 +172,17 @@ def test_retrieve_cli_search_option(cli, notes_index):
     assert SYMBOL in hit["text"] and hit["rank"] == 1 and "search: keyword (BM25)" in run.stderr
     bad = cli("retrieve", "--index", notes_index, "x", "--search", "fuzzy")
     assert bad.code == 2 and "fuzzy" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_rag_eval_measures_each_mode_reranked_too(notes_index, tiny_cross_encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from probllm.cli import app
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "h", "question": "Worst case of heapsort?", "source": "heapsort.md"}) + "\n")
+    run = CliRunner().invoke(app, ["rag-eval", "--index", notes_index, str(questions), "--search", "hybrid",
+                                   "--reranker", tiny_cross_encoder, "-k", "3"])
+    assert run.exit_code == 0, run.stderr
+    assert [json.loads(line)["search"] for line in run.stdout.splitlines()] == ["hybrid", "hybrid+rerank"]
+    assert "| hybrid+rerank | 1 |" in run.stderr and f"reranker {tiny_cross_encoder}" in run.stderr
