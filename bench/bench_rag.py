@@ -29,6 +29,7 @@ markers, so a run of some `--sections` replaces only theirs and keeps the others
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import platform
@@ -226,6 +227,9 @@ def bench_extraction(pdfs: list[Path], repeats: int) -> list[dict]:
     for label, fn in (("pypdfium2 raw loop (`get_text_range` per page)", _pdfium_raw),
                       ("pypdf raw loop (`page.extract_text()` per page)", _pypdf_raw),
                       ("`probllm` PDF extractor (pypdfium2 + headings, clean-up)", _probllm_pdf)):
+        if fn is _pypdf_raw and importlib.util.find_spec("pypdf") is None:
+            print("pypdf is not installed (make bench-setup): its row is left out", file=sys.stderr)
+            continue
         best, pages, text = None, 0, ""
         for _ in range(repeats):
             t = time.perf_counter()
@@ -260,7 +264,7 @@ def bench_pdf_index(pdfs: list[Path]) -> dict:
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from probllm.io import Stats
 from probllm.rag.chunk import chunk_document, token_counter
@@ -271,11 +275,15 @@ from probllm.models import resolve_embedder
 # The embedder's own tokenizer, without importing torch (whose 1 GB would hide what the documents cost).
 count = token_counter(SimpleNamespace(_tokenizer=Tokenizer.from_file(resolve_embedder(None) + "/tokenizer.json")))
 count(["warm-up"])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kb():
+    # VmHWM is this program's own high-water mark (ru_maxrss would carry the forking parent's over exec).
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1])
+base = peak_kb()
 n = 0
 for doc in iter_documents([{folder!r}], Stats()):
     n += len(chunk_document(doc.text, count, 200, 40, markdown=doc.markdown, blocks=doc.blocks))
-print(n, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(n, base, peak_kb())
 """
 
 

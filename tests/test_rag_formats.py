@@ -179,7 +179,7 @@ HTML = """<!doctype html><html><head><title>Site title</title><style>p {color: r
 <footer>Copyright the department</footer></body></html>"""
 
 
-def test_every_format_is_one_index_with_pages_and_headings(tmp_path, lecture_pdf, embedder):
+def test_every_format_is_one_index_with_pages_and_headings(tmp_path, lecture_pdf, embedder, capsys):
     notes = tmp_path / "course"
     notes.mkdir()
     (notes / "lecture3.pdf").write_bytes(lecture_pdf.read_bytes())
@@ -189,7 +189,10 @@ def test_every_format_is_one_index_with_pages_and_headings(tmp_path, lecture_pdf
     (notes / "optics.html").write_text(HTML)
     stats = Stats(command="probllm index")
     build_index([str(notes)], str(tmp_path / "c.idx"), stats=stats, embedder=embedder, chunk_tokens=64, overlap=0)
-    assert stats.read == 5 and stats.notes["documents"] == 5 and stats.notes["scanned pages"] == 2  # PDF p. 3, slide 3
+    assert stats.read == 5 and stats.notes["documents"] == 5 and stats.notes["scanned pages"] == 2
+    err = capsys.readouterr().err
+    assert f"probllm index: scanned or image-only (no text to index): {notes / 'lecture3.pdf'} p. 3\n" in err
+    assert f"scanned or image-only (no text to index): {notes / 'mechanics.pptx'} p. 3\n" in err
     index = RagIndex(tmp_path / "c.idx")
     try:
         rows = index.db.execute("SELECT d.source, c.heading, c.page, c.text FROM chunks c "

@@ -62,7 +62,7 @@ def index_command(
     encrypted) is an error, or counted and skipped with --skip-invalid; a run that read no document fails.
 
         probllm index examples/notes -o runs/demo/notes.idx
-        probllm index lectures/ slides/week1.pptx notebooks/ -o course.idx --skip-invalid
+        probllm index lectures/ week1.pptx labs/ -o course.idx --skip-invalid
         probllm index 'notes/*/*.md' ~/lectures.jsonl --text-field body -o notes.idx
     """
     from probllm.rag.index import build_index

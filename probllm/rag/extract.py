@@ -74,7 +74,6 @@ LIGATURE_TABLE = str.maketrans(LIGATURES)
 HYPHEN_MARKS = str.maketrans({"\ufffe": None, "\u00ad": None, "\x02": None})
 PAGE_NUMBER = re.compile(r"^\W*(?:page|p\.|seite|slide)?\s*\d{1,4}(?:\s*(?:/|of|von)\s*\d{1,4})?\W*$", re.I)
 BULLET = re.compile(r"^\s*(?:[•●○◦▪▫■□►▸‣⁃∗*–—-]|\(?\d{1,2}[.)]|\(?[a-z][.)])\s")
-HYPHEN_BREAK = re.compile(r"(?<=[a-zà-ÿ])-$")
 HEADING_RATIO = 1.15  # a heading's font is at least this much larger than the body's
 MAX_HEADING_CHARS = 120
 MAX_HEADING_LEVELS = 4
@@ -129,12 +128,13 @@ def _page_lines(textpage, page_no: int) -> list[_Line]:
     for raw_line in re.split(r"\r\n|\r|\n", text):
         start, pos = pos, pos + len(raw_line)
         pos += 2 if text.startswith("\r\n", pos) else 1
-        letters = [start + i for i, ch in enumerate(raw_line) if ch.isalnum()]
+        # A sample of its letters is enough for a line's font size (one C call per letter would be most of the
+        # extraction time).
+        step = max(1, len(raw_line) // 9)
+        letters = [start + i for i in range(0, len(raw_line), step) if raw_line[i].isalnum()]
         if not letters:
-            size = 0.0
-        else:
-            step = max(1, len(letters) // 12)  # a sample is enough for a line's font size
-            size = statistics.median(raw.FPDFText_GetFontSize(textpage.raw, i) for i in letters[::step])
+            letters = [start + i for i, ch in enumerate(raw_line) if ch.isalnum()][:3]
+        size = statistics.median([raw.FPDFText_GetFontSize(textpage.raw, i) for i in letters]) if letters else 0.0
         mark = raw_line.rstrip().endswith(("\ufffe", "\u00ad", "\x02"))
         clean = raw_line.translate(HYPHEN_MARKS).translate(LIGATURE_TABLE)
         clean = re.sub(r"[ \t\u00a0]+$", "", clean)
@@ -300,7 +300,7 @@ def _join(lines: list[_Line]) -> str:
         nxt = line.text.strip()
         if prev.hyphen_mark:
             out += nxt
-        elif HYPHEN_BREAK.search(out) and nxt[:1].islower():
+        elif out.endswith("-") and out[-2:-1].islower() and nxt[:1].islower():
             out = out[:-1] + nxt
         else:
             out += "\n" + nxt
