@@ -4,6 +4,7 @@ index built before keyword search existed."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sqlite3
@@ -186,3 +187,20 @@ def test_rag_eval_measures_each_mode_reranked_too(notes_index, tiny_cross_encode
     assert run.exit_code == 0, run.stderr
     assert [json.loads(line)["search"] for line in run.stdout.splitlines()] == ["hybrid", "hybrid+rerank"]
     assert "| hybrid+rerank | 1 |" in run.stderr and f"reranker {tiny_cross_encoder}" in run.stderr
+
+
+def test_one_citation_format_for_every_source_list():
+    from probllm.rag.ask import Question, build_messages, show_sources
+    from probllm.rag.chat import format_sources_line
+    from probllm.rag.retrieve import citation, location
+
+    pdf = {"id": "w3/lecture3.pdf#ab12cd34", "source": "w3/lecture3.pdf", "page": 4, "heading": "Entropy > Gibbs",
+           "text": "S = k log W", "score": 0.5}
+    md = {"id": "notes/heap.md#1", "source": "notes/heap.md", "page": None, "heading": "Heapsort", "text": "x"}
+    assert citation(pdf) == "w3/lecture3.pdf, p. 4 > Entropy > Gibbs" and location(pdf) == "w3/lecture3.pdf, p. 4"
+    assert citation(md) == "notes/heap.md > Heapsort" and citation({"id": "r:7", "source": "r:7"}) == "r:7"
+    assert "[1] w3/lecture3.pdf, p. 4 > Entropy > Gibbs" in format_sources_line([pdf])
+    assert 'from="w3/lecture3.pdf, p. 4 > Entropy > Gibbs"' in build_messages(Question("q", passages=[pdf]))[1]["content"]
+    err = io.StringIO()
+    show_sources([pdf, md], err=err)
+    assert "[1] w3/lecture3.pdf, p. 4 > Entropy > Gibbs (score 0.500)" in err.getvalue()
