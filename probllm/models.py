@@ -446,6 +446,18 @@ def load_embedder(name: str | None, device: str = "auto"):
     return SentenceTransformer(resolve_embedder(name), device=device_name(device))
 
 
+def load_reranker(name: str, device: str = "auto"):
+    """A sentence-transformers CrossEncoder (hub id or folder) for `--reranker`: safetensors weights only, never
+    the repository's own code."""
+    from sentence_transformers import CrossEncoder
+
+    try:
+        return CrossEncoder(name, device=device_name(device), trust_remote_code=False,
+                            model_kwargs={"use_safetensors": True})
+    except OSError as e:  # no such folder or hub id, or only pickle weights
+        raise UsageError(f"--reranker {name}: cannot load a cross-encoder ({str(e).splitlines()[0]})") from None
+
+
 def set_threads() -> None:
     """Use every core for torch ops unless the user set OMP_NUM_THREADS (accelerate sets 1 per process)."""
     import torch

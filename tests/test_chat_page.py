@@ -97,6 +97,21 @@ def test_ask_stream_sources_follow_up_and_key(browser, tiny_model_dir, notes_ind
                 sources.nth(with_math[0]).locator("summary").click()
             assert sources.nth(with_math[0]).locator(".passage .katex").count() > 0
 
+        # The notes' own files are served with the same key as the API: the page fetches one with it and opens it
+        # from memory (a plain link could not send the key).
+        import httpx2 as httpx
+
+        link = sources.first.locator("a.open-document")
+        href = link.get_attribute("href")
+        assert httpx.get(root + "/" + href).status_code == 401
+        with page.expect_popup() as popup:
+            link.click()
+        opened = popup.value
+        opened.wait_for_url(lambda u: u.startswith("blob:"))  # a blank tab first, the file once it is fetched
+        opened.wait_for_load_state()
+        assert "heap" in opened.content().lower()
+        opened.close()
+
         # A follow-up goes with the conversation so far.
         page.fill("#question", "And what about its best case?")
         page.click("#send")
@@ -158,3 +173,54 @@ def test_unreachable_server_is_said_and_the_page_recovers(browser, tiny_model_di
         assert page.locator(".msg.assistant .answer").last.inner_text().strip()
     assert errors == []
     page.close()
+
+
+def test_sources_cite_file_and_page_and_open_the_served_pdf(browser, tiny_model_dir, tmp_path):
+    """A source reads `file, p. N > heading` and links to the indexed PDF at that page, which the server sends
+    from the index's own list of documents; nothing else can be fetched."""
+    import httpx2 as httpx
+
+    from probllm.rag.index import build_index
+    from test_rag_formats import write_lecture_pdf  # the 4-page lecture the format tests index
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    pdf = write_lecture_pdf(notes / "lecture3.pdf")
+    (tmp_path / "secret.txt").write_text("not indexed")
+    index = tmp_path / "lecture.idx"
+    build_index([str(notes)], str(index))
+    # Keyword search: the server needs no embedder (a faster start), and --search reaches the server.
+    with probllm_serve("--model", tiny_model_dir, "--served-model-name", "tiny", "--index", str(index),
+                       "--search", "keyword") as (url, _, _):
+        root = url[: -len("/v1")]
+        page, errors, outside = open_page(browser, root + "/" + PAGE_QUERY)
+        page.wait_for_selector('#status[data-state="online"]')
+        page.fill("#question", "What does the efficiency of a Carnot engine depend on?")
+        page.keyboard.press("Enter")
+        page.wait_for_selector('.msg.assistant[data-turn="1"] .answer[data-state="done"]', timeout=60_000)
+        sources = page.locator('.msg.assistant[data-turn="1"] .source')
+        wheres = [sources.nth(i).locator(".where").inner_text() for i in range(sources.count())]
+        carnot = [i for i, w in enumerate(wheres) if w.endswith("lecture3.pdf, p. 2")]
+        assert carnot, wheres
+        summary = sources.nth(carnot[0]).locator("summary")
+        assert summary.locator(".heading").inner_text() == "Carnot cycle"
+        assert summary.get_attribute("title").endswith("lecture3.pdf, p. 2 > Carnot cycle")
+        link = sources.nth(carnot[0]).locator("a.open-document")
+        href = link.get_attribute("href")
+        assert href.startswith("documents/") and href.endswith("#page=2")
+        # Opening the link fetches the PDF itself (headless chromium may show or download it: either way the
+        # response is the indexed file).
+        with page.context.expect_event("response", lambda r: "/documents/" in r.url, timeout=30_000) as got:
+            link.click()
+        response = got.value
+        assert response.status == 200 and response.headers["content-type"] == "application/pdf"
+        served = httpx.get(root + "/" + href.split("#")[0])
+        assert served.status_code == 200 and served.content == pdf.read_bytes()
+        # Only indexed documents, by id: an unknown id, a path, a traversal are 404 in the API's error shape.
+        for path in ("/documents/0123456789abcdef", "/documents/secret.txt", "/documents/..%2Fsecret.txt",
+                     "/documents/../secret.txt", "/documents/%2e%2e/%2e%2e/etc/passwd", "/documents/"):
+            bad = httpx.get(root + path)
+            assert bad.status_code == 404, path
+            assert bad.json()["error"]["code"] == "not_found" and "not indexed" not in bad.text
+        assert errors == [] and outside == []
+        page.close()

@@ -8,7 +8,7 @@ import typer
 
 from probllm.cli.app import Seed, app, command
 from probllm.cli.groups import uses
-from probllm.cli.options import ENDPOINT, LOCAL_MODEL
+from probllm.cli.options import ENDPOINT, LOCAL_MODEL, RETRIEVAL, retrieval_settings
 
 # One conversation sends one request at a time: the endpoint's concurrency means nothing here.
 CHAT_ENDPOINT = ENDPOINT.without("concurrency").replace(
@@ -18,7 +18,7 @@ CHAT_ENDPOINT = ENDPOINT.without("concurrency").replace(
 
 
 @app.command("chat")
-@uses(CHAT_ENDPOINT, LOCAL_MODEL)
+@uses(CHAT_ENDPOINT, LOCAL_MODEL, RETRIEVAL)
 def chat_command(
     index: Annotated[Optional[str], typer.Option("--index", help="Notes index (`probllm index`): passages are "
                                                  "retrieved here for every question. Without it, a `probllm "
@@ -39,6 +39,7 @@ def chat_command(
                                                     "(default: the index's own).")] = None,
     backend: dict = None,
     local_model: dict = None,
+    retrieval: dict = None,
     seed: Seed = 0,
 ) -> None:
     """Talk with the course assistant: follow-up questions, answers streamed with their sources.
@@ -82,7 +83,7 @@ def chat_command(
         if index:
             from probllm.rag.retrieve import Retriever
 
-            retriever = Retriever(index, embedder=embedder)
+            retriever = Retriever(index, embedder=embedder, **retrieval_settings(retrieval))
         problem = chat_model.connect()
         if problem:
             log(f"probllm chat: {problem}; questions will be sent when it answers")

@@ -104,6 +104,12 @@ class Dtype(Choice):
     float16 = "float16"
 
 
+# `--search`: the modes of probllm/rag/search.py, listed there once.
+from probllm.rag.search import SEARCH_MODES  # noqa: E402 (a light module: no model is imported)
+
+SearchMode = Choice("SearchMode", [(name, name) for name in SEARCH_MODES])
+
+
 def value(choice):
     """The plain string of a choice (None stays None), for library functions that take strings."""
     return choice.value if isinstance(choice, Enum) else choice

@@ -5,6 +5,7 @@ becomes Typer options and `--config` keys).
   how requests are sent (concurrency, retries, cache). Used by `corrupt` and `judge`.
 - GENERATION: how long and how random an answer is. `--max-new-tokens` is the one name for generation length.
 - EVAL: the model and how MCQ items are scored (`eval`).
+- RETRIEVAL: how passages are found in a notes index (`--search`, `--reranker`): retrieve, ask, chat, serve.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from probllm.cli.choices import Backend, Dtype, EvalMethod, JudgeBackend, Template
+from probllm.cli.choices import Backend, Dtype, EvalMethod, JudgeBackend, SearchMode, Template
 from probllm.cli.groups import Opt, OptionGroup
 from probllm.lm import BackendConfig
 
 # The library's defaults are the CLI's: one definition (BackendConfig), read here rather than written twice.
 _DEFAULT = BackendConfig()
+from probllm.rag.search import DEFAULT_SEARCH, SEARCH_MODES
 
 BACKEND = OptionGroup("backend", (
     Opt("backend", Backend, Backend.hf, "openai: any OpenAI-compatible endpoint; hf: a local transformers model; "
@@ -82,6 +84,23 @@ LOCAL_MODEL = OptionGroup("local_model", (
     Opt("dtype", Dtype, Dtype.auto, "auto: float32 on CPU, bfloat16 on a GPU that has it."),
     Opt("device", str, "auto", "auto, cpu, cuda, cuda:1 ..."),
 ))
+
+
+# How passages are found in a notes index (`retrieve`, `ask`, `chat`, `serve`).
+RETRIEVAL = OptionGroup("retrieval", (
+    Opt("search", SearchMode, SearchMode(DEFAULT_SEARCH),
+        "; ".join(f"{name}: {what}" for name, what in SEARCH_MODES.items()) + ". An index built before keyword "
+        "search is searched dense until re-indexed."),
+    Opt("reranker", Optional[str], None, "A sentence-transformers CrossEncoder (hub id or folder) that re-scores "
+                                         "the top candidates, e.g. cross-encoder/ms-marco-MiniLM-L6-v2."),
+))
+
+
+def retrieval_settings(retrieval: dict) -> dict:
+    """The RETRIEVAL group's values as `Retriever` keyword arguments (the Enum to its word)."""
+    from probllm.cli.choices import value
+
+    return {"search": value(retrieval["search"]), "reranker": retrieval["reranker"]}
 
 
 def backend_config(backend: dict, **more):

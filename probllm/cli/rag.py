@@ -9,11 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from probllm.cli.app import (ForceResume, InputOption, Limit, Seed, SkipInvalid, SummaryFile, app, command,
-                             hidden_aliases)
-from probllm.cli.choices import Dtype, LetterMethod, value
+from probllm.cli.app import (ForceResume, InputFiles, InputOption, Limit, Seed, SkipInvalid, SummaryFile, app,
+                             command, hidden_aliases)
+from probllm.cli.choices import Dtype, LetterMethod, SearchMode, value
 from probllm.cli.groups import uses
-from probllm.cli.options import ENDPOINT, backend_config
+from probllm.cli.options import ENDPOINT, RETRIEVAL, backend_config, retrieval_settings
+from probllm.rag.search import SEARCH_MODES
 
 IndexOpt = Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`.")]
 EmbedderOpt = Annotated[Optional[str], typer.Option(
@@ -52,7 +53,7 @@ def index_command(
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
-    """Build or update a vector index of course material (hnswlib + SQLite sidecar).
+    """Build or update an index of course material: vectors (hnswlib) and keywords (BM25, SQLite FTS5).
 
     The index mirrors PATHS: run it again with the same paths and only new or changed documents are embedded,
     documents no longer there are removed; an interrupted run leaves the previous index usable. Front matter,
@@ -74,6 +75,7 @@ def index_command(
 
 
 @app.command("retrieve")
+@uses(RETRIEVAL)
 def retrieve_command(
     query: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are read from "
                                                         "--input files or stdin.", show_default=False)] = None,
@@ -89,15 +91,18 @@ def retrieve_command(
                                                "and its options.")] = False,
     embedder: EmbedderOpt = None,
     ef: EfOpt = None,
+    retrieval: dict = None,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
-    """Find the passages of an index closest to a question (cosine similarity), as JSONL.
+    """Find the passages of an index that answer a question, as JSONL.
 
-    One record per passage (`id`, `score`, `text`, `source`, `heading`, `page`, `rank`, offsets), or with `--attach`
-    the input records with a `context` list, which `eval --context context` and `ask` read.
+    One record per passage (`id`, `score`, `text`, `source`, `heading`, `page`, `rank`, offsets), or with
+    `--attach` the input records with a `context` list, which `eval --context context` and `ask` read. Passages
+    are found by embeddings and by keywords (BM25) fused (`--search hybrid`, the default), or by either alone.
 
         probllm retrieve --index notes.idx "Worst case of heapsort?" -k 3
+        probllm retrieve --index notes.idx "Master theorem" --search keyword
         probllm retrieve --index notes.idx --attach --with-choices -i mcq.jsonl \\
             | probllm eval --context context
     """
@@ -105,7 +110,8 @@ def retrieve_command(
     from probllm.rag.retrieve import Retriever, retrieve_records, retrieve_text
 
     with command("retrieve", summary_file=summary) as stats:
-        retriever = Retriever(index, embedder=embedder, ef=ef)
+        retriever = Retriever(index, embedder=embedder, ef=ef, **retrieval_settings(retrieval))
+        stats.notes["search"] = retriever.describe()
         if query is not None:
             if files:
                 from probllm.io import UsageError
@@ -121,7 +127,7 @@ def retrieve_command(
 
 
 @app.command("ask")
-@uses(ENDPOINT)
+@uses(ENDPOINT, RETRIEVAL)
 def ask_command(
     question: Annotated[Optional[str], typer.Argument(help="A question; without it, JSONL records are answered "
                                                            "(--input files or stdin).", show_default=False)] = None,
@@ -156,6 +162,7 @@ def ask_command(
     dtype: Annotated[Dtype, typer.Option("--dtype", help="auto: float32 on CPU.")] = Dtype.auto,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda ...")] = "auto",
     backend: dict = None,
+    retrieval: dict = None,
     seed: Seed = 0,
     summary: SummaryFile = None,
     skip_invalid: SkipInvalid = False,
@@ -206,14 +213,17 @@ def ask_command(
                 dtype=dtype, device=device, index=index,
                 settings={"letter": letter, "top_k": k if index else None, "max_new_tokens": max_new_tokens,
                           "temperature": temperature, "repetition_penalty": repetition_penalty, "seed": seed,
-                          "question_field": field, "context": None if index else context_field})
+                          "question_field": field, "context": None if index else context_field,
+                          # how passages were found decides which are quoted: another search is another answer
+                          **({"retrieval": retrieval_settings(retrieval)} if index else {})})
             if output is not None:  # appending: only to answers of the same model, index and settings
                 refuse_mixed_output(str(output), provenance, force_resume)
         retriever = None
         if index:
             from probllm.rag.retrieve import Retriever
 
-            retriever = Retriever(index, embedder=embedder)
+            retriever = Retriever(index, embedder=embedder, **retrieval_settings(retrieval))
+            stats.notes["search"] = retriever.describe()
         lm = None
         if value(backend["backend"]) == "openai":
             from probllm.lm import Retrying, RetryPolicy, make_lm
@@ -249,3 +259,58 @@ def ask_command(
                 append_records(answers, str(output), stats)
             else:
                 write_records(answers, stats)
+
+
+@app.command("rag-eval")
+@uses(RETRIEVAL.without("search"))
+def rag_eval_command(
+    files: InputFiles = None,
+    index: Annotated[str, typer.Option("--index", help="Index folder built by `probllm index`.")] = ...,
+    search: Annotated[Optional[list[SearchMode]], typer.Option(
+        "--search", help="Search modes to compare (repeat) [default: every mode].", show_default=False)] = None,
+    k: KOpt = 5,
+    field: QuestionField = "question",
+    source_field: Annotated[str, typer.Option("--source-field", help="Record field naming the file (or list of "
+                                              "files) that holds the answer; a name or a path ending.")] = "source",
+    pages_field: Annotated[str, typer.Option("--pages-field", help="Record field with the answer's pages "
+                                             "(1-based; optional per record).")] = "pages",
+    limit: Limit = None,
+    embedder: EmbedderOpt = None,
+    ef: EfOpt = None,
+    retrieval: dict = None,
+    summary: SummaryFile = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Check an index before students use it: hit@k and MRR of each search mode, by file and by page.
+
+    Each question record names its answer's `source` (file name or path ending, or a list) and optionally its
+    `pages`. One record per question and mode goes to stdout (with `file_rank`, `page_rank` and the hits), the
+    table to stderr, the figures to --summary. With --reranker, every mode is also measured reranked.
+
+        probllm rag-eval examples/rag-questions.jsonl --index notes.idx -k 3
+        probllm rag-eval --index notes.idx -i questions.jsonl --search hybrid \\
+            --reranker cross-encoder/ms-marco-MiniLM-L6-v2 --summary rag-eval.json
+    """
+    from probllm.io import log, read_records, write_records
+    from probllm.rag.rageval import evaluate_retrieval, metrics_table
+    from probllm.rag.retrieve import Retriever
+
+    modes = [value(m) for m in search] if search else list(SEARCH_MODES)
+    with command("rag-eval", summary_file=summary) as stats:
+        # One retriever (one embedder load) for every mode: keyword alone needs no embedder.
+        retriever = Retriever(index, embedder=embedder, ef=ef, search="keyword" if modes == ["keyword"] else "hybrid",
+                              reranker=retrieval["reranker"])
+        if not retriever.index.has_keyword:
+            modes = ["dense"]  # the retriever said why, once
+        runs = [(m, False) for m in modes] + ([(m, True) for m in modes] if retriever.reranker else [])
+        tallies: dict = {}
+        records = read_records(files, stats=stats, skip_invalid=skip_invalid, limit=limit)
+        write_records(evaluate_retrieval(records, retriever, runs, tallies, stats, k=k, field=field,
+                                         source_field=source_field, pages_field=pages_field,
+                                         skip_invalid=skip_invalid), stats)
+        reranker = retriever.reranker.name if retriever.reranker else None
+        log(f"rag-eval of {index} (embedder {retriever.index.embedder_name}"
+            f"{', reranker ' + reranker if reranker else ''}), top {k}:\n{metrics_table(tallies, k)}")
+        stats.figures.update({"k": k, "index": str(index), "embedder": retriever.index.embedder_name,
+                              "reranker": reranker,
+                              "retrieval": {label: t.figures() for label, t in tallies.items()}})

@@ -9,7 +9,7 @@ import typer
 from probllm.cli.app import app, command
 from probllm.cli.choices import CompareBy, value
 from probllm.cli.groups import uses
-from probllm.cli.options import ENDPOINT, LOCAL_MODEL
+from probllm.cli.options import ENDPOINT, LOCAL_MODEL, RETRIEVAL, retrieval_settings
 
 # Where answers come from: the local model (default) or an OpenAI-compatible upstream (keys of
 # probllm.lm.SERVING_ENGINES).
@@ -24,10 +24,11 @@ UPSTREAM = ENDPOINT.only("backend", "base_url", "api_key_env", "timeout", "concu
 
 
 @app.command("serve")
-@uses(LOCAL_MODEL, UPSTREAM)
+@uses(LOCAL_MODEL, UPSTREAM, RETRIEVAL)
 def serve_command(
     local_model: dict = None,
     backend: dict = None,
+    retrieval: dict = None,
     index: Annotated[Optional[str], typer.Option("--index", help="Index folder built by `probllm index`: serve "
                                                  "the course assistant (answers grounded in the notes, with "
                                                  "their sources).")] = None,
@@ -93,7 +94,8 @@ def serve_command(
     from probllm.serve.server import ServeSettings, serve
 
     settings = ServeSettings(**{k: value(v) for k, v in {**local_model, **backend}.items()}, index=index,
-                             top_k=top_k, embedder=embedder, host=host, port=port, api_key=api_key,
+                             top_k=top_k, embedder=embedder, **retrieval_settings(retrieval), host=host,
+                             port=port, api_key=api_key,
                              no_api_key=no_api_key, allowed_hosts=list(allowed_host or []),
                              max_body_bytes=max_body_bytes, max_prompts=max_prompts, workers=workers,
                              served_model_name=served_model_name, batch_size=batch_size,

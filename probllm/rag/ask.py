@@ -31,6 +31,7 @@ from functools import partial
 from typing import Callable, Iterable, Iterator
 
 from probllm.io import Record, RecordError, Stats, UsageError
+from probllm.rag.retrieve import citation
 from probllm.records import LETTERS, extract_letter, parse_mcq, parse_passages, parsed_batches
 
 NOT_COVERED = "The notes do not cover this."
@@ -73,7 +74,7 @@ def build_messages(q: Question) -> list[dict]:
     if q.passages:
         parts.append("Course notes (quoted sources):")
         for i, p in enumerate(q.passages, 1):
-            where = " > ".join(x for x in (p.get("source"), p.get("heading")) if x)
+            where = citation(p)
             parts.append(f'<source id="{i}" from="{_quote(where)}">\n{_quote(p["text"])}\n</source>')
         parts.append("")
     parts.append(f"Question: {q.text}")
@@ -198,17 +199,15 @@ def show_sources(passages: list[dict], err=None) -> None:
         from rich.table import Table
 
         table = Table(title="Sources", show_lines=False, title_justify="left")
-        for col in ("#", "score", "source", "heading"):
+        for col in ("#", "score", "source"):
             table.add_column(col)
         for i, p in enumerate(passages, 1):
-            table.add_row(str(i), f"{p.get('score', 0):.3f}", p.get("source", ""), p.get("heading", ""))
+            table.add_row(str(i), f"{p.get('score') or 0:.3f}", citation(p))
         Console(file=err).print(table)
     else:
         print("Sources:", file=err)
         for i, p in enumerate(passages, 1):
-            where = " > ".join(x for x in (p.get("heading"),) if x)
-            print(f"  [{i}] {p.get('source', '')}{' > ' + where if where else ''} (score {p.get('score', 0):.3f})",
-                  file=err)
+            print(f"  [{i}] {citation(p)} (score {p.get('score') or 0:.3f})", file=err)
     err.flush()
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from probllm.io import UsageError
 from probllm.rag.ask import LETTERS, Question, answer_prefix, build_messages, extract_letter, options_block
-from probllm.rag.retrieve import follow_up_query
+from probllm.rag.retrieve import citation, follow_up_query
 
 MCQ_INSTRUCTION = ("Answer with the letter of the correct option, then one short sentence saying why, "
                    "in the form 'B. because ...'.")
@@ -378,12 +378,8 @@ class _Style:
         return self(text, "31")
 
 
-def _where(source: dict) -> str:
-    return " > ".join(x for x in (source.get("source"), source.get("heading")) if x) or str(source.get("id", ""))
-
-
 def format_sources_line(sources: list[dict]) -> str:
-    return "Sources:\n" + "\n".join(f"  [{s.get('n', i)}] {_where(s)}" for i, s in enumerate(sources, 1))
+    return "Sources:\n" + "\n".join(f"  [{s.get('n', i)}] {citation(s)}" for i, s in enumerate(sources, 1))
 
 
 def format_sources_full(sources: list[dict]) -> str:
@@ -392,7 +388,7 @@ def format_sources_full(sources: list[dict]) -> str:
     blocks = []
     for i, s in enumerate(sources, 1):
         score = s.get("score")
-        head = f"[{s.get('n', i)}] {_where(s)}" + (f"  (score {score:.3f})" if isinstance(score, float) else "")
+        head = f"[{s.get('n', i)}] {citation(s)}" + (f"  (score {score:.3f})" if isinstance(score, float) else "")
         text = "\n".join("    " + line for line in str(s.get("text", "")).strip().splitlines())
         blocks.append(head + "\n" + text)
     return "\n\n".join(blocks)

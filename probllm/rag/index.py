@@ -82,6 +82,21 @@ def upgrade_schema(db: sqlite3.Connection) -> None:
     if not has_page_column(db):
         db.execute("ALTER TABLE chunks ADD COLUMN page INTEGER")
 
+# Keyword search (BM25): an FTS5 index over the chunk texts and headings, stored in the same sidecar and kept in
+# step with `chunks` by triggers, so it changes in the very transactions (and generations) that change the chunks.
+# External content: the text is stored once, in `chunks`. Porter stemming: "gradients" finds "gradient".
+KEYWORD_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+  text, heading, content='chunks', content_rowid='label', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+  INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.label, new.text, new.heading);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+  INSERT INTO chunks_fts(chunks_fts, rowid, text, heading) VALUES ('delete', old.label, old.text, old.heading);
+END;
+"""
+KEYWORD_INDEX = "fts5-bm25/1"  # the manifest's `keyword` entry: an index without it has dense search only
+
 
 @dataclass
 class Settings:
@@ -160,6 +175,25 @@ def check_embedder(manifest: dict, folder: str, name: str | None) -> None:
             f"new index with --output")
 
 
+def indexed_documents(folder: str | os.PathLike) -> list[dict]:
+    """The documents of an index (read from its sidecar alone, no vectors loaded): key, source, and the file
+    it was read from when that file is still there (None for JSONL records and files gone since)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UsageError(f"{folder}: no index here (build one with `probllm index NOTES --output {folder}`)")
+    root = manifest.get("root") or os.getcwd()  # indexes from before `root` was recorded: the current folder
+    db = sqlite3.connect(f"file:{Path(folder) / manifest['files']['chunks']}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT key, source FROM documents ORDER BY key").fetchall()
+    finally:
+        db.close()
+    out = []
+    for key, source in rows:
+        path = os.path.join(root, key)
+        out.append({"key": key, "source": source, "path": path if os.path.isfile(path) else None})
+    return out
+
+
 class RagIndex:
     """A loaded index for queries (read-only)."""
 
@@ -212,11 +246,39 @@ class RagIndex:
                 r = rows.get(int(label))
                 if r is None:
                     continue
-                hits.append({"id": r["chunk_id"], "score": round(1.0 - float(dist), 6), "text": r["text"],
-                             "source": r["source"], "heading": r["heading"], "page": r["page"],
-                             "start": r["start"], "end": r["end"]})
+                hits.append(self._hit(r, round(1.0 - float(dist), 6)))
             results.append(hits)
         return results
+
+    @property
+    def has_keyword(self) -> bool:
+        """Whether this index has its keyword (BM25) table: indexes built before keyword search do not."""
+        return bool(self.manifest.get("keyword"))
+
+    def keyword_search(self, queries: list[str], k: int) -> list[list[dict]]:
+        """Top-k chunks by BM25 (SQLite FTS5) for each query text, best first; `score` is the BM25 score
+        (higher is better). A query with no searchable word finds nothing."""
+        from probllm.rag.search import fts_query
+
+        results = []
+        for text in queries:
+            match = fts_query(text)
+            if not match or self.count == 0:
+                results.append([])
+                continue
+            # bm25() is lower-is-better; the heading counts half as much as the text.
+            found = self.db.execute("SELECT rowid, bm25(chunks_fts, 1.0, 0.5) FROM chunks_fts WHERE chunks_fts "
+                                    "MATCH ? ORDER BY 2 LIMIT ?", (match, k)).fetchall()
+            rows = self.rows([int(label) for label, _ in found])
+            results.append([self._hit(rows[int(label)], round(-float(score), 6)) for label, score in found
+                            if int(label) in rows])
+        return results
+
+    @staticmethod
+    def _hit(r: sqlite3.Row, score: float) -> dict:
+        return {"id": r["chunk_id"], "score": score, "text": r["text"], "source": r["source"],
+                "heading": r["heading"], "start": r["start"], "end": r["end"],
+                "page": r["page"]}
 
     def rows(self, labels: list[int]) -> dict[int, sqlite3.Row]:
         out: dict[int, sqlite3.Row] = {}
@@ -400,6 +462,14 @@ class IndexWriter:
         self.db = sqlite3.connect(str(self.db_path))
         self.db.executescript(SCHEMA)
         upgrade_schema(self.db)
+        self.dirty = False
+        if not (old or {}).get("keyword"):
+            # A new index, or one built before keyword search: (re)build the FTS table from the chunks already
+            # there; the next commit records it in the manifest.
+            self.db.executescript(KEYWORD_SCHEMA)
+            self.db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild')")
+            self.db.commit()
+            self.dirty = True
         self.hnsw = hnswlib.Index(space="cosine", dim=embedder.dim)
         capacity = max(1024, self.next_label)
         if old and old.get("capacity_used"):
@@ -409,7 +479,6 @@ class IndexWriter:
             self.hnsw.init_index(max_elements=capacity, M=settings.M, ef_construction=settings.ef_construction,
                                  random_seed=seed, allow_replace_deleted=True)
         self.hnsw.set_num_threads(1)  # one thread: the same inputs give the same graph (determinism)
-        self.dirty = False
         self.committed_generations = 0
 
     # ------------------------------------------------------------------ state
@@ -519,6 +588,10 @@ class IndexWriter:
             "documents": n_documents,
             "next_label": self.next_label,
             "capacity_used": self.hnsw.get_current_count(),
+            "keyword": KEYWORD_INDEX,
+            # Document keys are file paths as given to `index`: relative ones are relative to this folder (the
+            # server finds the indexed files by it to serve them).
+            "root": os.getcwd(),
             "files": {"vectors": self.vectors_path.name, "chunks": self.db_path.name},
         }
         write_json(self.folder / MANIFEST, manifest)
@@ -595,8 +668,8 @@ def _unchanged_report(paths: list[str], out: str, manifest: dict, settings: Sett
                       text_field: str, id_field: str, skip_invalid: bool) -> IndexReport | None:
     """The report of a re-index that would change nothing (same settings, same documents, same texts), read
     from the committed index without loading the embedder; None as soon as anything differs."""
-    if Settings(**manifest["settings"]) != settings:
-        return None
+    if Settings(**manifest["settings"]) != settings or not manifest.get("keyword"):
+        return None  # (an index built before keyword search is rebuilt with its FTS table)
     db = sqlite3.connect(f"file:{Path(out) / manifest['files']['chunks']}?mode=ro", uri=True)
     try:
         known = {k: h for k, h in db.execute("SELECT key, content_hash FROM documents")}

@@ -12,17 +12,23 @@ from __future__ import annotations
 from functools import partial
 from typing import Iterable, Iterator
 
-from probllm.io import Record, Stats, UsageError
+from probllm.io import Record, Stats, UsageError, log
 from probllm.rag.index import Embedder, RagIndex
+from probllm.rag.search import DEFAULT_SEARCH, SEARCH_MODES, Reranker, candidates_for, fusion_depth, \
+    reciprocal_rank_fusion
 from probllm.records import LETTERS, parse_mcq, parsed_batches
 
 CONTEXT_KEYS = ("id", "score", "text", "source", "heading", "page")
 
 
 class Retriever:
-    """An index and its embedder, loaded once; `search(texts, k)` gives hits per query, best first."""
+    """An index, its embedder and the search mode (see probllm/rag/search.py), loaded once; `search(texts, k)`
+    gives hits per query, best first."""
 
-    def __init__(self, index_path: str, embedder: str | None = None, ef: int | None = None):
+    def __init__(self, index_path: str, embedder: str | None = None, ef: int | None = None,
+                 search: str = DEFAULT_SEARCH, reranker: str | None = None):
+        if search not in SEARCH_MODES:
+            raise UsageError(f"--search {search}: choose one of {', '.join(SEARCH_MODES)}")
         self.index = RagIndex(index_path)
         if self.index.count == 0:
             # An assistant on an empty index answers with no material and no sign of it: say so at start.
@@ -30,17 +36,53 @@ class Retriever:
             raise UsageError(f"{index_path}: the index holds no passages (it was built from no document); index "
                              f"the course material first: probllm index NOTES -o {index_path}")
         self.index.check_embedder(embedder)  # refuse another model before spending time loading it
-        self.embedder = Embedder(self.index.embedder_name)
-        if self.embedder.dim != self.index.dim:
-            raise UsageError(f"{index_path}: built with {self.index.dim}-d vectors, the embedder gives "
-                             f"{self.embedder.dim}-d")
+        self.mode = search
+        if search != "dense" and not self.index.has_keyword:
+            # Built before keyword search existed: it still answers, by its vectors.
+            log(f"probllm: {index_path} was built before keyword search, so it is searched by embeddings only "
+                f"(--search dense); re-index it (`probllm index NOTES --output {index_path}`, only the keyword "
+                f"table is added) for --search {search}")
+            self.mode = "dense"
+        self.embedder = None
+        if self.mode != "keyword":  # keyword search alone needs no embedder
+            self.embedder = Embedder(self.index.embedder_name)
+            if self.embedder.dim != self.index.dim:
+                raise UsageError(f"{index_path}: built with {self.index.dim}-d vectors, the embedder gives "
+                                 f"{self.embedder.dim}-d")
+        self.reranker = Reranker(reranker) if reranker else None
         self.ef = ef
 
-    def search(self, queries: list[str], k: int) -> list[list[dict]]:
+    def describe(self) -> str:
+        """The search as a note for stderr and summaries (what produced the passages)."""
+        parts = {"dense": f"dense ({self.index.embedder_name})", "keyword": "keyword (BM25)",
+                 "hybrid": f"hybrid (dense {self.index.embedder_name} + BM25, RRF)"}[self.mode]
+        return parts + (f", reranked by {self.reranker.name}" if self.reranker else "")
+
+    def search(self, queries: list[str], k: int, mode: str | None = None, rerank: bool = True) -> list[list[dict]]:
+        """Hits for each query, best first. `mode` and `rerank` override the retriever's own for one call
+        (`rag-eval` compares the modes with one loaded retriever)."""
         if not queries:
             return []
-        vectors = self.embedder.embed(queries)
-        return self.index.search(vectors, k=k, ef=self.ef)
+        mode = mode or self.mode
+        reranker = self.reranker if rerank else None
+        if mode != "dense" and not self.index.has_keyword or mode != "keyword" and self.embedder is None:
+            raise UsageError(f"--search {mode} is not available with this retriever ({self.describe()})")
+        # Fusion and reranking choose among more candidates than they return.
+        n = candidates_for(k) if reranker else fusion_depth(k) if mode == "hybrid" else k
+        dense = keyword = None
+        if mode in ("dense", "hybrid"):
+            dense = self.index.search(self.embedder.embed(queries), k=n, ef=self.ef)
+        if mode in ("keyword", "hybrid"):
+            keyword = self.index.keyword_search(queries, k=n)
+        results = []
+        for i, query in enumerate(queries):
+            if mode == "hybrid":
+                hits = reciprocal_rank_fusion([dense[i], keyword[i]])[:n]
+            else:
+                hits = (dense or keyword)[i]
+            hits = reranker.rerank(query, hits, k) if reranker else hits[:k]
+            results.append(hits)
+        return results
 
     def close(self) -> None:
         self.index.close()
@@ -59,6 +101,20 @@ def follow_up_query(question: str, previous: str | None = None) -> str:
     """What to search for a question asked in a conversation: a follow-up such as "and in the worst case?" often
     names its subject only in the question before, so that one is searched with it (`chat`, `serve --index`)."""
     return f"{previous}\n{question}" if previous else question
+
+
+def location(passage: dict) -> str:
+    """The file and page of a passage: `file, p. N` (just `file` for unpaged formats)."""
+    where = str(passage.get("source") or passage.get("id") or "")
+    return f"{where}, p. {passage['page']}" if passage.get("page") is not None else where
+
+
+def citation(passage: dict) -> str:
+    """Where a passage is, as a student looks it up: `file, p. N > heading` (no page for unpaged formats, no
+    heading when the text has none). The one format of every source list: ask, chat, serve and the chat page
+    (which shows the `citation` the server sends)."""
+    heading = passage.get("heading")
+    return f"{location(passage)} > {heading}" if heading else location(passage)
 
 
 def context_entry(hit: dict) -> dict:

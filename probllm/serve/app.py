@@ -64,6 +64,7 @@ class Serving:
     api_key: str | None = None
     retriever: ThreadRetriever | None = None
     top_k: int = 4
+    documents: object | None = None           # the indexed files sources link to (probllm/serve/documents.py)
     static_dir: Path = STATIC
     limits: Limits = field(default_factory=Limits)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -182,9 +183,10 @@ async def _reply(send, status: int, message: str, code: str) -> None:
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
                retriever: ThreadRetriever | None = None, top_k: int = 4, static_dir: Path | None = None,
                limits: Limits | None = None, hosts: frozenset[str] | None = None,
-               routers: Sequence = ()):
+               routers: Sequence = (), documents=None):
     """The FastAPI app around an engine. `hosts`: the Host names accepted (None: any; see `allowed_hosts`).
-    `routers`: more routers to include after those of `ROUTERS`."""
+    `routers`: more routers to include after those of `ROUTERS`. `documents`: the index's files
+    (`Documents`), served at /documents/{id} and linked from the sources."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -199,7 +201,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
 
     app = FastAPI(title="probllm serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.serving = Serving(engine, model_name, api_key=api_key, retriever=retriever, top_k=top_k,
-                                static_dir=Path(static_dir or STATIC), limits=limits)
+                                documents=documents, static_dir=Path(static_dir or STATIC), limits=limits)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -238,6 +240,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         app.mount("/static", StaticFiles(directory=str(app.state.serving.static_dir)), name="static")
     for name in ROUTERS:
         app.include_router(importlib.import_module(name).router)
+    if documents is not None:  # the indexed files, for the page's source links, with the API's key
+        app.include_router(documents.router(require_key))
     for router in routers:
         app.include_router(router)
     app.add_middleware(Guard, hosts=hosts, max_body_bytes=limits.max_body_bytes)

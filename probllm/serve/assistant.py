@@ -22,9 +22,14 @@ def with_sources(messages: list[dict], passages: list[dict]) -> list[dict]:
     return [ours, *history, grounded, *messages[last + 1:]]
 
 
-def source_records(passages: list[dict]) -> list[dict]:
+def source_records(passages: list[dict], documents=None) -> list[dict]:
+    """The `sources` of a response: each passage with its page, its citation (`file, p. N > heading`) and, when
+    the server serves the indexed files, the link to its document at that page."""
+    from probllm.rag.retrieve import citation, location
+
     return [{"n": i, "id": p.get("id"), "score": p.get("score"), "text": p.get("text"), "source": p.get("source"),
-             "heading": p.get("heading")} for i, p in enumerate(passages, 1)]
+             "heading": p.get("heading"), "page": p.get("page"), "location": location(p), "citation": citation(p),
+             "document": documents.link(p) if documents else None} for i, p in enumerate(passages, 1)]
 
 
 class ThreadRetriever:
@@ -47,7 +52,8 @@ class ThreadRetriever:
 
 
 async def ground(messages: list[dict], retriever: ThreadRetriever | None, engine: Engine, top_k: int,
-                 room_for_answer: int, max_model_len: int | None) -> tuple[list[dict], list[dict]]:
+                 room_for_answer: int, max_model_len: int | None,
+                 documents=None) -> tuple[list[dict], list[dict]]:
     """(the messages to send, the sources) for a chat. The last user question is searched with the one before
     it, as `chat` does; passages the user did not write must not make the request fail, so the least relevant
     are dropped until the prompt leaves room for the answer."""
@@ -62,6 +68,6 @@ async def ground(messages: list[dict], retriever: ThreadRetriever | None, engine
         grounded = with_sources(messages, passages)
         if max_model_len is None or \
                 await engine.count_chat_tokens(grounded) + room_for_answer <= max_model_len:
-            return grounded, source_records(passages)
+            return grounded, source_records(passages, documents)
         passages = passages[:-1]
     return messages, []

@@ -71,7 +71,7 @@ async def chat_completions(req: ChatCompletionRequest, s: Serving = Depends(serv
     if retriever is not None:
         max_len = (await s.engine.card()).get("max_model_len")
         room = min(params.max_tokens or DEFAULT_MAX_TOKENS, (max_len or 4 * DEFAULT_MAX_TOKENS) // 4)
-        messages, sources = await ground(messages, retriever, s.engine, s.top_k, room, max_len)
+        messages, sources = await ground(messages, retriever, s.engine, s.top_k, room, max_len, s.documents)
     else:
         sources = []
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -32,6 +32,8 @@ class ServeSettings:
     index: str | None = None
     top_k: int = 4
     embedder: str | None = None
+    search: str = "hybrid"             # a key of probllm.rag.search.SEARCH_MODES
+    reranker: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -96,13 +98,15 @@ def build_app(settings: ServeSettings):
                          concurrency=settings.concurrency, batch_size=settings.batch_size,
                          max_wait=settings.max_wait_ms / 1000, dtype=settings.dtype, device=settings.device,
                          trust_remote_code=settings.trust_remote_code)
-    retriever = None
+    retriever = documents = None
     if settings.index:
         from probllm.rag.retrieve import Retriever
         from probllm.serve.assistant import ThreadRetriever
+        from probllm.serve.documents import Documents
 
-        index, embedder = settings.index, settings.embedder
-        retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder))
+        index, embedder, search, reranker = settings.index, settings.embedder, settings.search, settings.reranker
+        retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder, search=search, reranker=reranker))
+        documents = Documents.from_index(index)
     routers = []
     if settings.feedback:  # mounted only when asked for: a server without --feedback has no such routes
         from probllm.serve.feedback import FeedbackConfig, FeedbackStore, feedback_router
@@ -111,7 +115,8 @@ def build_app(settings: ServeSettings):
     return create_app(engine, announced_name(settings), api_key=settings.api_key, retriever=retriever,
                       top_k=settings.top_k,
                       limits=Limits(max_body_bytes=settings.max_body_bytes, max_prompts=settings.max_prompts),
-                      hosts=allowed_hosts(settings.host, settings.allowed_hosts), routers=routers)
+                      hosts=allowed_hosts(settings.host, settings.allowed_hosts), routers=routers,
+                      documents=documents)
 
 
 def worker_app():
@@ -133,7 +138,7 @@ def serve(settings: ServeSettings) -> None:
         # The upstream after our own URL: scripts take the first URL of this line as the server's.
         via = f" in front of {settings.base_url}" if settings.backend == "openai" else ""
         log(f"probllm serve: {name} at http://{shown}:{port}/v1{via}"
-            f"{' with the notes of ' + settings.index if settings.index else ''}"
+            f"{' with the notes of ' + settings.index + f' ({settings.search} search)' if settings.index else ''}"
             f"{' (API key required)' if settings.api_key else ''}"
             f"{f', {settings.workers} workers' if settings.workers > 1 else ''}"
             f"{'; votes to ' + settings.feedback if settings.feedback else ''}"

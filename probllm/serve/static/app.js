@@ -238,10 +238,9 @@
       const heading = document.createElement("span");
       heading.className = "heading";
       heading.textContent = s.heading || s.source || s.id || "passage";
-      const where = document.createElement("span");
-      where.className = "where";
-      where.textContent = s.source || "";
-      summary.append(num, heading, where);
+      summary.append(num, heading, sourceLocation(s));
+      if (s.document) summary.append(documentLink(s));
+      if (s.citation) summary.title = s.citation;
       const passage = document.createElement("div");
       passage.className = "passage";
       details.append(summary, passage);
@@ -256,6 +255,59 @@
       list.appendChild(li);
     });
     section.hidden = false;
+  }
+
+  // ------------------------------------------------------------------------------------- citations
+
+  // `file, p. N` of a source (the server formats it: `location`, and `citation` with the heading).
+  function sourceLocation(s) {
+    const where = document.createElement("span");
+    where.className = "where";
+    where.textContent = s.location || s.source || "";
+    return where;
+  }
+
+  // A link to the indexed file at the source's page, when the server serves it (`document`: documents/ID#page=N).
+  // A small link of its own, so that a click on the rest of the line still opens the passage.
+  function documentLink(s) {
+    const link = document.createElement("a");
+    link.className = "open-document";
+    link.href = s.document;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = "open";
+    link.title = "Open " + (s.citation || s.location || s.source || "the document");
+    link.addEventListener("click", (event) => {
+      event.stopPropagation(); // opening the file does not fold or unfold the passage
+      openDocument(event, link);
+    });
+    return link;
+  }
+
+  // With an API key, a plain link cannot send it: fetch the file with the key and open it from memory at the
+  // same page anchor. Without a key the browser follows the link itself.
+  async function openDocument(event, link) {
+    if (!sessionStorage.getItem(KEY_STORAGE)) return;
+    event.preventDefault();
+    const [path, anchor] = link.getAttribute("href").split("#");
+    const opened = window.open("", "_blank");
+    try {
+      const response = await api(path, { method: "GET" });
+      const url = URL.createObjectURL(await response.blob());
+      if (opened) opened.location.href = url + (anchor ? "#" + anchor : "");
+    } catch (e) {
+      if (opened) opened.close();
+    }
+  }
+
+  // The `[n]` markers of an answer: each names its source on hover (`file, p. N > heading`).
+  function labelCitations(msgEl, sources) {
+    if (!Array.isArray(sources)) return;
+    const byNumber = new Map(sources.map((s, i) => [String(s.n || i + 1), s]));
+    msgEl.querySelectorAll(".answer .cite").forEach((cite) => {
+      const s = byNumber.get(cite.dataset.n);
+      if (s && s.citation) cite.title = "Source " + cite.dataset.n + ": " + s.citation;
+    });
   }
 
   // Chunks start with their section's title, which the summary line shows already.
@@ -308,9 +360,11 @@
     let text = "";
     let chunks = 0;
     let pending = false;
+    let sources = null;
     const paint = () => {
       pending = false;
       renderInto(answerEl, text);
+      labelCitations(msgEl, sources);
       scrollToEnd();
     };
     const schedule = () => {
@@ -327,7 +381,7 @@
       });
       answerEl.dataset.state = "streaming";
       for await (const event of sseEvents(response)) {
-        if (event.sources) showSources(msgEl, event.sources);
+        if (event.sources) { sources = event.sources; showSources(msgEl, sources); }
         if (event.error) throw new HttpError(500, event.error.message || "the server reported an error");
         const choice = event.choices && event.choices[0];
         Object.assign(served, { model: event.model || served.model, sources: event.sources || served.sources });
