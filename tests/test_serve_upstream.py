@@ -41,6 +41,7 @@ def test_assistant_over_transformers_serve_streams_sources_and_survives_the_upst
         chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
                                                 max_tokens=6, stream=True))
         assert chunks[0].model_extra["sources"] == sources
+        assert sources[0]["citation"].startswith(sources[0]["location"]) and sources[0]["document"]
         # Token by token: one content chunk per upstream token (the tiny model's tokens are short).
         assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 2
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")

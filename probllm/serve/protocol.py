@@ -176,6 +176,10 @@ class Source(BaseModel):
     text: str | None = None
     source: str | None = None
     heading: str | None = None
+    page: int | None = None            # 1-based page or slide of a paged document (PDF, .pptx)
+    location: str | None = None        # `file, p. N`
+    citation: str | None = None        # `file, p. N > heading`: what the page and the terminal show
+    document: str | None = None        # the served file at that page (`documents/ID#page=N`), when it has one
 
 
 class ModelCard(BaseModel):
