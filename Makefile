@@ -31,7 +31,7 @@ $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	touch $@
 
 test: setup test-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The Debian packages that tests drive for real, each installed only when missing, with one `apt-get update`:
 # chromium, for the chat page's tests in a headless browser (Playwright drives it through executable_path; browser
