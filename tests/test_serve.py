@@ -284,7 +284,9 @@ def test_stop_cuts_the_answer_whole_and_streamed(served):
 def test_batched_requests_with_different_seeds_get_what_each_gets_alone(tiny_model_dir):
     from probllm.lm.hf_backend import HFLM
 
-    lm = HFLM(tiny_model_dir, batch_size=4)
+    # A wide batching window: on a busy machine (the suite runs on both cores) two requests started together can
+    # otherwise reach the queue more than the default 5 ms apart and be generated in two batches.
+    lm = HFLM(tiny_model_dir, batch_size=4, max_wait=0.5)
 
     def params(seed):
         return {"max_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": seed}
