@@ -169,7 +169,7 @@ def provenance(model: str | None, base: str, adapter: str | None, eval_summary: 
             record["dpo"] = {k: config[k] for k in CARD_SETTINGS if k in config}
             record["dpo_config"] = config
             # Data files as the run recorded them ({"file", "sha256", ...} entries); older runs did not.
-            data = config.get("data") or config.get("data_files")
+            data = config.get("data")
             if data:
                 record["data"] = data
         summary = _read_json(folder / "summary.json")

@@ -93,11 +93,6 @@ def build_app(settings: ServeSettings):
     from probllm.lm import make_engine
     from probllm.serve.app import Limits, allowed_hosts, create_app
 
-    engine = make_engine(settings.backend, model=settings.model, adapter=settings.adapter,
-                         base_url=settings.base_url, api_key_env=settings.api_key_env, timeout=settings.timeout,
-                         concurrency=settings.concurrency, batch_size=settings.batch_size,
-                         max_wait=settings.max_wait_ms / 1000, dtype=settings.dtype, device=settings.device,
-                         trust_remote_code=settings.trust_remote_code)
     retriever = documents = None
     if settings.index:
         from probllm.rag.retrieve import Retriever
@@ -107,6 +102,12 @@ def build_app(settings: ServeSettings):
         index, embedder, search, reranker = settings.index, settings.embedder, settings.search, settings.reranker
         retriever = ThreadRetriever(lambda: Retriever(index, embedder=embedder, search=search, reranker=reranker))
         documents = Documents.from_index(index)
+    # The model after the index: an empty or unreadable index is refused before a model load is paid for.
+    engine = make_engine(settings.backend, model=settings.model, adapter=settings.adapter,
+                         base_url=settings.base_url, api_key_env=settings.api_key_env, timeout=settings.timeout,
+                         concurrency=settings.concurrency, batch_size=settings.batch_size,
+                         max_wait=settings.max_wait_ms / 1000, dtype=settings.dtype, device=settings.device,
+                         trust_remote_code=settings.trust_remote_code)
     routers = []
     if settings.feedback:  # mounted only when asked for: a server without --feedback has no such routes
         from probllm.serve.feedback import FeedbackConfig, FeedbackStore, feedback_router
