@@ -146,6 +146,20 @@ def test_make_backend_rejects_bad_options(monkeypatch):
         make_backend(BackendConfig(backend="nope"))
 
 
+def test_backend_choices_come_from_the_registry(cli):
+    """One definition: `--backend` choices, their help and the serving engines are the registry's keys, and a word
+    the registry lacks is refused before anything starts."""
+    from probllm.cli.choices import Backend, ModelBackend
+    from probllm.lm import BACKENDS, MODEL_BACKENDS, SERVING_ENGINES
+
+    assert [b.value for b in Backend] == list(BACKENDS)
+    assert [b.value for b in ModelBackend] == list(MODEL_BACKENDS) and "rules" not in MODEL_BACKENDS
+    assert set(SERVING_ENGINES) <= set(MODEL_BACKENDS)
+    assert BackendConfig(backend="hf").window == 4 * 8 and BackendConfig(backend="openai").window == 4 * 16
+    r = cli("judge", "--backend", "rules", input="")
+    assert r.code == 2 and "rules" in r.stderr and "openai" in r.stderr
+
+
 def test_body_hash_is_order_independent():
     assert body_hash({"a": 1, "b": [1, 2]}) == body_hash({"b": [1, 2], "a": 1})
 

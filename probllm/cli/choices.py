@@ -4,24 +4,13 @@ any other (one line, exit 2) before a command starts. Commands pass `.value` on 
 from enum import Enum
 
 from probllm.export import EXPORT_FORMATS, GGUF_QUANTS  # registries: importing them loads no gguf or torch
+from probllm.lm import BACKENDS, MODEL_BACKENDS  # (no backend module is imported until one is made)
 from probllm.models import QUANT_METHODS
 
 
 class Choice(str, Enum):
     def __str__(self) -> str:  # in messages and defaults: the word, not `Backend.hf`
         return self.value
-
-
-class Backend(Choice):
-    openai = "openai"
-    hf = "hf"
-    rules = "rules"
-
-
-class JudgeBackend(Choice):
-    """`rules` needs no model and only corrupts; a judge needs a model."""
-    openai = "openai"
-    hf = "hf"
 
 
 class LoadFormat(Choice):
@@ -120,6 +109,9 @@ def _registry_choice(name: str, words) -> type[Choice]:
     return Choice(name, {word.replace("-", "_"): word for word in words})
 
 
+# `--backend`: every backend (corrupt), or those with a model (judge, eval, ask, chat, serve: `rules` has none).
+Backend = _registry_choice("Backend", BACKENDS)
+ModelBackend = _registry_choice("ModelBackend", MODEL_BACKENDS)
 ExportFormat = _registry_choice("ExportFormat", EXPORT_FORMATS)
 GgufQuant = _registry_choice("GgufQuant", GGUF_QUANTS)
 QuantMethod = _registry_choice("QuantMethod", QUANT_METHODS)

@@ -8,22 +8,21 @@ from typing import Annotated, Optional
 import typer
 
 from probllm.cli.app import InputFiles, Limit, Seed, SkipInvalid, SummaryFile, app, command, hidden_aliases
-from probllm.cli.choices import JudgeBackend, JudgeMode, VerdictFrom, value
+from probllm.cli.choices import JudgeMode, ModelBackend, VerdictFrom, value
 from probllm.cli.groups import uses
 from probllm.cli.options import BACKEND, GENERATION
 from probllm.io import EXIT_FAILURE, log, read_records, write_records
+from probllm.lm import MODEL_BACKENDS, BackendConfig, backends_help
 
 hidden_aliases("corrupt", max_tokens="--max-new-tokens", k="--ops-per-record")
 hidden_aliases("judge", max_tokens="--max-new-tokens")
 
-JUDGE_BACKEND = BACKEND.replace("backend", type=JudgeBackend, default=JudgeBackend.hf,
-                                help="openai: any OpenAI-compatible endpoint; hf: a local transformers model.")
+JUDGE_BACKEND = BACKEND.replace("backend", type=ModelBackend, default=ModelBackend(BackendConfig().backend),
+                                help=backends_help(MODEL_BACKENDS))
 
 
 def _config(backend: dict, generation: dict, seed: int):
     """The backend's settings from the two option groups (the library calls generation length max_tokens)."""
-    from probllm.lm import BackendConfig
-
     generation = dict(generation)
     return BackendConfig(**{**backend, "backend": value(backend["backend"])}, seed=seed,
                          max_tokens=generation.pop("max_new_tokens"), **generation)

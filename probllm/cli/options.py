@@ -13,17 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from probllm.cli.choices import Backend, Dtype, EvalMethod, JudgeBackend, SearchMode, Template
+from probllm.cli.choices import Backend, Dtype, EvalMethod, ModelBackend, SearchMode, Template
 from probllm.cli.groups import Opt, OptionGroup
-from probllm.lm import BackendConfig
+from probllm.lm import BackendConfig, backends_help
 
 # The library's defaults are the CLI's: one definition (BackendConfig), read here rather than written twice.
 _DEFAULT = BackendConfig()
 from probllm.rag.search import DEFAULT_SEARCH, SEARCH_MODES
 
 BACKEND = OptionGroup("backend", (
-    Opt("backend", Backend, Backend.hf, "openai: any OpenAI-compatible endpoint; hf: a local transformers model; "
-                                        "rules: no model."),
+    Opt("backend", Backend, Backend(_DEFAULT.backend), backends_help()),
     Opt("model", Optional[str], None, "Endpoint model name (openai), or hub id / folder (hf; default: the "
                                       "offline SmolLM2)."),
     Opt("base_url", Optional[str], None, "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM)."),
@@ -71,7 +70,7 @@ EVAL = OptionGroup("evaluation", (
 # `eval` and `ask` on an endpoint: the part of BACKEND that says where requests go and how they are sent (the model
 # name itself is their own --model). A local model (hf) is the default.
 ENDPOINT = BACKEND.only("backend", "base_url", "api_key_env", "concurrency", "tries", "timeout").replace(
-    "backend", type=JudgeBackend, default=JudgeBackend.hf,
+    "backend", type=ModelBackend, default=ModelBackend.hf,
     help="hf: a local transformers model; openai: any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, "
          "OpenAI, probllm serve) given by --base-url, with --model its model name.").replace(
     "concurrency", default=8)

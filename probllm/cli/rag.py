@@ -225,7 +225,9 @@ def ask_command(
             retriever = Retriever(index, embedder=embedder, **retrieval_settings(retrieval))
             stats.notes["search"] = retriever.describe()
         lm = None
-        if value(backend["backend"]) == "openai":
+        from probllm.lm import backend_spec
+
+        if not backend_spec(value(backend["backend"])).local:
             from probllm.lm import Retrying, RetryPolicy, make_lm
 
             config = backend_config(backend, model=model)

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from probllm.io import UsageError
 from probllm.lm.base import (LM, Cached, FatalBackendError, GenParams, RequestFailed, Retrying,  # noqa: F401
                              RetryPolicy, TransientError, run_ordered)
-
-BACKENDS = ("openai", "hf", "rules")
-
 
 @dataclass
 class BackendConfig:
@@ -47,17 +45,22 @@ class BackendConfig:
     def window(self) -> int:
         """Records in flight: several per request slot, so a slow or retrying record does not idle the others,
         and bounded, so memory does not grow with the input."""
-        slots = self.batch_size if self.backend == "hf" else self.concurrency
+        slots = self.batch_size if self.spec.local else self.concurrency
         return max(16, 4 * slots)
+
+    @property
+    def spec(self) -> "BackendSpec":
+        """What `backend` names, from the registry (an unknown word is a usage error, listing the known ones)."""
+        return backend_spec(self.backend)
 
     def gen_params(self, seed: int | None = None) -> GenParams:
         return GenParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                          seed=self.seed if seed is None else seed)
 
     def model_label(self) -> str:
-        if self.backend == "rules":
-            return "rules"
-        if self.backend == "hf":
+        if not self.spec.uses_model:
+            return self.backend
+        if self.spec.local:
             from probllm.models import model_label
 
             return model_label(self.model)
@@ -65,22 +68,21 @@ class BackendConfig:
 
 
 def make_backend(config: BackendConfig, allow_rules: bool = False):
-    """The backend the options describe: openai or hf wrapped in retries and the response cache, or the `rules`
-    backend (no model, no requests) where the command can use it."""
-    if config.backend not in BACKENDS:
-        raise UsageError(f"--backend {config.backend}: choose one of {', '.join(BACKENDS)}")
-    if config.backend == "rules":
+    """The backend the options describe: a model backend wrapped in retries and the response cache, or a
+    model-free one (`rules`: no model, no requests, nothing to retry or cache) where the command can use it."""
+    spec = config.spec
+    if not spec.uses_model:
         if not allow_rules:
-            raise UsageError("--backend rules only works with `corrupt`: use openai or hf")
-        from probllm.lm.rules import RulesLM
-
-        return RulesLM()
+            raise UsageError(f"--backend {config.backend} only works with `corrupt`: use "
+                             f"{' or '.join(MODEL_BACKENDS)}")
+        return spec.make(config)
     if config.concurrency < 1 or config.tries < 1 or config.max_tokens < 1:
         raise UsageError("--concurrency, --tries and --max-tokens must be at least 1")
     lm = make_lm(config)
+    # A local model answers --batch-size prompts per call: let at least that many wait for it at once.
     lm = Retrying(lm, RetryPolicy(tries=config.tries, base=config.retry_base),
-                  concurrency=max(config.concurrency, config.batch_size) if config.backend == "hf"
-                  else config.concurrency, seed=config.seed)
+                  concurrency=max(config.concurrency, config.batch_size) if spec.local else config.concurrency,
+                  seed=config.seed)
     if not config.no_cache:
         from probllm.lm.cache import ResponseCache, default_cache_path
 
@@ -90,19 +92,32 @@ def make_backend(config: BackendConfig, allow_rules: bool = False):
 
 def make_lm(config: BackendConfig) -> LM:
     """The bare backend (no cache, no retries): what `serve` and scoring commands use."""
-    if config.backend == "openai":
-        from probllm.lm.openai_backend import OpenAIBackend
+    spec = config.spec
+    if not spec.uses_model:
+        raise UsageError(f"--backend {config.backend}: this command needs {' or '.join(MODEL_BACKENDS)}")
+    return spec.make(config)
 
-        return OpenAIBackend(config.model or "", base_url=config.base_url, api_key_env=config.api_key_env,
-                             timeout=config.timeout, concurrency=config.concurrency)
-    if config.backend != "hf":
-        raise UsageError(f"--backend {config.backend}: this command needs openai or hf")
+
+def _openai_lm(config: BackendConfig) -> LM:
+    from probllm.lm.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(config.model or "", base_url=config.base_url, api_key_env=config.api_key_env,
+                         timeout=config.timeout, concurrency=config.concurrency)
+
+
+def _hf_lm(config: BackendConfig) -> LM:
     from probllm.lm.hf_backend import HFLM
 
     if config.base_url:
         raise UsageError("--base-url is for --backend openai")
     return HFLM(config.model, adapter=config.adapter, batch_size=config.batch_size, device=config.device,
                 dtype=config.dtype)
+
+
+def _rules_lm(config: BackendConfig) -> LM:
+    from probllm.lm.rules import RulesLM
+
+    return RulesLM()
 
 
 # ------------------------------------------------------------------------------------ engines for `probllm serve`
@@ -135,8 +150,45 @@ def _upstream_engine(*, model=None, base_url=None, api_key_env="OPENAI_API_KEY",
                           concurrency=concurrency)
 
 
-# What `probllm serve --backend` chooses from (probllm/lm/serving.py: the interface both implement).
-SERVING_ENGINES = {"hf": _local_engine, "openai": _upstream_engine}
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One `--backend` word: how its LM is made, what `--help` says of it, and what it can do. Commands decide by
+    these capabilities, never by the word."""
+
+    make: Callable[[BackendConfig], LM]
+    help: str
+    # A model loaded in this process: it answers --batch-size prompts per call, and is identified by its content
+    # (probllm.models.model_identity); otherwise an endpoint, identified by its URL and served name.
+    local: bool = False
+    # False: no model and no requests (`rules`), so nothing to retry or cache; only `corrupt` can use it.
+    uses_model: bool = True
+    # What `probllm serve --backend` runs (probllm/lm/serving.py: the interface engines implement); None: not served.
+    engine: Callable | None = None
+
+
+# Every `--backend` word, in the order `--help` lists them: the one definition that probllm/cli/choices.py's
+# choices, `--backend` validation and the serving engines come from.
+BACKENDS: dict[str, BackendSpec] = {
+    "openai": BackendSpec(_openai_lm, "any OpenAI-compatible endpoint", engine=_upstream_engine),
+    "hf": BackendSpec(_hf_lm, "a local transformers model", local=True, engine=_local_engine),
+    "rules": BackendSpec(_rules_lm, "no model", uses_model=False),
+}
+MODEL_BACKENDS = tuple(name for name, spec in BACKENDS.items() if spec.uses_model)
+SERVING_ENGINES = {name: spec.engine for name, spec in BACKENDS.items() if spec.engine is not None}
+
+
+def backend_spec(name: str) -> BackendSpec:
+    if name not in BACKENDS:
+        raise UsageError(f"--backend {name}: choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def backends_help(names=None) -> str:
+    """`--help` text of a `--backend` option that offers `names` (default: all), from the registry."""
+    return "; ".join(f"{name}: {BACKENDS[name].help}" for name in (names or BACKENDS)) + "."
 
 
 def make_engine(backend: str, **settings):

@@ -344,9 +344,10 @@ def ask_provenance(*, backend: str, model: str | None, adapter: str | None, base
     the text (letter method, k, generation parameters, fields). Cheap: no model or index is loaded."""
     import hashlib
 
+    from probllm.lm import backend_spec
     from probllm.models import device_name, endpoint_identity, model_identity, resolve_dtype
 
-    if backend == "openai":
+    if not backend_spec(backend).local:
         prov = endpoint_identity(base_url, model or "").as_dict()
     else:
         prov = {**model_identity(model, adapter).as_dict(),
