@@ -277,7 +277,7 @@ def _json_document(text: str, path: str) -> Iterator[Record | RecordError]:
         if isinstance(item, dict):
             yield Record(item, source=path, line=where)
         else:
-            yield RecordError(f"expected a JSON object, got {_type_name(item)}", source=path, line=where)
+            yield RecordError(f"expected a JSON object, got {type_name(item)}", source=path, line=where)
 
 
 class _CountedLines:
@@ -332,7 +332,7 @@ def _records_from(path: str) -> Iterator[Record | RecordError]:
         if isinstance(obj, dict):
             yield Record(obj, source=path, line=counted.lineno)
         else:
-            yield RecordError(f"expected a JSON object, got {_type_name(obj)}", source=path, line=counted.lineno)
+            yield RecordError(f"expected a JSON object, got {type_name(obj)}", source=path, line=counted.lineno)
 
 
 def is_json_doc_path(path: str) -> bool:
@@ -466,7 +466,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------------- validation
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """A JSON value's kind as error messages say it ("expected a string, got an array")."""
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
@@ -489,7 +490,7 @@ def require(record: dict, name: str, kind: type | tuple[type, ...] = str, *, all
         kinds = kinds + (int,)
     if value is None or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         expected = " or ".join(_EXPECT.get(k, k.__name__) for k in kinds if not (k is int and float in kinds))
-        raise RecordError(f"expected {expected}, got {_type_name(value)}", field=name)
+        raise RecordError(f"expected {expected}, got {type_name(value)}", field=name)
     if not allow_empty and isinstance(value, (str, list)) and len(value) == 0:
         raise RecordError("is empty", field=name)
     return value

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from probllm.io import Record, RecordError, Stats
+from probllm.io import Record, RecordError, Stats, type_name
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -113,8 +113,6 @@ class _FieldError(ValueError):
         self.field, self.reason = field, reason
 
 
-_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-               int: "a number", float: "a number"}
 _EXPECTED = {"string_type": "a string", "list_type": "an array", "int_type": "an integer", "float_type": "a number",
              "bool_type": "a boolean", "dict_type": "an object", "model_type": "an object"}
 
@@ -130,7 +128,7 @@ def _record_error(error: ValidationError, rename: dict[str, str]) -> RecordError
     if kind == "missing":
         reason = "missing"
     elif kind in _EXPECTED:
-        got = _TYPE_NAMES.get(type(first.get("input")), type(first.get("input")).__name__)
+        got = type_name(first.get("input"))
         reason = f"expected {_EXPECTED[kind]}, got {got}"
     elif cause is not None:
         reason = str(cause)

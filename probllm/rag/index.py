@@ -325,10 +325,6 @@ def _norm_path(path: str) -> str:
     return os.path.normpath(path)
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def iter_documents(paths: Iterable[str], stats: Stats, text_field: str = "text", id_field: str = "id",
                    skip_invalid: bool = False) -> Iterator[Document]:
     """Documents from files, folders and globs (expanded by io.expand_paths, like every command's paths):
