@@ -159,6 +159,23 @@ def log(message: str) -> None:
 GLOB_CHARS = "*?["
 
 
+def read_config(path: str | os.PathLike) -> dict:
+    """A `--config` file, for every command that takes one: a YAML (or JSON) mapping of option names to values,
+    names with dashes or underscores (returned with underscores). A file that cannot be read or is no mapping
+    is a UsageError naming it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
 def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 

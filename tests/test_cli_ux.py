@@ -241,7 +241,8 @@ def test_option_groups_take_a_config_file(cli, tmp_path):
     flag_wins = cli("corrupt", "--config", str(config), "--backend", "rules", str(qa))
     assert flag_wins.code == 0 and flag_wins.records == flags.records, flag_wins.stderr
     for text, needle in [("bogus: 1\n", "unknown option 'bogus'"), ("backend: nope\n", "'nope'"),
-                         ("concurrency: 0\n", "concurrency")]:
+                         ("concurrency: 0\n", "concurrency"), ("- a list\n", "expected a mapping"),
+                         ("a: [\n", "not valid YAML")]:
         config.write_text(text)
         bad = cli("corrupt", "--config", str(config), str(qa))
         assert bad.code == 2 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr

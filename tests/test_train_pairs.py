@@ -103,3 +103,6 @@ def test_settings_defaults_yaml_and_cli_precedence(tmp_path):
     cfg.write_text("learning_rate: 1\n")
     with pytest.raises(UsageError, match="unknown setting 'learning_rate'"):
         load_config_file(cfg)
+    cfg.write_text("- lr\n")  # the same reader as every other command's --config (probllm.io.read_config)
+    with pytest.raises(UsageError, match="expected a mapping of option names"):
+        load_config_file(cfg)

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from probllm.io import EXIT_USAGE, log
+from probllm.io import EXIT_USAGE, UsageError, log
+from probllm.io import read_config as read_config_file
 
 _UNSET = object()
 
@@ -70,18 +71,11 @@ def _usage_error(ctx, message: str) -> None:
 
 
 def read_config(path: Path, ctx) -> dict:
-    """A YAML (or JSON) mapping of option names to values; names may use dashes or underscores."""
-    import yaml
-
+    """`--config`'s values (probllm.io.read_config), a bad file reported as this command's usage error."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        _usage_error(ctx, f"--config {path}: cannot read ({e.strerror})")
-    except yaml.YAMLError as e:
-        _usage_error(ctx, f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
-    if not isinstance(data, dict):
-        _usage_error(ctx, f"--config {path}: expected a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        return read_config_file(path)
+    except UsageError as e:
+        _usage_error(ctx, str(e))
 
 
 ConfigFile = Annotated[Optional[Path], typer.Option(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from probllm.io import RecordError, Stats, UsageError, log, map_records, write_json
+from probllm.io import RecordError, Stats, UsageError, log, map_records, read_config, write_json
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -95,23 +95,12 @@ class TrainSettings:
 
 
 def load_config_file(cls: type[TrainSettings], path: str | os.PathLike) -> dict:
-    """A YAML (or JSON) file of settings with the CLI's names (dashes or underscores)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise UsageError(f"--config {path}: cannot read ({e.strerror})")
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of setting names to values")
+    """A `--config` file (probllm.io.read_config) as `cls`'s settings: old names renamed, unknown ones refused."""
     out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
+    for name, value in read_config(path).items():
         name = cls.renamed.get(name, name)
         if name not in cls.names():
-            raise UsageError(f"--config {path}: unknown setting '{key}' (known: {', '.join(sorted(cls.names()))})")
+            raise UsageError(f"--config {path}: unknown setting '{name}' (known: {', '.join(sorted(cls.names()))})")
         out[name] = value
     return out
 
