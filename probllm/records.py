@@ -1,4 +1,5 @@
-"""The record shapes that commands exchange, defined once: MCQ, passage, pair, prediction, verdict.
+"""The record shapes that commands read, defined once: MCQ and passage (the shapes a command parses; pairs and
+outputs are checked where they are read, with `io.require`).
 
 Each shape is a pydantic model with extra fields allowed, so a record's unknown fields pass through untouched
 (the JSONL contract). `parse(Shape, record)` is the one parse path: a record that does not fit raises the
@@ -79,30 +80,6 @@ class MCQ(_Record):
     def gold(self) -> int | None:
         """Index of the correct choice, when the record has an answer."""
         return LETTERS.index(self.answer.strip().upper()) if self.answer is not None else None
-
-
-class Pair(_Record):
-    """A preference pair in the explicit-prompt form that `dpo` and `reward-eval` train and score on."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-class Prediction(_Record):
-    """One `eval` output record: the input MCQ with the predicted letter and whether it is right."""
-
-    pred: Optional[str] = None
-    correct: bool
-    correct_norm: Optional[bool] = None
-    scores: Optional[list[float]] = None
-
-
-class Verdict(_Record):
-    """One `judge` output record: the verdict ('a', 'b', 'tie' or null when the judge gave none)."""
-
-    verdict: Optional[str] = None
-    judgments: list[dict] = []
 
 
 class _FieldError(ValueError):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from probllm.io import Record, RecordError, Stats, map_records
-from probllm.records import (LETTERS, MCQ, Pair, Prediction, Verdict, extract_letter, parse, parse_mcq,
-                             parse_passages)
+from probllm.records import LETTERS, MCQ, extract_letter, parse, parse_mcq, parse_passages
 
 
 def test_mcq_keeps_unknown_fields_and_reads_the_hf_choices_form():
@@ -46,12 +45,11 @@ def test_question_field_is_named_as_the_user_named_it_and_errors_are_located():
 
 
 def test_other_shapes():
-    assert parse(Pair, {"prompt": "p", "chosen": "c", "rejected": "r", "score": 1}).model_extra == {"score": 1}
+    mcq = {"question": "q", "choices": ["a", "b"], "answer": "A", "score": 1}
+    assert parse(MCQ, mcq).model_extra == {"score": 1}
     with pytest.raises(RecordError) as e:
-        parse(Pair, {"prompt": "p", "chosen": 5, "rejected": "r"})
-    assert (e.value.field, e.value.reason) == ("chosen", "expected a string, got a number")
-    assert parse(Prediction, {"question": "q", "pred": "A", "correct": True}).correct
-    assert parse(Verdict, {"id": 1, "verdict": None, "judgments": []}).verdict is None
+        parse(MCQ, {**mcq, "question": 5})
+    assert (e.value.field, e.value.reason) == ("question", "expected a string, got a number")
     passages = parse_passages({"ctx": ["plain", {"text": "t", "id": "n#1", "score": 0.5}]}, "ctx")
     assert passages == [{"id": "ctx[0]", "text": "plain"}, {"id": "n#1", "text": "t", "score": 0.5}]
     assert parse_passages({}, "ctx") == []
