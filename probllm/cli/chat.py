@@ -59,12 +59,15 @@ def chat_command(
     from probllm.io import UsageError, log
     from probllm.rag.chat import ChatModel, Conversation, banner, run_terminal
 
+    from probllm.lm import backend_spec
+
     base_url = backend["base_url"]
-    kind = value(backend["backend"]) or ("openai" if base_url else "hf")
+    # No --backend: an endpoint when --base-url names one, else a model in this process.
+    remote = not backend_spec(value(backend["backend"])).local if backend["backend"] else bool(base_url)
     model, adapter = local_model["model"], local_model["adapter"]
     with command("chat", quiet_summary=True) as stats:
         generator_options = dict(seed=seed, temperature=temperature, repetition_penalty=repetition_penalty)
-        if kind == "openai":
+        if remote:
             if not base_url:
                 raise UsageError("--backend openai needs --base-url (the server, e.g. http://127.0.0.1:8000/v1)")
             if adapter:

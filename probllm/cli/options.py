@@ -70,7 +70,7 @@ EVAL = OptionGroup("evaluation", (
 # `eval` and `ask` on an endpoint: the part of BACKEND that says where requests go and how they are sent (the model
 # name itself is their own --model). A local model (hf) is the default.
 ENDPOINT = BACKEND.only("backend", "base_url", "api_key_env", "concurrency", "tries", "timeout").replace(
-    "backend", type=ModelBackend, default=ModelBackend.hf,
+    "backend", type=ModelBackend, default=ModelBackend(_DEFAULT.backend),
     help="hf: a local transformers model; openai: any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, "
          "OpenAI, probllm serve) given by --base-url, with --model its model name.").replace(
     "concurrency", default=8)
