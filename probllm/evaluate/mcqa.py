@@ -77,20 +77,19 @@ def parse_item(record: dict, context_field: str | None = None, max_passages: int
 
 
 def select_shots(item: Item, dev: list[Item], n: int) -> list[Item]:
-    """The first n dev examples of the same subject (lm-eval's `first_n` sampler on MMLU's dev split), filled up
-    from the same source, then from any; never the question being asked."""
+    """lm-eval's `first_n` sampler on MMLU's dev split: the first n dev rows of the item's subject, in file order,
+    duplicates included (lm-eval keeps them; skipping one shifted a foreign row into college_physics' prompts), and
+    a row equal to the item itself included too (lm-eval drops the eval doc only when the shots come from the test
+    split itself; --dev is another split, so pass a dev file, not the test file). A subject with fewer than n rows
+    is filled up from the same source, then from any, never with the item itself (lm-eval would refuse)."""
     if n <= 0:
         return []
-    picked: list[Item] = []
-    for pool in (
-        [d for d in dev if d.subject == item.subject],
-        [d for d in dev if d.source == item.source],
-        dev,
-    ):
+    picked = [d for d in dev if d.subject == item.subject][:n]
+    for pool in ([d for d in dev if d.source == item.source], dev):
         for d in pool:
             if len(picked) == n:
                 return picked
-            if d.question != item.question and d not in picked:
+            if d.subject != item.subject and d != item and d not in picked:
                 picked.append(d)
     return picked
 
