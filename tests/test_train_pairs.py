@@ -72,7 +72,9 @@ def test_shared_example_files_parse(shared_examples):
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "prompt"),
     ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "chosen"),
     ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]}, "prompt[0]"),
+      "rejected": [{"role": "assistant", "content": "b"}]}, "prompt[0].content"),
+    ({"prompt": [{"role": "bot", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "prompt[0].role"),
     ({"conversations": [{"from": "alien", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
       "rejected": {"from": "gpt", "value": "b"}}, "conversations[0]"),
     ({"chosen": "abc", "rejected": "xyz"}, "chosen"),
@@ -81,6 +83,15 @@ def test_bad_pairs_name_the_field(rec, field):
     with pytest.raises(RecordError) as e:
         normalize_pair(rec)
     assert e.value.field == field
+
+
+def test_messages_are_checked_as_serve_checks_them():
+    """One message shape (probllm.messages): OpenAI's text content parts are joined, `developer` is `system`."""
+    parts = [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]
+    pair = normalize_pair({"prompt": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+                           "chosen": [{"role": "assistant", "content": "4"}],
+                           "rejected": [{"role": "assistant", "content": "5"}]})
+    assert pair["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 
 
 def test_identical_answers_are_skipped_with_a_reason():

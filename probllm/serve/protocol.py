@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from probllm.messages import ChatMessage  # noqa: F401  (the one message shape, shared with training data)
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
@@ -63,20 +65,6 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-def _text_content(value: Any) -> Any:
-    """A message's content: a string, or content parts of which only text is understood (joined)."""
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text parts are supported")
-            texts.append(part["text"])
-        return "".join(texts)
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string or text parts, got {type(value).__name__}")
-    return value
-
-
 def _stop_list(value: Any) -> Any:
     """`stop`: a string or up to four strings, as OpenAI takes it; always a list here."""
     if value is None:
@@ -91,16 +79,6 @@ def _stop_list(value: Any) -> Any:
 
 
 Stop = Annotated[list[str], BeforeValidator(_stop_list)]
-
-
-class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_text_content)]
-
-    @field_validator("role")
-    @classmethod
-    def _developer_is_system(cls, role: str) -> str:  # OpenAI's newer name for the system message
-        return "system" if role == "developer" else role
 
 
 class ProbllmOptions(OpenAIModel):

@@ -21,26 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from probllm.io import RecordError, Skip
+from probllm.messages import parse_messages
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
-
-
-def _messages(value: Any, field: str) -> list[dict]:
-    """A message list with string roles and contents, or a RecordError naming the field."""
-    if not isinstance(value, list) or not value:
-        raise RecordError("expected a non-empty list of messages", field=field)
-    out = []
-    for i, m in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(m, dict):
-            raise RecordError("expected a message object", field=where)
-        if not isinstance(m.get("role"), str):
-            raise RecordError("missing or non-string 'role'", field=where)
-        if not isinstance(m.get("content"), str):
-            raise RecordError("missing or non-string 'content'", field=where)
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 def _sharegpt_message(value: Any, field: str) -> dict:
@@ -104,12 +88,12 @@ def normalize_pair(record: dict) -> dict:
                 raise RecordError("is empty", field="prompt")
             prompt = [{"role": "user", "content": prompt_value}]
         else:
-            prompt = _messages(prompt_value, "prompt")
-        chosen = _messages(record["chosen"], "chosen")
-        rejected = _messages(record["rejected"], "rejected")
+            prompt = parse_messages(prompt_value, "prompt")
+        chosen = parse_messages(record["chosen"], "chosen")
+        rejected = parse_messages(record["rejected"], "rejected")
     elif form == "implicit-conversational":
-        full_chosen = _messages(record["chosen"], "chosen")
-        full_rejected = _messages(record["rejected"], "rejected")
+        full_chosen = parse_messages(record["chosen"], "chosen")
+        full_rejected = parse_messages(record["rejected"], "rejected")
         k = 0
         while k < min(len(full_chosen), len(full_rejected)) - 1 and full_chosen[k] == full_rejected[k]:
             k += 1
@@ -188,13 +172,13 @@ def normalize_unpaired(record: dict) -> dict:
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(completion, list):
         form = "conversational"
-        completion = _messages(completion, "completion")
+        completion = parse_messages(completion, "completion")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise RecordError("is empty", field="prompt")
             prompt = [{"role": "user", "content": prompt}]
         else:
-            prompt = _messages(prompt, "prompt")
+            prompt = parse_messages(prompt, "prompt")
     elif isinstance(completion, str):
         form = "string"
         if not isinstance(prompt, str):
