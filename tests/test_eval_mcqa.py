@@ -7,8 +7,11 @@ import math
 
 import pytest
 
-from probllm.evaluate.mcqa import (EvalOptions, Scorer, Summary, evaluate_records, extract_answer, extract_boxed,
-                                   extract_letter, extract_number, mean_stderr, parse_item, select_shots)
+from probllm.evaluate.extraction import extract_answer, extract_boxed, extract_number
+from probllm.evaluate.mcqa import EvalOptions, evaluate_records, parse_item, select_shots
+from probllm.evaluate.scorer import local_scorer
+from probllm.evaluate.summary import Summary, mean_stderr
+from probllm.records import extract_letter
 from probllm.evaluate.templates import Item, build_prompt
 from probllm.io import Record, RecordError, Stats
 
@@ -41,8 +44,8 @@ def lm(tiny_model_dir):
 def run(lm, records, **opts):
     model, tok = lm
     summary = Summary()
-    preds = list(evaluate_records((Record(r) for r in records), Scorer(model, tok), EvalOptions(**opts), Stats(),
-                                  summary))
+    with local_scorer(model, tok) as scorer:
+        preds = list(evaluate_records((Record(r) for r in records), scorer, EvalOptions(**opts), Stats(), summary))
     return preds, summary.as_dict()
 
 
@@ -100,9 +103,9 @@ def test_few_shot_prefix_shared_across_a_batch_gives_the_same_scores(lm):
     dev = [parse_item(r) for r in HANDMADE]
     same_subject = [{**r, "subject": "physics", "source": "mmlu"} for r in HANDMADE]
     options = dict(shots=3, dev=[Item(d.question, d.choices, d.gold, "mmlu", "physics") for d in dev])
-    scorer = Scorer(model, tok)
-    many = list(evaluate_records((Record(r) for r in same_subject), scorer, EvalOptions(batch_size=8, **options),
-                                 Stats(), Summary()))
+    with local_scorer(model, tok) as scorer:
+        many = list(evaluate_records((Record(r) for r in same_subject), scorer, EvalOptions(batch_size=8, **options),
+                                     Stats(), Summary()))
     assert scorer.shared_prefix_tokens > 0  # the description + examples ran once for the batch
     one, _ = run(lm, same_subject, batch_size=1, **options)
     for a, b in zip(one, many):
@@ -114,19 +117,16 @@ def test_few_shot_prefix_shared_across_a_batch_gives_the_same_scores(lm):
     assert many[0]["scores"] == pytest.approx(ref, abs=1e-4)
 
 
-def test_letter_method_reads_the_letter_logits(lm):
-    import torch
-
+def test_letter_method_scores_the_letters_as_continuations(lm):
+    """letter: each option letter (" A", " B", ...) is the continuation, scored as lm-eval scores MMLU's (every
+    token of it: the tiny tokenizer splits some letters in two), the same request an endpoint gets."""
     model, tok = lm
     preds, summary = run(lm, HANDMADE, method="letter", batch_size=4)
     for rec, pred in zip(HANDMADE, preds):
         item = parse_item(rec)
         prompt = build_prompt(item, "mmlu" if rec["source"] == "mmlu" else "letter")
         assert "\nA. " in prompt.context and prompt.context.endswith("Answer:")
-        ids = tok.encode(prompt.context)
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-        ref = [float(logprobs[tok.encode(prompt.context + " " + L)[len(ids)]]) for L in "ABCDE"[: len(item.choices)]]
+        ref = [plain_loglik(model, tok, prompt.context, " " + L) for L in "ABCDE"[: len(item.choices)]]
         assert pred["scores"] == pytest.approx(ref, abs=1e-4)
         assert pred["correct"] == (pred["pred"] == rec["answer"])
     assert summary["overall"]["acc"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds))

@@ -37,7 +37,9 @@ ROUND_TRIP = sorted(m for m in QUANT_METHODS if QUANT_METHODS[m]["library"] != "
 
 @pytest.mark.parametrize("method", ROUND_TRIP)
 def test_method_round_trips_and_evaluates(method, tiny_model_dir, float_logits, tmp_path):
-    from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+    from probllm.evaluate.mcqa import EvalOptions, evaluate_records
+    from probllm.evaluate.scorer import local_scorer
+    from probllm.evaluate.summary import Summary
     from probllm.io import Record, Stats
 
     folder = tmp_path / method
@@ -58,7 +60,7 @@ def test_method_round_trips_and_evaluates(method, tiny_model_dir, float_logits, 
     again = logits(load_model(str(folder), device="cpu"), tok)  # loading is deterministic
     assert float((again - first).abs().max()) < 1e-3
     records = [Record({"id": "q", "question": "2 + 2 =", "choices": ["3", "4"], "answer": "B", "source": "arc-easy"})]
-    preds = list(evaluate_records(records, Scorer(model, tok), EvalOptions(), Stats(), Summary()))
+    preds = list(evaluate_records(records, local_scorer(model, tok), EvalOptions(), Stats(), Summary()))
     assert preds[0]["pred"] in ("A", "B") and len(preds[0]["scores"]) == 2
 
 
@@ -73,12 +75,14 @@ def test_adapter_is_merged_before_quantizing(tiny_model_dir, float_logits, tmp_p
     peft_loaded = load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"), device="cpu")
     with_adapter = logits(peft_loaded, tok)
     # eval's KV-cache scoring works through the PEFT wrapper: same scores as the merged model.
-    from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+    from probllm.evaluate.mcqa import EvalOptions, evaluate_records
+    from probllm.evaluate.scorer import local_scorer
+    from probllm.evaluate.summary import Summary
     from probllm.io import Record, Stats
 
     recs = [{"id": "q", "question": "Which is a mammal?", "choices": ["shark fish", "whale"], "answer": "B"}]
     merged = load_model(tiny_model_dir, adapter=str(tmp_path / "adapter"), device="cpu", merge_adapter=True)
-    s_peft, s_merged = (list(evaluate_records((Record(r) for r in recs), Scorer(m, tok), EvalOptions(), Stats(),
+    s_peft, s_merged = (list(evaluate_records((Record(r) for r in recs), local_scorer(m, tok), EvalOptions(), Stats(),
                                               Summary()))[0]["scores"] for m in (peft_loaded, merged))
     assert s_peft == pytest.approx(s_merged, abs=1e-3)
     assert float((with_adapter - float_logits).abs().max()) > 0.01  # the adapter changes the model
@@ -115,24 +119,25 @@ def test_gguf_folder_is_measured_by_llama_cpp_or_says_it_is_missing(tiny_model_d
 
 
 def test_llama_cpp_scores_the_gguf_as_transformers_scores_it(tiny_model_dir, tmp_path):
-    """LlamaCppScorer on llama.cpp itself (llama-cpp-python, which `make bench-setup` builds; skipped where it is
-    not installed) against the transformers scorer on the same q8_0 weights read back dequantized."""
+    """LlamaCppLM on llama.cpp itself (llama-cpp-python, which `make bench-setup` builds; skipped where it is
+    not installed) against the transformers backend on the same q8_0 weights read back dequantized."""
     pytest.importorskip("llama_cpp")
-    from probllm.evaluate.mcqa import Scorer
-    from probllm.lm.llama_cpp import LlamaCppScorer, load
+    import asyncio
+
+    from probllm.lm.hf_backend import HFLM
+    from probllm.lm.llama_cpp import LlamaCppLM, load
 
     folder = tmp_path / "gguf"
     quantize_to_folder(tiny_model_dir, "gguf-q8_0", str(folder))
     tok = load_tokenizer(tiny_model_dir)
+    requests = [("Question: What is 2 + 2?\nAnswer:", c) for c in (" 3", " 4", " four")]
     llm = load(folder / "model.gguf", n_ctx=256)
     try:
-        cpp = LlamaCppScorer(llm, tok)
-        pairs = [cpp.encode_pair("Question: What is 2 + 2?\nAnswer:", c) for c in (" 3", " 4", " four")]
-        groups = [(pairs[0][0], [c for _, c in pairs])]
-        theirs = cpp.score(groups)[0]
+        theirs = asyncio.run(LlamaCppLM(llm, tok).loglikelihood(requests))
     finally:
         llm.close()  # before interpreter exit: llama-cpp-python's __del__ fails once its library is unloaded
-    ours = Scorer(load_model(str(folder), dtype="float32", device="cpu"), tok).score(groups)[0]
+    ours = asyncio.run(HFLM.from_loaded(load_model(str(folder), dtype="float32", device="cpu"), tok)
+                       .loglikelihood(requests))
     # llama.cpp multiplies q8_0 weights with 8-bit activations: close to, not equal to, the float pass.
     for (a, ga), (b, gb) in zip(ours, theirs):
         assert a == pytest.approx(b, abs=2e-2) and ga == gb

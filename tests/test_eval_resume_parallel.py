@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+from probllm.evaluate.mcqa import EvalOptions, evaluate_records
+from probllm.evaluate.scorer import MCQScorer, local_scorer
+from probllm.evaluate.summary import Summary
 from probllm.io import Record, Stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,23 +50,23 @@ def read(path) -> list[dict]:
 class InterruptAfter:
     """A real scorer that gets Ctrl-C during its n-th batch, as a user pressing it mid-forward-pass would."""
 
-    def __init__(self, scorer: Scorer, n: int):
+    def __init__(self, scorer: MCQScorer, n: int):
         self.scorer, self.n, self.calls = scorer, n, 0
 
     def __getattr__(self, name):
         return getattr(self.scorer, name)
 
-    def score(self, groups):
+    def loglik(self, prompts):
         self.calls += 1
         if self.calls == self.n:
             raise KeyboardInterrupt
-        return self.scorer.score(groups)
+        return self.scorer.loglik(prompts)
 
 
 def test_ctrl_c_mid_window_still_yields_every_scored_item(tiny_model_dir):
     from probllm.models import load_model, load_tokenizer
 
-    scorer = Scorer(load_model(tiny_model_dir), load_tokenizer(tiny_model_dir))
+    scorer = local_scorer(load_model(tiny_model_dir), load_tokenizer(tiny_model_dir))
     recs = records(40)
     got = []
     with pytest.raises(KeyboardInterrupt):

@@ -5,6 +5,8 @@ from enum import Enum
 
 from probllm.export import EXPORT_FORMATS, GGUF_QUANTS  # registries: importing them loads no gguf or torch
 from probllm.lm import BACKENDS, MODEL_BACKENDS  # (no backend module is imported until one is made)
+from probllm.evaluate.options import METHODS
+from probllm.evaluate.templates import TEMPLATES
 from probllm.models import QUANT_METHODS
 
 
@@ -67,19 +69,6 @@ class VerdictFrom(Choice):
     likelihood = "likelihood"
 
 
-class EvalMethod(Choice):
-    loglik = "loglik"
-    letter = "letter"
-    generate = "generate"
-
-
-class Template(Choice):
-    auto = "auto"
-    arc = "arc"
-    mmlu = "mmlu"
-    letter = "letter"
-
-
 class LetterMethod(Choice):
     auto = "auto"          # loglik where the backend scores a chat reply (a local model), else generate
     loglik = "loglik"
@@ -115,3 +104,5 @@ ModelBackend = _registry_choice("ModelBackend", MODEL_BACKENDS)
 ExportFormat = _registry_choice("ExportFormat", EXPORT_FORMATS)
 GgufQuant = _registry_choice("GgufQuant", GGUF_QUANTS)
 QuantMethod = _registry_choice("QuantMethod", QUANT_METHODS)
+EvalMethod = _registry_choice("EvalMethod", METHODS)
+Template = _registry_choice("Template", TEMPLATES)

@@ -12,6 +12,7 @@ from probllm.cli.app import (ForceResume, InputFiles, Limit, Seed, SkipInvalid, 
 from probllm.cli.choices import Dtype, QuantMethod, value
 from probllm.cli.groups import uses
 from probllm.cli.options import ENDPOINT, EVAL, LOCAL_MODEL, backend_config
+from probllm.evaluate.options import EvalOptions
 
 hidden_aliases("quantize", eval_limit="--limit", force="--overwrite")
 
@@ -78,7 +79,8 @@ def quantize_command(
                                                            "for several files).")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N records of --eval.",
                                                       min=0)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size for --eval.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size for --eval.", min=1)]
+    = EvalOptions.batch_size,
     measure: Annotated[bool, typer.Option("--measure/--no-measure", help="Measure memory and tokens/s (each "
                                           "model loaded in a fresh process).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output quantize folder.")]

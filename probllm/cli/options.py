@@ -45,23 +45,26 @@ GENERATION = OptionGroup("generation", (
         settings={"min": 0.0, "max": 1.0}),
 ))
 
+# eval's defaults are EvalOptions' (the library's), read here rather than written twice.
+from probllm.evaluate.options import EvalOptions as _EvalDefaults  # noqa: E402
+
 EVAL = OptionGroup("evaluation", (
     Opt("model", Optional[str], None, "Hub id, folder (also a `quantize` output) or nothing for the offline "
                                       "SmolLM2-135M-Instruct."),
     Opt("adapter", Optional[str], None, "LoRA adapter folder (a `dpo` output)."),
-    Opt("method", EvalMethod, EvalMethod.loglik, "loglik: acc + acc_norm as lm-eval; generate: chain of thought, "
+    Opt("method", EvalMethod, EvalMethod(_EvalDefaults.method), "loglik: acc + acc_norm as lm-eval; generate: chain of thought, "
                                                  "then the number / boxed answer / letter."),
-    Opt("template", Template, Template.auto, "auto: lm-eval's MMLU template for MMLU items, its ARC template "
+    Opt("template", Template, Template(_EvalDefaults.template), "auto: lm-eval's MMLU template for MMLU items, its ARC template "
                                              "otherwise."),
-    Opt("shots", int, 0, "Few-shot examples per question, from --dev.", settings={"min": 0}),
+    Opt("shots", int, _EvalDefaults.shots, "Few-shot examples per question, from --dev.", settings={"min": 0}),
     Opt("dev", Optional[list[str]], None, "MCQ records for few-shot examples: the first N of the same subject "
                                           "(lm-eval's first_n)."),
-    Opt("chat_template", bool, False, "Wrap prompts in the model's chat template."),
+    Opt("chat_template", bool, _EvalDefaults.chat_template, "Wrap prompts in the model's chat template."),
     Opt("context_field", Optional[str], None, "Record field with retrieved passages (strings or {text,...}) to "
                                               "quote before the question.", flags=("--context",)),
-    Opt("max_passages", int, 5, "Passages used from --context.", settings={"min": 0}),
-    Opt("batch_size", int, 16, "Questions per forward pass.", settings={"min": 1}),
-    Opt("max_new_tokens", int, 256, "generate: tokens per answer.", settings={"min": 1}),
+    Opt("max_passages", int, _EvalDefaults.max_passages, "Passages used from --context.", settings={"min": 1}),
+    Opt("batch_size", int, _EvalDefaults.batch_size, "Questions per forward pass.", settings={"min": 1}),
+    Opt("max_new_tokens", int, _EvalDefaults.max_new_tokens, "generate: tokens per answer.", settings={"min": 1}),
     Opt("dtype", Dtype, Dtype.auto, "auto: float32 on CPU (exact); bfloat16 is fast on CPUs with "
                                     "AMX/AVX512-BF16 and on GPUs."),
     Opt("device", str, "auto", "auto, cpu, cuda, cuda:1 ..."),

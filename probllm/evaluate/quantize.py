@@ -180,15 +180,19 @@ def _gguf_folder(model: str | None) -> str | None:
 
 
 def _evaluate(scorer, eval_file, eval_limit: int | None, batch_size: int) -> dict:
-    from probllm.evaluate.mcqa import EvalOptions, Summary, evaluate_records
+    from probllm.evaluate.mcqa import EvalOptions, evaluate_records
+    from probllm.evaluate.summary import Summary
     from probllm.io import Stats, read_records
 
     summary = Summary()
     stats = Stats(command="probllm quantize --eval")
     files = [eval_file] if isinstance(eval_file, str) else eval_file
-    for _ in evaluate_records(read_records(files, stats), scorer, EvalOptions(batch_size=batch_size,
-                                                                              limit=eval_limit), stats, summary):
-        pass
+    try:
+        for _ in evaluate_records(read_records(files, stats), scorer, EvalOptions(batch_size=batch_size,
+                                                                                  limit=eval_limit), stats, summary):
+            pass
+    finally:
+        scorer.close()
     figures = summary.as_dict()
     overall = figures["overall"]
     return {"accuracy": overall.get("acc"), "acc_norm": overall.get("acc_norm"), "eval_items": overall.get("items"),
@@ -211,10 +215,10 @@ def measure_gguf(model: str, gguf_path: str, eval_file=None, eval_limit: int | N
         result = {"rss_mb": None, "load_s": None, "tokens_per_s": None,
                   "engine": f"transformers (dequantized); {llama_cpp.NOT_INSTALLED}"}
         if eval_file:
-            from probllm.evaluate.mcqa import Scorer
+            from probllm.evaluate.scorer import local_scorer
 
             set_threads()
-            result.update(_evaluate(Scorer(load_model(model, device="cpu"), tok), eval_file, eval_limit,
+            result.update(_evaluate(local_scorer(load_model(model, device="cpu"), tok), eval_file, eval_limit,
                                     batch_size))
         return result
     proc = psutil.Process()
@@ -226,7 +230,9 @@ def measure_gguf(model: str, gguf_path: str, eval_file=None, eval_limit: int | N
     result = {"rss_mb": round((proc.memory_info().rss - rss0) / 2**20, 1), "load_s": round(load_s, 2),
               "tokens_per_s": round(tokens_per_s, 2), "engine": "llama.cpp (llama-cpp-python)"}
     if eval_file:
-        result.update(_evaluate(llama_cpp.LlamaCppScorer(llm, tok), eval_file, eval_limit, batch_size))
+        from probllm.evaluate.scorer import MCQScorer
+
+        result.update(_evaluate(MCQScorer(llama_cpp.LlamaCppLM(llm, tok)), eval_file, eval_limit, batch_size))
     return result
 
 
@@ -272,9 +278,9 @@ def measure(model: str | None, adapter: str | None = None, eval_file: list[str] 
     result = {"rss_mb": round(rss / 2**20, 1), "load_s": round(load_s, 2),
               "tokens_per_s": round(n_new / gen_s, 2)}
     if eval_file:
-        from probllm.evaluate.mcqa import Scorer
+        from probllm.evaluate.scorer import local_scorer
 
-        result.update(_evaluate(Scorer(lm, tok), eval_file, eval_limit, batch_size))
+        result.update(_evaluate(local_scorer(lm, tok), eval_file, eval_limit, batch_size))
     return result
 
 

@@ -43,7 +43,8 @@ def load_summary(spec: str) -> tuple[str, dict]:
 
 def summarise_predictions(path: str) -> dict:
     """The summary `eval --summary` would have written for these predictions (accuracy, per item)."""
-    from probllm.evaluate.mcqa import Summary, parse_item
+    from probllm.evaluate.mcqa import parse_item
+    from probllm.evaluate.summary import Summary
     from probllm.io import RecordError, read_records
 
     if not Path(path).is_file():

@@ -31,6 +31,8 @@ STREAM = "stream"
 COMPLETIONS = "completions"
 LOGLIKELIHOOD = "loglikelihood"
 CHAT_LOGLIKELIHOOD = "chat_loglikelihood"   # score options as the start of a chat reply (needs the template)
+NEXT_TOKEN_LOGPROBS = "next_token_logprobs"  # the top log-probs of the next token (an endpoint without echo)
+RENDER_CHAT = "render_chat"   # a chat rendered to prompt text here, by the model's own template (a local model)
 
 
 class Sources(list):
@@ -92,6 +94,9 @@ class LM:
     def __init__(self, model: str = ""):
         self.model = model
         self.requests = 0       # calls that reached the model or the endpoint (retries included)
+        # Counts a local scorer keeps of its work (forward passes, tokens fed, prompt tokens shared or cached);
+        # eval and the benches print them. An instance attribute, so wrappers reach the inner model's.
+        self.scoring_stats: dict = {}
 
     async def chat(self, messages: list[dict], params: dict) -> str:
         """The assistant's reply. A last message with role `assistant` is a start of the reply to continue."""
@@ -108,9 +113,23 @@ class LM:
         """lm-eval's `loglikelihood`: for each (context, continuation), (sum of log-probs, is_greedy)."""
         raise FatalBackendError(f"the {self.name} backend cannot score log-likelihoods")
 
+    def request_length(self, context: str, continuations: list[str]) -> int:
+        """How long a group of loglikelihood requests (one context, its continuations) is for this model: what a
+        caller sorts batches by, so similar lengths share a pass. Characters here; a local model counts the tokens
+        it will feed."""
+        return len(context) + sum(len(c) for c in continuations)
+
     async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
         """Log-likelihood of each option as the start of the assistant's reply to `messages` (after `prefix`)."""
         raise FatalBackendError(f"the {self.name} backend cannot score a chat reply's options")
+
+    async def next_token_logprobs(self, prompt: str, top: int = 20) -> dict[str, float]:
+        """The `top` most likely next tokens after `prompt` (text) and their log-probs (NEXT_TOKEN_LOGPROBS)."""
+        raise FatalBackendError(f"the {self.name} backend cannot give next-token log-probs")
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text the model's own chat template makes of `messages` (RENDER_CHAT)."""
+        raise FatalBackendError(f"the {self.name} backend renders no chat template here")
 
     @property
     def identity(self) -> str:
@@ -154,6 +173,15 @@ class Wrapper(LM):
 
     async def choose(self, messages, options, prefix=""):
         return await self.inner.choose(messages, options, prefix)
+
+    async def next_token_logprobs(self, prompt, top=20):
+        return await self.inner.next_token_logprobs(prompt, top)
+
+    def render(self, messages):
+        return self.inner.render(messages)
+
+    def request_length(self, context, continuations):
+        return self.inner.request_length(context, continuations)
 
     def counts(self) -> dict:
         return self.inner.counts()

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from probllm.lm.base import (CHAT, CHAT_LOGLIKELIHOOD, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM,
+from probllm.lm.base import (CHAT, CHAT_LOGLIKELIHOOD, COMPLETIONS, LM, LOGLIKELIHOOD, RENDER_CHAT, STREAM,
                              FatalBackendError, RequestFailed)
 
 _DONE = object()
@@ -153,11 +153,12 @@ class _RowsDone:
 
 class HFLM(LM):
     name = "hf"
-    capabilities = frozenset({CHAT, STREAM, COMPLETIONS, LOGLIKELIHOOD, CHAT_LOGLIKELIHOOD})
+    capabilities = frozenset({CHAT, STREAM, COMPLETIONS, LOGLIKELIHOOD, CHAT_LOGLIKELIHOOD, RENDER_CHAT})
 
     def __init__(self, model: str | None = None, adapter: str | None = None, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", max_wait: float = 0.005,
-                 trust_remote_code: bool = False, spare_core_when_batched: bool = False, **_ignored):
+                 trust_remote_code: bool = False, spare_core_when_batched: bool = False,
+                 scoring_tuning: dict | None = None, **_ignored):
         from probllm.models import model_label
 
         super().__init__(model_label(model, adapter))
@@ -184,6 +185,24 @@ class HFLM(LM):
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probllm-model")
         self._load_lock = threading.Lock()
         self._threads: int | None = None
+        # The packed scorer's knobs (probllm.lm.hf_scoring.score_groups: batch_tokens, max_rows, ...); its counts
+        # of passes and tokens go to `scoring_stats`.
+        self.scoring_tuning = dict(scoring_tuning or {})
+        self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, label: str = "", **settings) -> "HFLM":
+        """A model and tokenizer already loaded (quantize measures the model it just quantized; tests and benches
+        load once for many runs). Its identity is its label: such an object is not for cached or resumed work."""
+        lm = cls(None, **settings)
+        lm.model = label or getattr(getattr(model, "config", None), "_name_or_path", "") or "loaded-model"
+        lm._identity = lm.model
+        lm.tok, lm.lm = tokenizer, model
+        lm._set_eos()
+        import torch
+
+        lm._threads = torch.get_num_threads()  # the caller's setting, for the model thread too
+        return lm
 
     @property
     def identity(self) -> str:
@@ -221,14 +240,30 @@ class HFLM(LM):
                                           trust_remote_code=self.trust_remote_code)
                 self.lm = load_model(self.model_name, adapter=self.adapter, dtype=self.dtype, device=self.device,
                                      trust_remote_code=self.trust_remote_code)
-                eos = self.lm.generation_config.eos_token_id if getattr(self.lm, "generation_config", None) \
-                    else None
-                eos = eos if isinstance(eos, list) else [eos]
-                self.eos_ids = {e for e in eos + [self.tok.eos_token_id] if e is not None}
+                self._set_eos()
         return self
+
+    def _set_eos(self) -> None:
+        config = getattr(self.lm, "generation_config", None)
+        eos = config.eos_token_id if config is not None else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {e for e in eos + [self.tok.eos_token_id] if e is not None}
+
+    def describe(self) -> dict:
+        """What the loaded model computes with, for summaries: dtype, device, threads, whether it has a chat
+        template."""
+        self.load()
+        import torch
+
+        param = next(self.lm.parameters())
+        return {"dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device),
+                "threads": self._threads or torch.get_num_threads(),
+                "chat_template": bool(getattr(self.tok, "chat_template", None))}
 
     @property
     def max_length(self) -> int:
+        from probllm.lm.hf_scoring import model_max_length
+
         self.load()
         return model_max_length(self.lm, self.tok)
 
@@ -417,24 +452,52 @@ class HFLM(LM):
         self.requests += 1
         return await self.in_model_thread(self._loglikelihood, requests)
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's pair encoding, remembered for the pairs of the last few batches (a caller that sorts by
+        `request_length` asks for the same pairs again when it scores them)."""
+        from probllm.lm.hf_scoring import encode_pair
+
+        key = (context, continuation)
+        hit = self._pairs.get(key)
+        if hit is None:
+            if len(self._pairs) >= 8192:
+                self._pairs.clear()
+            hit = self._pairs[key] = encode_pair(self.tok, context, continuation)
+        return hit
+
+    def request_length(self, context: str, continuations: list[str]) -> int:
+        """The tokens the packed scorer feeds for this group: the context once, each continuation but its last
+        token (which is only a target)."""
+        self.load()
+        pairs = [self._encode_pair(context, c) for c in continuations]
+        return len(pairs[0][0]) + sum(max(len(c) - 1, 0) for _, c in pairs) if pairs else 0
+
     def _loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        from probllm.lm.hf_scoring import encode_pair, score_groups
+        from probllm.lm.hf_scoring import score_groups
 
         self.load()
-        # Consecutive requests with the same context form one group: the scorer runs that context once.
+        # Consecutive requests with the same context (a question's choices) form one group: the scorer runs that
+        # context once, packs its continuations after it, and sorts and packs the groups into batches itself. A
+        # request repeated within a group (the same question twice in a row) is scored once.
         groups: list[tuple[list[int], list[list[int]]]] = []
+        where: list[tuple[int, int]] = []  # per request: (group, continuation) of its score
         last_ctx = None
         for context, continuation in requests:
-            ctx, cont = encode_pair(self.tok, context, continuation)
+            ctx, cont = self._encode_pair(context, continuation)
             if not cont:
                 raise RequestFailed("empty continuation: nothing to score")
-            if groups and ctx == last_ctx:
-                groups[-1][1].append(cont)
-            else:
-                groups.append((ctx, [cont]))
+            if not groups or ctx != last_ctx:
+                groups.append((ctx, []))
                 last_ctx = ctx
-        scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=self.tok.pad_token_id or 0)
-        return [x for g in scored for x in g]
+            conts = groups[-1][1]
+            if cont not in conts:
+                conts.append(cont)
+            where.append((len(groups) - 1, conts.index(cont)))
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        self._set_threads(1)
+        scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=pad, stats=self.scoring_stats,
+                              **self.scoring_tuning)
+        return [scored[g][j] for g, j in where]
 
     async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
         """Small local models rarely follow an output format like `[[A]]`; scoring the allowed answers instead
@@ -502,14 +565,3 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def model_max_length(model, tokenizer) -> int:
-    """The longest sequence the model takes (its position limit), as lm-eval's HFLM reads it."""
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    value = getattr(tokenizer, "model_max_length", None)
-    return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048

@@ -1,4 +1,4 @@
-"""A GGUF file run by llama.cpp (through llama-cpp-python), behind the eval Scorer's interface.
+"""A GGUF file run by llama.cpp (through llama-cpp-python), behind the `LM` interface eval scores through.
 
 `quantize --method gguf-*` and bench/bench_quantize.py measure GGUF exports with it: the engine their users run,
 not a dequantized copy. llama-cpp-python is optional (`make bench-setup` builds it from the registry's source
@@ -12,8 +12,7 @@ from __future__ import annotations
 import importlib.util
 import time
 
-# eval's scorer (light to import: no torch until a model is scored); this class swaps its engine.
-from probllm.evaluate.mcqa import Scorer
+from probllm.lm.base import COMPLETIONS, LM, LOGLIKELIHOOD
 
 
 def available() -> bool:
@@ -33,40 +32,44 @@ def load(gguf_path: str, n_ctx: int = 2048, n_threads: int | None = None):
                  n_threads=n_threads or os.cpu_count() or 1)
 
 
-class LlamaCppScorer(Scorer):
-    """probllm.evaluate.mcqa.Scorer on llama.cpp: its prompt encoding (lm-eval's pair encoding, the chat
-    template) and its loglik/letter methods, over this `score` and `generate`."""
+class LlamaCppLM(LM):
+    """A llama.cpp model behind the `LM` interface, for eval's scorer: lm-eval's `loglikelihood` (the pair
+    encoded as lm-eval's `_encode_pair` with the transformers tokenizer; each context + continuation evaluated as
+    its own sequence, left-truncated to the context length) and greedy plain completions. Calls run one at a time
+    in this thread: llama.cpp holds one context."""
 
-    def __init__(self, llm, tokenizer):  # no torch model: Scorer's own __init__ does not apply
+    name = "llama.cpp"
+    capabilities = frozenset({COMPLETIONS, LOGLIKELIHOOD})
+
+    def __init__(self, llm, tokenizer, label: str = "gguf"):
+        super().__init__(label)
         self.llm = llm
         self.tok = tokenizer
-        self.stats: dict = {}
         self.max_length = llm.n_ctx()
 
-    def score(self, groups) -> list[list[tuple[float, bool]]]:
-        """(summed log-prob, is greedy) of every continuation after its context, lm-eval's definition; each
-        context + continuation evaluated as its own sequence, left-truncated to the context length."""
+    async def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        from probllm.lm.hf_scoring import encode_pair
+
+        self.requests += 1
+        return [self._score(*encode_pair(self.tok, context, continuation)) for context, continuation in requests]
+
+    def _score(self, context: list[int], cont: list[int]) -> tuple[float, bool]:
         import numpy as np
 
-        out = []
-        for context, continuations in groups:
-            scored = []
-            for cont in continuations:
-                tokens = (list(context) + list(cont))[-self.max_length:]
-                self.llm.reset()
-                self.llm.eval(tokens)
-                logits = np.asarray(self.llm.scores[: len(tokens)], dtype=np.float64)
-                rows = logits[len(tokens) - len(cont) - 1: len(tokens) - 1]
-                peak = rows.max(axis=1, keepdims=True)
-                logp = rows - peak - np.log(np.exp(rows - peak).sum(axis=1, keepdims=True))
-                picked = logp[np.arange(len(cont)), cont]
-                scored.append((float(picked.sum()), bool((rows.argmax(axis=1) == np.asarray(cont)).all())))
-            out.append(scored)
-        return out
+        tokens = (list(context) + list(cont))[-self.max_length:]
+        self.llm.reset()
+        self.llm.eval(tokens)
+        logits = np.asarray(self.llm.scores[: len(tokens)], dtype=np.float64)
+        rows = logits[len(tokens) - len(cont) - 1: len(tokens) - 1]
+        peak = rows.max(axis=1, keepdims=True)
+        logp = rows - peak - np.log(np.exp(rows - peak).sum(axis=1, keepdims=True))
+        picked = logp[np.arange(len(cont)), cont]
+        return float(picked.sum()), bool((rows.argmax(axis=1) == np.asarray(cont)).all())
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return [self.llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0)["choices"][0]["text"]
-                for p in prompts]
+    async def complete(self, prompt: str, params: dict) -> str:
+        self.requests += 1
+        return self.llm.create_completion(prompt, max_tokens=int(params.get("max_tokens", 256)),
+                                          temperature=0.0)["choices"][0]["text"]
 
 
 def greedy_speed(llm, prompt: str, tokens: int) -> float:

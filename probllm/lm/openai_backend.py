@@ -18,7 +18,7 @@ import os
 import time
 
 from probllm.io import UsageError
-from probllm.lm.base import (CHAT, COMPLETIONS, LM, LOGLIKELIHOOD, STREAM, FatalBackendError, RequestFailed,
+from probllm.lm.base import (CHAT, COMPLETIONS, LM, LOGLIKELIHOOD, NEXT_TOKEN_LOGPROBS, STREAM, FatalBackendError, RequestFailed,
                              Sources, TransientError)
 
 # Request fields that vLLM, transformers serve and probllm serve take beyond OpenAI's own.
@@ -55,7 +55,7 @@ def _retry_after(headers) -> float | None:
 
 class OpenAIBackend(LM):
     name = "openai"
-    capabilities = frozenset({CHAT, STREAM, COMPLETIONS, LOGLIKELIHOOD})
+    capabilities = frozenset({CHAT, STREAM, COMPLETIONS, LOGLIKELIHOOD, NEXT_TOKEN_LOGPROBS})
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, concurrency: int = 8, **_ignored):
