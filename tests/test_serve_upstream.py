@@ -130,3 +130,89 @@ def fake_upstream_url():
 
     with ChatServer() as upstream:
         yield upstream.base_url
+
+
+class _SSEUpstream:
+    """A plain-HTTP upstream streaming chunked SSE the hard way: every `data:` line split across two HTTP chunks,
+    and each connection closed after its answer without saying so (as a server's keep-alive timeout does)."""
+
+    TOKENS = ["Hel", "lo", " wor", "ld"]
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        self.requests = 0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def main():
+            self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+            self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+            started.set()
+
+        threading.Thread(target=lambda: (self.loop.run_until_complete(main()), self.loop.run_forever()),
+                         daemon=True).start()
+        started.wait(10)
+
+    async def handle(self, reader, writer):
+        import json
+
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        body = json.loads(await reader.readexactly(length))
+        self.requests += 1
+        if body["messages"][-1]["content"] == "boom":
+            data = json.dumps({"error": {"message": "prompt too long", "type": "invalid_request_error"}}).encode()
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(data), data))
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            docs = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}] + \
+                [{"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]} for t in self.TOKENS] + \
+                [{"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 4}}]
+            for line in [f"data: {json.dumps(d)}\n\n".encode() for d in docs] + [b"data: [DONE]\n\n"]:
+                for part in (line[:9], line[9:]):
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+
+
+def test_a_plain_http_upstreams_stream_is_read_line_by_line_cut_at_stop_and_reconnected():
+    """Streams from a plain-HTTP upstream are read by the layer itself (`_Connections` in probllm/lm/upstream.py):
+    lines split across HTTP chunks come out whole, `stop` cuts the stream, a kept-alive connection the upstream
+    has closed is replaced, and the upstream's 4xx reaches the client with its message."""
+    import json
+
+    from servers import app_server
+
+    upstream = _SSEUpstream()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+
+    def stream(**more):
+        r = httpx.post(root + "/v1/chat/completions", json={**body, **more}, timeout=10)
+        assert r.status_code == 200, r.text
+        docs = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+        assert r.text.rstrip().endswith("data: [DONE]")
+        return "".join(d["choices"][0]["delta"].get("content") or "" for d in docs), docs[-1]["choices"][0]
+
+    try:
+        with app_server(_layer(upstream.url, timeout=5)) as root:
+            for _ in range(3):  # each time on a connection the upstream closed after the last answer
+                text, last = stream()
+                assert text == "Hello world" and last["finish_reason"] == "length"
+            text, last = stream(stop=[" wo"])
+            assert text == "Hello" and last["finish_reason"] == "stop"
+            r = httpx.post(root + "/v1/chat/completions", timeout=10,
+                           json={**body, "messages": [{"role": "user", "content": "boom"}]})
+            assert r.status_code == 400 and "prompt too long" in r.json()["error"]["message"]
+            assert upstream.requests == 5
+    finally:
+        upstream.close()

@@ -11,13 +11,14 @@ shapes the answer. No model code here (that is the engine's), no retrieval logic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 import uuid
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 
 from probllm.lm.serving import COMPLETIONS, DEFAULT_MAX_TOKENS, EngineUnavailable, Finish, SamplingParams
 from probllm.serve.app import Serving, log_internal_error, require_key, serving
@@ -105,8 +106,12 @@ async def chat_completions(req: ChatCompletionRequest, s: Serving = Depends(serv
         return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
     async def events():
-        yield chunk({"role": "assistant", "content": ""}, sources=sources)
+        head = chunk({"role": "assistant", "content": ""}, sources=sources)
         piece = first
+        if isinstance(piece, str) and piece:  # one write with the first token: it is what the client waits for
+            head += chunk({"content": piece})
+            piece = ""
+        yield head
         try:
             async with contextlib.aclosing(stream):
                 while True:
@@ -123,8 +128,41 @@ async def chat_completions(req: ChatCompletionRequest, s: Serving = Depends(serv
             return
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(events())
+
+
+class EventStream(Response):
+    """A server-sent event stream written straight to the connection, each event as soon as it is made.
+
+    Not starlette's StreamingResponse: under ASGI 2.3 (uvicorn) that starts a task group per response to listen
+    for the client leaving, and its first write waits for the event loop's next turn. When a batch's first
+    tokens arrive together (dozens of streams at once), every stream then waits for all the others before its
+    first token goes out: the assistant layer's added time to first token. Here the client leaving is watched
+    by one plain task, read between events (a stream whose client left is closed at its next event, which
+    frees the engine's row or closes the upstream's connection)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events):
+        self.status_code, self.background, self.events = 200, None, events
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with contextlib.aclosing(self.events) as events:
+                async for event in events:
+                    if gone.done():
+                        return
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
 
 
 @router.post("/v1/completions", dependencies=v1, response_model=Completion)
