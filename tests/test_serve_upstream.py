@@ -186,7 +186,7 @@ class _SSEUpstream:
 
 
 def test_a_plain_http_upstreams_stream_is_read_line_by_line_cut_at_stop_and_reconnected():
-    """Streams from a plain-HTTP upstream are read by the layer itself (`_Connections` in probllm/lm/upstream.py):
+    """Streams from an upstream are read line by line (aiohttp, in probllm/lm/upstream.py):
     lines split across HTTP chunks come out whole, `stop` cuts the stream, a kept-alive connection the upstream
     has closed is replaced, and the upstream's 4xx reaches the client with its message."""
     import json

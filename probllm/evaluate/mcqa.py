@@ -98,7 +98,7 @@ def evaluate_records(
     lengths share a batch: little padding), scored batch by batch and written back in input order. On Ctrl-C the
     items of the window already scored are still yielded (in input order) before KeyboardInterrupt goes on up, so
     nothing scored is lost. With `shard` (a `probllm.evaluate.parallel.Shard`), every process reads the same
-    records, scores every world-th batch of each window, and process 0 gathers and yields them all."""
+    records, scores its contiguous share of each window's batches, and process 0 gathers and yields them all."""
     chat = scorer.chat if options.chat_template else None
 
     def prepare(rec: Record) -> dict:
@@ -134,7 +134,9 @@ def evaluate_records(
         interrupted = False
         try:
             for n, idx in enumerate(batches):
-                if shard is not None and n % shard.world != shard.rank:
+                # Each process takes a contiguous run of the window's batches: with few-shot prompts (sorted by
+                # their shared examples) a subject's batches stay in one process, which runs its prefix once.
+                if shard is not None and n * shard.world // len(batches) != shard.rank:
                     continue
                 for k, out in zip(idx, _score_batch([chunk[k] for k in idx], scorer, options)):
                     results[k] = out

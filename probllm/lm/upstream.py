@@ -2,11 +2,12 @@
 puts the course assistant (retrieval, sources, the chat page) in front of vLLM, llama.cpp's server, Ollama,
 transformers serve or another `probllm serve`.
 
-Streams pass through token by token: each upstream chunk's text goes out as soon as it arrives. Streams from a
-plain-HTTP upstream are read over kept-alive connections on asyncio streams (`_Connections`): per token, httpx
-cost most of the layer's CPU, and at a batch's first token its yields made every stream wait for all the others
-(the layer's added time to first token). Other requests (whole answers, /v1/models, /v1/completions), https
-upstreams and upstreams behind a proxy use httpx (what the `openai` client runs on) rather than the SDK: the
+Streams pass through token by token: each upstream chunk's text goes out as soon as it arrives. Streams are read
+with aiohttp (asyncio-native; what vLLM's benchmark clients stream with): per token, httpx cost most of the
+layer's CPU (each read passes anyio's cancel scope and a yield to the event loop), and at a batch's first token
+those yields made every stream wait for all the others (the layer's added time to first token), while aiohttp's
+buffered reader hands over a line already read without yielding. Other requests (whole answers, /v1/models,
+/v1/completions) use httpx (what the `openai` client runs on) rather than the SDK: the
 assistant only reads the delta text, finish reason and usage of each chunk, and building the SDK's pydantic
 objects per token would cost more CPU than the rest of the layer. As in the openai backend, several httpx pools
 of a few connections each: httpx scans all of a pool's connections per request.
@@ -20,12 +21,10 @@ request works.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
 
 from probllm.lm.openai_backend import _short
 from probllm.lm.serving import (CHAT, COMPLETIONS, STREAM, Engine, EngineRequestError, EngineUnavailable, Finish,
@@ -54,7 +53,7 @@ class UpstreamEngine(Engine):
         self._clients: list | None = None
         self._next = 0
         self._card: tuple[float, dict] | None = None
-        self._lines = _Connections.for_url(self.base_url, self._api_key, self.timeout, self.concurrency)
+        self._streams = None  # aiohttp.ClientSession for streamed answers (`_stream_session`)
         self.requests = 0
         self.failures = 0
 
@@ -84,8 +83,9 @@ class UpstreamEngine(Engine):
         for c in self._clients or []:
             await c.aclose()
         self._clients = None
-        if self._lines is not None:
-            self._lines.close()
+        if self._streams is not None:
+            await self._streams.close()
+            self._streams = None
 
     # ---------------------------------------------------------------------------------------------- errors
 
@@ -192,22 +192,45 @@ class UpstreamEngine(Engine):
         return Reply(text, Finish("stop" if stopped else (choice.get("finish_reason") or "stop"),
                                   usage.get("prompt_tokens"), usage.get("completion_tokens")))
 
+    def _stream_session(self):
+        """The aiohttp session streams are read on (made on first use, inside the server's event loop): one
+        connection pool of `concurrency` kept-alive connections; the environment's proxy settings apply."""
+        if self._streams is None:
+            import aiohttp
+
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._streams = aiohttp.ClientSession(
+                headers=headers, trust_env=True,
+                # Kept warm between bursts: a burst of students must not reopen them all.
+                connector=aiohttp.TCPConnector(limit=self.concurrency + 2, keepalive_timeout=300),
+                # As httpx's Timeout(timeout): the wait for each read, not for the whole answer.
+                timeout=aiohttp.ClientTimeout(total=None, connect=min(CONNECT_TIMEOUT, self.timeout),
+                                              sock_read=self.timeout))
+        return self._streams
+
     @asynccontextmanager
     async def _sse(self, path: str, body: dict):
-        """The `data:` lines of a streamed answer, read as they come (raises what `_post` raises)."""
-        import httpx2 as httpx
+        """The lines of a streamed answer, read as they come; failures as `_post` reports them (503: cannot be
+        reached or no answer in time; 502: not the protocol; the upstream's 4xx passed on)."""
+        import aiohttp
 
-        if self._lines is not None:
-            async with self._lines.post(path, json.dumps(body).encode(), self) as lines:
-                yield lines
-            return
         try:
-            async with self._client().stream("POST", path, json=body) as r:
-                if r.status_code >= 400:
-                    raise self._refused(r.status_code, (await r.aread()).decode("utf-8", "replace"))
-                yield r.aiter_lines()
-        except httpx.HTTPError as e:
-            raise self._unreachable(e) from None
+            async with self._stream_session().post(f"{self.base_url}/{path}", json=body,
+                                                   headers={"Accept": "text/event-stream"}) as r:
+                if r.status >= 400:
+                    raise self._refused(r.status, (await r.read()).decode("utf-8", "replace"))
+                yield _lines(r.content)
+        except TimeoutError:
+            self.failures += 1
+            raise EngineUnavailable(f"the model server {self.base_url} did not answer in time", 503) from None
+        except aiohttp.ClientConnectionError as e:  # refused, reset, closed before the end of the answer
+            self.failures += 1
+            raise EngineUnavailable(f"the model server {self.base_url} cannot be reached "
+                                    f"({e.__class__.__name__})", 503) from None
+        except (aiohttp.ClientError, ValueError) as e:  # a broken chunked body, a line past the reader's limit
+            self.failures += 1
+            raise EngineUnavailable(f"the model server {self.base_url} answered something that is not the "
+                                    f"protocol ({e.__class__.__name__})", 502) from None
 
     async def stream_chat(self, messages: list[dict], params: SamplingParams):
         body = self._body(params, messages=messages, stream=True)
@@ -258,203 +281,7 @@ class UpstreamEngine(Engine):
         return {"upstream": self.base_url, "upstream_requests": self.requests, "upstream_failures": self.failures}
 
 
-class _Connections:
-    """Streamed answers from a plain-HTTP upstream over kept-alive HTTP/1.1 connections on asyncio streams.
-
-    What the profile of the layer showed under 64 streams: httpx spends most of the layer's CPU per token (each
-    read of a kept-alive stream passes anyio's cancel scope and a yield to the event loop, then h11), and at
-    the first token, when the whole batch's streams start together, every stream yields several times before its
-    first chunk goes out, so all of them wait for all the others. Here a chunk that is already read is handled
-    without yielding, and reading one costs a buffered readline. https upstreams, and upstreams reached through
-    a proxy (the environment's *_proxy), stay on httpx."""
-
-    MAX_ERROR_BODY = 1 << 20
-
-    def __init__(self, host: str, port: int, netloc: str, prefix: str, api_key: str | None, timeout: float,
-                 size: int):
-        self.host, self.port, self.prefix = host, port, prefix
-        self.timeout = timeout
-        self.size = size
-        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
-        self._head = (f"Host: {netloc}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
-                      f"User-Agent: probllm\r\n{auth}").encode("latin-1")
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    @classmethod
-    def for_url(cls, base_url: str, api_key: str | None, timeout: float, size: int) -> "_Connections | None":
-        from urllib.request import getproxies, proxy_bypass
-
-        u = urlsplit(base_url)
-        if u.scheme != "http" or not u.hostname:
-            return None
-        proxies = getproxies()
-        if (proxies.get("http") or proxies.get("all")) and not proxy_bypass(u.hostname):
-            return None
-        return cls(u.hostname, u.port or 80, u.netloc.rsplit("@", 1)[-1], u.path.rstrip("/"), api_key, timeout,
-                   size)
-
-    def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
-
-    async def _open(self):
-        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                      min(CONNECT_TIMEOUT, self.timeout))
-
-    def _reuse(self):
-        while self._idle:
-            reader, writer = self._idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        return None
-
-    @asynccontextmanager
-    async def post(self, path: str, body: bytes, engine: "UpstreamEngine"):
-        """POST `body` (JSON) to `path`; yields the answer's lines. Errors as UpstreamEngine raises them."""
-        request = (f"POST {self.prefix}/{path} HTTP/1.1\r\nContent-Length: {len(body)}\r\n".encode("latin-1")
-                   + self._head + b"\r\n" + body)
-        conn, head = None, None
-        try:
-            for fresh in (False, True):
-                conn = None if fresh else self._reuse()
-                reused = conn is not None
-                if conn is None:
-                    conn = await self._open()
-                try:
-                    conn[1].write(request)
-                    await conn[1].drain()
-                    head = await _within(self.timeout, conn[0].readuntil(b"\r\n\r\n"))
-                    break
-                except (ConnectionError, asyncio.IncompleteReadError):
-                    conn[1].close()
-                    if not reused:  # a kept-alive connection the server had closed: once more on a new one
-                        raise
-        except asyncio.TimeoutError:
-            engine.failures += 1
-            if conn is not None:
-                conn[1].close()
-            raise EngineUnavailable(f"the model server {engine.base_url} did not answer in time", 503) from None
-        except (OSError, asyncio.IncompleteReadError) as e:
-            engine.failures += 1
-            raise EngineUnavailable(f"the model server {engine.base_url} cannot be reached "
-                                    f"({e.__class__.__name__})", 503) from None
-        except asyncio.LimitOverrunError:
-            conn[1].close()
-            engine.failures += 1
-            raise EngineUnavailable(f"the model server {engine.base_url} answered something that is not HTTP",
-                                    502) from None
-        reader, writer = conn
-        done = False
-        try:
-            status, headers, keep = _parse_head(head)
-            if status is None:
-                engine.failures += 1
-                raise EngineUnavailable(f"the model server {engine.base_url} answered something that is not "
-                                        "HTTP", 502)
-            body_lines = _Body(reader, headers, self.timeout)
-            if status >= 400:
-                text = await body_lines.read_all(self.MAX_ERROR_BODY)
-                done = body_lines.complete
-                raise engine._refused(status, text.decode("utf-8", "replace"))
-            yield body_lines.lines()
-            done = body_lines.complete
-        except asyncio.TimeoutError:
-            engine.failures += 1
-            raise EngineUnavailable(f"the model server {engine.base_url} did not answer in time", 503) from None
-        except (OSError, asyncio.IncompleteReadError) as e:
-            engine.failures += 1
-            raise EngineUnavailable(f"the model server {engine.base_url} cannot be reached "
-                                    f"({e.__class__.__name__})", 503) from None
-        except (ValueError, asyncio.LimitOverrunError):
-            engine.failures += 1
-            raise EngineUnavailable(f"the model server {engine.base_url} answered something that is not the "
-                                    "protocol", 502) from None
-        finally:
-            # Kept for the next request only when read to its end; else closed (the upstream stops generating).
-            if done and keep and len(self._idle) < self.size:
-                self._idle.append(conn)
-            else:
-                writer.close()
-
-
-if hasattr(asyncio, "timeout"):  # 3.11+: a deadline on the running task, no task of its own (no yield)
-    async def _within(seconds: float, awaitable):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-else:  # pragma: no cover  (3.10)
-    async def _within(seconds: float, awaitable):
-        return await asyncio.wait_for(awaitable, seconds)
-
-
-def _parse_head(head: bytes) -> tuple[int | None, dict, bool]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        return None, {}, False
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    keep = parts[0] == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-    return int(parts[1]), headers, keep
-
-
-class _Body:
-    """An HTTP/1.1 response body (chunked, with a length, or up to the end of the connection), as lines."""
-
-    def __init__(self, reader: asyncio.StreamReader, headers: dict, timeout: float):
-        self.reader, self.timeout = reader, timeout
-        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = headers.get("content-length")
-        self.left = int(length) if length is not None and not self.chunked else None
-        self.complete = False
-
-    async def _read(self, awaitable):
-        return await _within(self.timeout, awaitable)
-
-    async def pieces(self):
-        reader = self.reader
-        if self.chunked:
-            while True:
-                size = int((await self._read(reader.readuntil(b"\r\n"))).split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    while (await self._read(reader.readuntil(b"\r\n"))) != b"\r\n":  # trailers
-                        pass
-                    self.complete = True
-                    return
-                data = await self._read(reader.readexactly(size + 2))
-                yield data[:-2]
-        elif self.left is not None:
-            while self.left > 0:
-                data = await self._read(reader.read(min(self.left, 65536)))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", self.left)
-                self.left -= len(data)
-                yield data
-            self.complete = True
-        else:
-            while data := await self._read(reader.read(65536)):
-                yield data
-            self.complete = True
-
-    async def lines(self):
-        rest = b""
-        async for data in self.pieces():
-            rest += data
-            if b"\n" in data:
-                *whole, rest = rest.split(b"\n")
-                for line in whole:
-                    yield line.rstrip(b"\r").decode("utf-8", "replace")
-        if rest:
-            yield rest.rstrip(b"\r").decode("utf-8", "replace")
-
-    async def read_all(self, limit: int) -> bytes:
-        out = b""
-        async for data in self.pieces():
-            out += data
-            if len(out) > limit:
-                break
-        return out[:limit]
+async def _lines(content):
+    """An aiohttp body's lines as text (the buffered reader hands over a line already read without waiting)."""
+    async for raw in content:
+        yield raw.decode("utf-8", "replace").rstrip("\r\n")
