@@ -411,8 +411,9 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     run that prefix once into a key/value cache (a huge value turns it off), `min_shared_prefix` tokens of common
     prompt prefix that put several groups in one row (a huge value turns sharing off), `row_tokens` longest such
     row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a dict) receives counts: passes, tokens fed,
-    padded tokens, shared_prefix_tokens (saved by shared rows), prefix_passes and cached_prefix_tokens (prefixes
-    run once into a cache), cache_reused_tokens (prefix tokens not fed again thanks to the cache)."""
+    padded tokens, shared_prefix_tokens (prompt tokens not fed again thanks to sharing: shared rows and cached
+    prefixes), prefix_passes and cached_prefix_tokens (prefixes run once into a cache), cache_reused_tokens (the
+    part of shared_prefix_tokens the cache saved)."""
     import torch
 
     if "batch_size" in tuning:
@@ -494,6 +495,7 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
             add("padded_tokens", P)
             add("cached_prefix_tokens", P)
             add("cache_reused_tokens", P * (len(cluster.units) - 1))
+            add("shared_prefix_tokens", P * (len(cluster.units) - 1))
             rows = _rows(cluster.units, min_shared_prefix, row_tokens)
             for batch in _batches(rows, batch_tokens, max_rows, extra=P):
                 run(batch, prefix_kv, P)
