@@ -242,3 +242,22 @@ def test_cached_prefix_with_lora(lm):
         assert stats["prefix_passes"] == 1
     finally:
         peft_model.unload()
+
+
+def test_prefix_cache_carries_a_prefix_to_the_next_call(lm):
+    model, tok = lm
+    # two batches of one subject: the first's questions also share "Which", so its prefix is a bit longer than the
+    # second's; the second call reuses the kept keys/values, cut to what the two share
+    first = encoded(tok, mmlu_like("physics", ["Which is 4?", "Which is four?"]), [" A", " B two"])
+    second = encoded(tok, mmlu_like("physics", ["What is 2 + 2?", "Pick four.", "2 * 2 = ?"]), [" A", " B two"])
+    kept: dict = {}
+    stats: dict = {}
+    got_first = score_groups(model, first, max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats["prefix_passes"] == 1 and len(kept) == 1 and "prefix_cache_hits" not in stats
+    got = score_groups(model, second, max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats["prefix_passes"] == 1 and stats["prefix_cache_hits"] == 1  # not run again
+    assert_whole_prompt_scores(model, first, got_first)
+    assert_whole_prompt_scores(model, second, got)
+    other = score_groups(model, second, max_length=1024, stats=stats, prefix_cache={})
+    assert stats["prefix_passes"] == 2
+    assert [s for r in other for s, _ in r] == pytest.approx([s for r in got for s, _ in r], abs=1e-5)

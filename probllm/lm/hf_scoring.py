@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 MIN_CACHED_PREFIX = 64  # tokens a cluster of contexts must share for its prefix to run once into a KV cache
+PREFIX_CACHE_ENTRIES = 8  # prefixes' keys/values a caller's `prefix_cache` keeps across calls (most recent)
 MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth the wider attention of a shared row
 ROW_TOKENS = 1024  # longest row built from several groups behind one shared prefix
 BATCH_TOKENS = 4096  # padded tokens (rows x longest row) per forward pass
@@ -400,10 +401,29 @@ def _run_prefix(model, decoder, prefix: list[int], device):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _kept_prefix(prefix_cache: dict | None, model, prefix: list[int], min_cached: int):
+    """The longest usable start of `prefix` among the kept prefixes of this model: (its length, its keys/values
+    cut to that length), or (0, None). Usable: at least `min_cached` tokens and half of `prefix` (else running
+    the whole prefix again is worth it). A hit moves to the end (most recent)."""
+    if not prefix_cache:
+        return 0, None
+    best, best_key = 0, None
+    for key in prefix_cache:
+        if key[0] == id(model):
+            n = _common_prefix(key[1], prefix)
+            if n > best:
+                best, best_key = n, key
+    if best_key is None or best < min_cached or 2 * best < len(prefix):
+        return 0, None
+    kv = prefix_cache.pop(best_key)
+    prefix_cache[best_key] = kv
+    return best, [(k[:, :, :best], v[:, :, :best]) for k, v in kv]
+
+
 def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None,
                  batch_tokens: int = BATCH_TOKENS, max_rows: int = MAX_ROWS, min_shared_prefix: int = MIN_SHARED_PREFIX,
                  row_tokens: int = ROW_TOKENS, min_cached_prefix: int = MIN_CACHED_PREFIX, pad_id: int = 0,
-                 stats: dict | None = None, **tuning) -> list[list[tuple[float, bool]]]:
+                 stats: dict | None = None, prefix_cache: dict | None = None, **tuning) -> list[list[tuple[float, bool]]]:
     """For every continuation of every group, `(sum of its tokens' log-probs, is_greedy)`, in input order.
 
     Tuning (all optional): `batch_tokens` padded tokens per forward pass (a cached prefix counts once per line),
@@ -413,7 +433,13 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a dict) receives counts: passes, tokens fed,
     padded tokens, shared_prefix_tokens (prompt tokens not fed again thanks to sharing: shared rows and cached
     prefixes), prefix_passes and cached_prefix_tokens (prefixes run once into a cache), cache_reused_tokens (the
-    part of shared_prefix_tokens the cache saved)."""
+    part of shared_prefix_tokens the cache saved).
+
+    `prefix_cache` (a dict the caller keeps, empty at first) carries the last PREFIX_CACHE_ENTRIES prefixes'
+    keys/values from one call to the next: a cluster whose prefix starts with at least half of a kept one's
+    tokens reuses that part instead of running it again (a few-shot run calls this once per batch of questions,
+    all of a subject behind the same examples). Only for calls on the same model with the same weights and
+    adapter state (entries are keyed by the model object, not by its weights); `stats` counts prefix_cache_hits."""
     import torch
 
     if "batch_size" in tuning:
@@ -487,15 +513,27 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     # inference tensors forbid.
     with torch.no_grad():
         for cluster in clusters:
-            P = len(cluster.prefix)
-            prefix_kv = _run_prefix(model, decoder, cluster.prefix, device)
-            add("passes", 1)
-            add("prefix_passes", 1)
-            add("tokens", P)
-            add("padded_tokens", P)
-            add("cached_prefix_tokens", P)
-            add("cache_reused_tokens", P * (len(cluster.units) - 1))
-            add("shared_prefix_tokens", P * (len(cluster.units) - 1))
+            P, prefix_kv = _kept_prefix(prefix_cache, model, cluster.prefix, min_cached_prefix)
+            if prefix_kv is not None:  # a kept prefix: its first P tokens; the rest goes back to the units
+                cluster = _Cluster(cluster.prefix[:P], [_Unit(cluster.prefix[P:] + u.context, u.continuations,
+                                                              u.outputs) for u in cluster.units])
+                add("prefix_cache_hits", 1)
+                add("cache_reused_tokens", P * len(cluster.units))
+                add("shared_prefix_tokens", P * len(cluster.units))
+            else:
+                P = len(cluster.prefix)
+                prefix_kv = _run_prefix(model, decoder, cluster.prefix, device)
+                if prefix_cache is not None:
+                    prefix_cache[(id(model), tuple(cluster.prefix))] = prefix_kv
+                    while len(prefix_cache) > PREFIX_CACHE_ENTRIES:
+                        prefix_cache.pop(next(iter(prefix_cache)))
+                add("passes", 1)
+                add("prefix_passes", 1)
+                add("tokens", P)
+                add("padded_tokens", P)
+                add("cached_prefix_tokens", P)
+                add("cache_reused_tokens", P * (len(cluster.units) - 1))
+                add("shared_prefix_tokens", P * (len(cluster.units) - 1))
             rows = _rows(cluster.units, min_shared_prefix, row_tokens)
             for batch in _batches(rows, batch_tokens, max_rows, extra=P):
                 run(batch, prefix_kv, P)
