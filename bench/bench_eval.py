@@ -81,7 +81,7 @@ ARC_FILES = (  # (file, our source name, lm-eval task name)
 def prepare(work: Path, limit: int | None) -> tuple[list[dict], list[dict]]:
     """Our MCQ records (each tagged with its lm-eval task and doc index), and lm-eval task configs reading the
     same items from JSONL files."""
-    from probllm.data.mcq import arc_to_mcq, mmlu_to_mcq
+    from probllm.data.mcq import arc_to_mcq
 
     ex = shared_examples()
     ours: list[dict] = []
