@@ -2,17 +2,23 @@
 
 All run in this one process on models loaded once (the offline SmolLM2-135M-Instruct; ours also as a bfloat16
 copy), so nobody pays model loading in its timing. Items: EVERY ARC item in ../shared/examples/arc (Easy and
-Challenge dev sets in AI2's original form, the Challenge test slice in the Hugging Face form) and the MMLU dev
-rows, converted to our MCQ records by mcqify's own converters, and given to lm-eval in its document shapes
-(ARC: question/choices{text,label}/answerKey; MMLU: question/choices/answer index) through custom tasks that copy
-lm-eval's `arc_easy` / `mmlu_<subject>` configs with `dataset_path: json`.
+Challenge dev sets in AI2's original form, the Challenge test slice in the Hugging Face form) and the
+MMLU test sets in ../shared/examples/mmlu/test (631 items of 4 subjects), converted to our MCQ records by mcqify's
+own converters, and given to lm-eval in its document shapes (ARC: question/choices{text,label}/answerKey; MMLU:
+question/choices/answer index) through custom tasks that copy lm-eval's `arc_easy` / `mmlu_<subject>` configs
+with `dataset_path: json`. With `--shots 5`, MMLU once more, 5-shot: lm-eval with `num_fewshot=5` (its MMLU
+config: the `first_n` sampler on the dev split, the subject's description line), its dev split the subjects'
+rows in ../shared/examples/mmlu/dev, against `eval --shots 5 --dev` on the same rows.
 
-Prints, in one run: lm-eval's wall time, ours in float32 and bfloat16, the ratios, and per-item prediction
-agreement with lm-eval (acc and acc_norm) for each, per source too; tokens fed to the model by each (ours
-counted, lm-eval's computed from its request layout); then the quantize table. Writes bench/results/eval.md.
+Prints, in one run, per setting (ARC zero-shot, MMLU zero-shot, MMLU 5-shot): lm-eval's wall time, ours in
+float32 (and bfloat16 on the zero-shot settings unless --no-bf16), the ratios, and per-item prediction agreement
+with lm-eval (acc and acc_norm); tokens fed to the model by each (ours counted, lm-eval's computed from its
+request layout); then agreement per source and the quantize table. Writes bench/results/eval.md.
 
     flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_eval.py            # the official run
     .venv/bin/python bench/bench_eval.py --limit 5 --skip-quantize --output /tmp/eval-check.md   # a check
+
+    .venv/bin/python bench/bench_eval.py --shots 5 --no-bf16 --skip-quantize    # + 5-shot MMLU
 
 `--limit N` takes the first N items of each file / MMLU subject (checks only: timings of a slice say little).
 Needs `make bench-setup` (lm-eval==0.4.13).
@@ -69,7 +75,7 @@ ARC_FILES = (  # (file, our source name, lm-eval task name)
 def prepare(work: Path, limit: int | None) -> tuple[list[dict], list[dict]]:
     """Our MCQ records (each tagged with its lm-eval task and doc index), and lm-eval task configs reading the
     same items from JSONL files."""
-    from probllm.data.mcq import arc_to_mcq, mmlu_to_mcq
+    from probllm.data.mcq import arc_to_mcq
 
     ex = shared_examples()
     ours: list[dict] = []
@@ -91,29 +97,66 @@ def prepare(work: Path, limit: int | None) -> tuple[list[dict], list[dict]]:
         f.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
         tasks.append({"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(f)}},
                       "test_split": "test", **ARC_TEMPLATE})
-    for csv_path in sorted((ex / "mmlu" / "dev").glob("*_dev.csv")):
-        subject = csv_path.name[: -len("_dev.csv")]
-        task = f"bench_mmlu_{subject}"
-        docs = []
-        with open(csv_path, encoding="utf-8", newline="") as fh:
-            for i, row in enumerate(csv.reader(fh)):
-                q, *choices, ans = row
-                mcq = mmlu_to_mcq({"question": q, "subject": subject, "A": choices[0], "B": choices[1],
-                                   "C": choices[2], "D": choices[3], "answer": ans})
-                docs.append({"question": q, "subject": subject, "choices": choices, "answer": LETTERS.index(ans)})
-                ours.append({**mcq, "_task": task, "_doc": len(docs) - 1})
-                if limit and len(docs) == limit:
-                    break
-        f = work / f"{task}.jsonl"
-        f.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-        tasks.append({"task": task, "dataset_path": "json",
-                      "dataset_kwargs": {"data_files": {"test": str(f)}}, "test_split": "test",
-                      "description": f"The following are multiple choice questions (with answers) about "
-                                     f"{subject.replace('_', ' ')}.\n\n", **MMLU_TEMPLATE})
+    mmlu_ours, mmlu_tasks = prepare_mmlu(work, limit, shots=0)
+    return ours + mmlu_ours, tasks + mmlu_tasks
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def mmlu_docs(rows: list[list[str]]) -> list[dict]:
+    return [{"question": q, "choices": c, "answer": LETTERS.index(a)} for q, *c, a in rows]
+
+
+def prepare_mmlu(work: Path, limit: int | None, shots: int) -> tuple[list[dict], list[dict]]:
+    """The MMLU test items (each subject of mmlu/test) as our MCQ records and lm-eval tasks; with `shots`, tasks
+    that copy lm-eval's MMLU few-shot config (dev split = the subject's mmlu/dev rows, `first_n`, num_fewshot)."""
+    from probllm.data.mcq import mmlu_to_mcq
+
+    ex = shared_examples() / "mmlu"
+    ours: list[dict] = []
+    tasks: list[dict] = []
+    for csv_path in sorted((ex / "test").glob("*_test.csv")):
+        subject = csv_path.name[: -len("_test.csv")]
+        task = f"bench_mmlu_{subject}" + (f"_{shots}shot" if shots else "")
+        rows = read_csv(csv_path)[:limit] if limit else read_csv(csv_path)
+        for i, (q, *choices, ans) in enumerate(rows):
+            mcq = mmlu_to_mcq({"question": q, "subject": subject, "A": choices[0], "B": choices[1],
+                               "C": choices[2], "D": choices[3], "answer": ans})
+            ours.append({**mcq, "_task": task, "_doc": i})
+        files = {"test": work / f"{task}.jsonl"}
+        if shots:
+            files["dev"] = work / f"{task}_dev.jsonl"
+            files["dev"].write_text("".join(json.dumps(d) + "\n" for d in mmlu_docs(
+                read_csv(ex / "dev" / f"{subject}_dev.csv"))), encoding="utf-8")
+        files["test"].write_text("".join(json.dumps(d) + "\n" for d in mmlu_docs(rows)), encoding="utf-8")
+        cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {k: str(v) for k, v in
+                                                                                       files.items()}},
+               "test_split": "test", "description": f"The following are multiple choice questions (with answers) "
+                                                     f"about {subject.replace('_', ' ')}.\n\n", **MMLU_TEMPLATE}
+        if shots:
+            cfg.update(fewshot_split="dev", fewshot_config={"sampler": "first_n"}, num_fewshot=shots)
+        tasks.append(cfg)
     return ours, tasks
 
 
-def run_lm_eval(model, tok, tasks: list[dict], batch_size: int) -> tuple[dict, float]:
+def mmlu_dev_items(subjects: set[str]) -> list:
+    """Our side's `--dev`: the dev rows of these subjects, as `mcqify --source mmlu` reads them (file order)."""
+    from probllm.data.mcq import mmlu_to_mcq
+    from probllm.evaluate.mcqa import parse_item
+
+    dev = []
+    for subject in sorted(subjects):
+        for q, *c, a in read_csv(shared_examples() / "mmlu" / "dev" / f"{subject}_dev.csv"):
+            dev.append(parse_item(mmlu_to_mcq({"question": q, "subject": subject, "A": c[0], "B": c[1], "C": c[2],
+                                               "D": c[3], "answer": a})))
+    return dev
+    return ours, tasks
+
+
+def run_lm_eval(model, tok, tasks: list[dict], batch_size: int, shots: int = 0) -> tuple[dict, float]:
     """lm-eval's per-item results keyed by (task, doc index), and its wall time."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -121,7 +164,7 @@ def run_lm_eval(model, tok, tasks: list[dict], batch_size: int) -> tuple[dict, f
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu", dtype="float32")
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, batch_size=batch_size, log_samples=True,
-                                  bootstrap_iters=0, verbosity="ERROR")
+                                  bootstrap_iters=0, verbosity="ERROR", num_fewshot=shots or None)
     seconds = time.perf_counter() - t0
     per_item = {}
     for task, samples in out["samples"].items():
@@ -131,27 +174,31 @@ def run_lm_eval(model, tok, tasks: list[dict], batch_size: int) -> tuple[dict, f
     return per_item, seconds
 
 
-def run_ours(model, tok, records: list[dict], batch_size: int) -> tuple[list[dict], float, dict]:
+def run_ours(model, tok, records: list[dict], batch_size: int, shots: int = 0, dev: list | None = None
+             ) -> tuple[list[dict], float, dict]:
+    """Our side, all of it: `probllm eval` (loglik, auto template, `--shots`/`--dev`) on these records; its
+    predictions, wall time and the scorer's counters (tokens fed, passes, cached prefixes)."""
     from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
     from probllm.io import Record, Stats
 
     scorer = Scorer(model, tok)
+    options = EvalOptions(batch_size=batch_size, shots=shots, dev=list(dev or []))
     t0 = time.perf_counter()
-    preds = list(evaluate_records((Record(r) for r in records), scorer, EvalOptions(batch_size=batch_size),
-                                  Stats(), Summary()))
+    preds = list(evaluate_records((Record(r) for r in records), scorer, options, Stats(), Summary()))
     return preds, time.perf_counter() - t0, scorer.stats
 
 
-def lm_eval_tokens(tok, records: list[dict]) -> int:
+def lm_eval_tokens(tok, records: list[dict], shots: int = 0, dev: list | None = None) -> int:
     """Positions lm-eval's HFLM feeds for these items (padding not counted): (context + choice)[:-1] for every
     choice, except that choices of one token after one context run once (its one-token-continuation cache)."""
-    from probllm.evaluate.mcqa import parse_item
+    from probllm.evaluate.mcqa import parse_item, select_shots
     from probllm.evaluate.templates import build_prompt
     from probllm.lm.hf_scoring import encode_pair
 
     total = 0
     for rec in records:
-        prompt = build_prompt(parse_item(rec))
+        item = parse_item(rec)
+        prompt = build_prompt(item, shots=select_shots(item, dev or [], shots))
         pairs = [encode_pair(tok, prompt.context, c) for c in prompt.continuations]
         if all(len(c) == 1 for _, c in pairs):
             total += len(pairs[0][0])
@@ -222,10 +269,19 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, fast bf16 (AMX/AVX512-BF16): {'yes' if cpu_has_fast_bf16() else 'no'}"
 
 
+def our_cell(st: dict) -> str:
+    cell = f"{st.get('tokens', 0)} ({st.get('padded_tokens', 0)} with padding, {st.get('passes', 0)} passes"
+    if st.get("prefix_passes"):
+        cell += (f"; {st['prefix_passes']} prefixes of {st['cached_prefix_tokens']} tokens cached, "
+                 f"{st['cache_reused_tokens']} prefix tokens not fed again")
+    return cell + ")"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="first N items of each file / subject (checks only)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--shots", type=int, default=0, help="also MMLU N-shot (lm-eval num_fewshot=N vs eval --shots N)")
     ap.add_argument("--no-bf16", action="store_true", help="skip our bfloat16 run")
     ap.add_argument("--quant-limit", type=int, default=120, help="items for the quantize table's accuracy")
     ap.add_argument("--quant-methods", default="torch-int8,quanto-int8,quanto-int4,bnb-int8,bnb-nf4,bnb-fp4")
@@ -243,59 +299,81 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         work = Path(tmp)
         records, tasks = prepare(work, args.limit)
+        arc_tasks = {t for _, _, t in ARC_FILES}
+        # (name, records, lm-eval tasks, shots, our --dev items)
+        settings = [("ARC zero-shot", [r for r in records if r["_task"] in arc_tasks],
+                     [t for t in tasks if t["task"] in arc_tasks], 0, []),
+                    ("MMLU zero-shot", [r for r in records if r["_task"] not in arc_tasks],
+                     [t for t in tasks if t["task"] not in arc_tasks], 0, [])]
+        if args.shots:
+            few, few_tasks = prepare_mmlu(work, args.limit, args.shots)
+            dev = mmlu_dev_items({r["subject"] for r in few})
+            settings.append((f"MMLU {args.shots}-shot", few, few_tasks, args.shots, dev))
         # Warm-up (first-call allocations) for both, on a few items, so neither pays it in the timing.
-        run_ours(model, tok, records[:8], args.batch_size)
-        theirs, their_s = run_lm_eval(model, tok, tasks, args.batch_size)
-        preds, our_s, our_stats = run_ours(model, tok, records, args.batch_size)
-        runs = [("float32", preds, our_s, our_stats)]
+        for _, recs, _, shots, dev_items in settings:
+            run_ours(model, tok, recs[:8], args.batch_size, shots, dev_items)
+        # per setting: lm-eval's per-item results and seconds, then ours [(dtype, preds, seconds, stats)]
+        results = []
+        for name, recs, task_cfgs, shots, dev_items in settings:
+            theirs, their_s = run_lm_eval(model, tok, task_cfgs, args.batch_size, shots)
+            preds, our_s, our_stats = run_ours(model, tok, recs, args.batch_size, shots, dev_items)
+            results.append([theirs, their_s, [("float32", preds, our_s, our_stats)]])
         if not args.no_bf16:
             model_bf16 = load_model(model_dir, dtype="bfloat16", device="cpu")
-            run_ours(model_bf16, tok, records[:8], args.batch_size)
-            preds_bf16, bf16_s, bf16_stats = run_ours(model_bf16, tok, records, args.batch_size)
-            runs.append(("bfloat16", preds_bf16, bf16_s, bf16_stats))
+            for (name, recs, _, shots, dev_items), res in zip(settings, results):
+                if shots:  # bf16 is emulated on CPUs without AMX: zero-shot figures only
+                    continue
+                run_ours(model_bf16, tok, recs[:8], args.batch_size)
+                preds_bf16, bf16_s, bf16_stats = run_ours(model_bf16, tok, recs, args.batch_size)
+                res[2].append(("bfloat16", preds_bf16, bf16_s, bf16_stats))
             del model_bf16
-        n = len(records)
-        their_tokens = lm_eval_tokens(tok, records)
-        groups = {"all": list(range(n))}
-        for source in sorted({r["source"] for r in records}):
-            groups[source] = [i for i, r in enumerate(records) if r["source"] == source]
+        n = sum(len(recs) for _, recs, *_ in settings)
         scope = "a `--limit` slice: a check, not a measurement" if args.limit else "every item"
         lines = [
             f"## `probllm eval` vs lm-evaluation-harness {lm_eval_version()}",
             "",
-            f"{n} items ({scope}): " + ", ".join(f"{k} {len(v)}" for k, v in groups.items() if k != "all")
+            f"{n} scored items ({scope}): " + ", ".join(f"{name} {len(recs)}" for name, recs, *_ in settings)
             + ". Model: offline SmolLM2-135M-Instruct, CPU, "
             f"{torch.get_num_threads()} threads; machine: {machine()}. Batch size {args.batch_size} for all "
-            "(ours: questions per pass; lm-eval: requests, i.e. question-choice pairs, per pass); zero-shot, "
-            "lm-eval's ARC and MMLU templates; models loaded once, same process; lm-eval in float32.",
+            "(ours: questions per pass; lm-eval: requests, i.e. question-choice pairs, per pass); lm-eval's ARC and "
+            "MMLU templates (MMLU: the 4 subjects' test sets; few-shot: lm-eval's MMLU config, `first_n` on the "
+            "subjects' dev rows, description line); models loaded once, same process; lm-eval in float32.",
             "",
-            "| run | wall s | items/s | vs lm-eval | tokens fed | agreement acc | agreement acc_norm "
+            "| setting | run | wall s | items/s | vs lm-eval | tokens fed | agreement acc | agreement acc_norm "
             "| same preds as ours fp32 (acc / acc_norm) | acc | acc_norm | max abs loglik diff |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            f"| lm-eval 0.4.13 float32 | {their_s:.1f} | {n / their_s:.1f} | 1.00x | {their_tokens} (computed) | | | "
-            f"| {sum(t['acc'] for t in theirs.values()) / n:.4f} | "
-            f"{sum(t['acc_norm'] for t in theirs.values()) / n:.4f} | |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for dtype, p, secs, st in runs:
-            c = compare(records, p, theirs)
-            same = same_preds(preds, p)
+        for (name, recs, _, shots, dev_items), (theirs, their_s, runs) in zip(settings, results):
+            m = max(len(recs), 1)
             lines.append(
-                f"| probllm eval {dtype} | {secs:.1f} | {n / secs:.1f} | {their_s / secs:.2f}x | "
-                f"{st.get('tokens', 0)} ({st.get('padded_tokens', 0)} with padding, {st.get('passes', 0)} passes) | "
-                f"{c['agree']:.2%} | {c['agree_norm']:.2%} | {same[0]:.2%} / {same[1]:.2%} | {c['ours_acc']:.4f} | "
-                f"{c['ours_acc_norm']:.4f} | {c['max_loglik_diff']:.2e} |")
+                f"| {name} | lm-eval 0.4.13 float32 | {their_s:.1f} | {m / their_s:.1f} | 1.00x | "
+                f"{lm_eval_tokens(tok, recs, shots, dev_items)} (computed) | | | | "
+                f"{sum(t['acc'] for t in theirs.values()) / m:.4f} | "
+                f"{sum(t['acc_norm'] for t in theirs.values()) / m:.4f} | |")
+            for dtype, p, secs, st in runs:
+                c = compare(recs, p, theirs)
+                same = same_preds(runs[0][1], p)
+                lines.append(
+                    f"| {name} | probllm eval {dtype} | {secs:.1f} | {m / secs:.1f} | {their_s / secs:.2f}x | "
+                    f"{our_cell(st)} | {c['agree']:.2%} | {c['agree_norm']:.2%} | {same[0]:.2%} / {same[1]:.2%} | "
+                    f"{c['ours_acc']:.4f} | {c['ours_acc_norm']:.4f} | {c['max_loglik_diff']:.2e} |")
+        dtypes = [d for d, *_ in results[0][2]]
         lines += ["", "Agreement with lm-eval per source:", "",
-                  "| source | items | " + " | ".join(f"{d} acc / acc_norm" for d, *_ in runs) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in runs) + " |"]
-        for name, idx in groups.items():
-            cells = []
-            for _, p, _, _ in runs:
-                c = compare([records[i] for i in idx], [p[i] for i in idx], theirs)
-                cells.append(f"{c['agree']:.2%} / {c['agree_norm']:.2%}")
-            lines.append(f"| {name} | {len(idx)} | " + " | ".join(cells) + " |")
+                  "| setting | source | items | " + " | ".join(f"{d} acc / acc_norm" for d in dtypes) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in dtypes) + " |"]
+        for (name, recs, *_), (theirs, _, runs) in zip(settings, results):
+            for source in sorted({r["source"] for r in recs}):
+                idx = [i for i, r in enumerate(recs) if r["source"] == source]
+                cells = []
+                for _, p, _, _ in runs:
+                    c = compare([recs[i] for i in idx], [p[i] for i in idx], theirs)
+                    cells.append(f"{c['agree']:.2%} / {c['agree_norm']:.2%}")
+                cells += [""] * (len(dtypes) - len(cells))
+                lines.append(f"| {name} | {source} | {len(idx)} | " + " | ".join(cells) + " |")
         if not args.skip_quantize:
+            zero = [r for _, recs, _, shots, _ in settings if not shots for r in recs]
             rows = quantize_table(model_dir, [{k: v for k, v in r.items() if not k.startswith("_")}
-                                              for r in records], args.quant_methods.split(","), args.quant_limit, work)
+                                              for r in zero], args.quant_methods.split(","), args.quant_limit, work)
             lines += ["", f"## `probllm quantize` on SmolLM2-135M-Instruct (accuracy: loglik acc on the first "
                       f"{args.quant_limit} bench items)", "", quant_markdown(rows)]
     text = "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The packed loglikelihood core (contract C1) against a plain forward pass per (context, continuation), the way
 lm-evaluation-harness computes it: every packing path (choices after one prompt, rows packed into one line,
-several questions behind one shared prefix, left truncation, empty continuations), is_greedy, LoRA, encode_pair."""
+several questions behind one shared prefix, a few-shot prefix run once into a KV cache, left truncation, empty
+continuations), is_greedy, LoRA, encode_pair."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def groups_for(tok):
     {},  # defaults: packed lines, shared few-shot prefix
     {"min_shared_prefix": 10 ** 9, "max_rows": 1},  # one question per pass, nothing shared
     {"batch_tokens": 64},  # tiny budget: many passes
+    {"min_cached_prefix": 10 ** 9},  # no KV cache: the few-shot prompts share rows
 ])
 def test_scores_and_greedy_match_a_plain_forward_pass(lm, tuning):
     model, tok = lm
@@ -68,8 +70,10 @@ def test_scores_and_greedy_match_a_plain_forward_pass(lm, tuning):
     # the same text after the same prompt scores the same (lm-eval's argmax then takes the first)
     assert got[0][0][0] == pytest.approx(got[0][3][0], abs=1e-5)
     assert stats["tokens"] < sum(len(c) + len(x) - 1 for c, xs in groups for x in xs if x)  # each prompt once
-    if not tuning:
-        assert stats["shared_prefix_tokens"] > 0 and stats["passes"] == 1
+    if not tuning:  # the three few-shot prompts: their prefix runs once into a cache, then one pass of the rest
+        assert stats["prefix_passes"] == 1 and stats["cache_reused_tokens"] > 0 and stats["passes"] == 3
+    if tuning.get("min_cached_prefix"):
+        assert "prefix_passes" not in stats and stats["shared_prefix_tokens"] > 0 and stats["passes"] == 1
 
 
 def test_left_truncation_is_lm_evals(lm):
@@ -123,3 +127,137 @@ def test_encode_pair_is_lm_evals(lm):
     ctx, cont = encode_pair(tok, "", "hello")
     assert ctx == [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
     assert cont == tok.encode("hello")
+
+
+# ---- the few-shot prefix computed once (KV cache), against each prompt scored whole
+
+
+def mmlu_like(subject: str, questions: list[str], shots: int = 5) -> list[str]:
+    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    dev = "".join(f"What is {k} + {k}?\nA. {k}\nB. {2 * k}\nC. 0\nD. 1\nAnswer: B\n\n" for k in range(shots))
+    return [head + dev + f"{q}\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:" for q in questions]
+
+
+def encoded(tok, prompts, choices):
+    groups = []
+    for context in prompts:
+        pairs = [encode_pair(tok, context, c) for c in choices]
+        groups.append((pairs[0][0], [c for _, c in pairs]))
+    return groups
+
+
+def assert_whole_prompt_scores(model, groups, got, max_length=1024):
+    for (context, conts), results in zip(groups, got):
+        for cont, (score, greedy) in zip(conts, results):
+            ref, ref_greedy = plain(model, context, cont, max_length)
+            assert score == pytest.approx(ref, abs=1e-4) and greedy == ref_greedy
+
+
+@pytest.mark.parametrize("tuning", [{}, {"batch_tokens": 200}, {"max_rows": 1}, {"batch_size": 2}])
+def test_cached_prefix_equals_whole_prompts(lm, tuning):
+    model, tok = lm
+    groups = encoded(tok, mmlu_like("physics", ["What is 2 + 2?", "Which is 4?", "Pick four.", "2 * 2 = ?"]),
+                     [" A", " B", " C", " D", " B then more"])
+    stats: dict = {}
+    got = score_groups(model, groups, max_length=1024, stats=stats, **tuning)
+    assert_whole_prompt_scores(model, groups, got)
+    assert stats["prefix_passes"] == 1  # the cache was used: the prefix fed once ...
+    prefix = stats["cached_prefix_tokens"]
+    assert prefix >= 64 and stats["cache_reused_tokens"] == 3 * prefix
+    whole = sum(len(c) + sum(len(x) - 1 for x in xs) for c, xs in groups)
+    assert stats["tokens"] == whole - 3 * prefix  # ... and never again
+    if tuning.get("batch_tokens") == 200:  # the cached prefix counts against each pass's budget
+        assert stats["passes"] > 2
+
+
+def test_two_subjects_and_unrelated_prompts_in_one_batch(lm):
+    model, tok = lm
+    prompts = (mmlu_like("astronomy", ["What is 2 + 2?", "Which is 4?", "Pick four."])
+               + mmlu_like("college biology", ["Cells?", "What is 2 + 2?"])
+               + ["Question: Which gas do plants absorb?\nAnswer:", "Q: 2+2?\nA:"]
+               + mmlu_like("chemistry", ["Alone in its subject?"]))
+    order = [0, 5, 3, 6, 1, 7, 4, 2]  # subjects interleaved in the input
+    groups = encoded(tok, [prompts[i] for i in order], [" A", " B", " C", " D"])
+    stats: dict = {}
+    got = score_groups(model, groups, max_length=1024, stats=stats)
+    assert_whole_prompt_scores(model, groups, got)
+    # one prefix per subject with two or more questions; the rest (one chemistry, two unrelated) packed as before
+    assert stats["prefix_passes"] == 2
+    assert stats["cache_reused_tokens"] > 0
+    # the prefixes are the subjects' own (all but each subject's questions), not the start of the description
+    # line that all subjects share
+    def common(ctxs):
+        return min(next((k for k in range(len(a)) if k >= len(b) or a[k] != b[k]), len(a)) for a in ctxs for b in ctxs
+                   if a is not b)
+    own = [common([g[0] for g in encoded(tok, prompts[a:b], [" A"])]) for a, b in ((0, 3), (3, 5))]
+    assert stats["cached_prefix_tokens"] == sum(own) and min(own) > 2 * common([groups[0][0], groups[1][0]])
+
+
+@pytest.mark.parametrize("words", [("energy", "energetic"),  # the token prefix ends inside the word " ener|gy"
+                                   ("gradient", "gradual")])  # the texts' common "grad" is inside one token
+def test_prefix_boundary_inside_a_word(lm, words):
+    model, tok = lm
+    # The contexts part inside one word. The prefix is the common prefix of the full contexts' token ids (each
+    # context tokenized whole, as lm-eval does), so it ends where the tokenizations diverge: inside a word, or
+    # before a token that holds the texts' common characters in one context only.
+    shots = "Question: What is the unit of force?\nAnswer: newton\n\n" * 5
+    texts = [shots + f"Question: What is the unit of {w}?\nAnswer:" for w in words]
+    groups = encoded(tok, texts, [" watt", " joule"])
+    a, b = (g[0] for g in groups)
+    split = next(k for k in range(len(a)) if a[k] != b[k])
+    before, after = tok.decode(a[:split]), tok.decode(a[split:])
+    text_common = next(k for k in range(len(texts[0])) if texts[0][k] != texts[1][k])
+    if words[0] == "energy":
+        assert before[-1].isalpha() and after[0].isalpha(), (before[-12:], after[:12])  # splits a word
+    else:
+        assert len(before) < text_common and " " not in texts[0][len(before) + 1: text_common]  # inside a token
+    stats: dict = {}
+    got = score_groups(model, groups, max_length=1024, stats=stats)
+    assert_whole_prompt_scores(model, groups, got)
+    assert stats["prefix_passes"] == 1 and stats["cached_prefix_tokens"] == split
+
+
+def test_cached_prefix_without_a_separate_head(lm, monkeypatch):
+    import probllm.lm.hf_scoring as hs
+
+    model, tok = lm
+    monkeypatch.setattr(hs, "_decoder_and_head", lambda m: (None, None))  # the full-model path
+    groups = encoded(tok, mmlu_like("physics", ["What is 2 + 2?", "Which is 4?"]), [" A", " B two"])
+    stats: dict = {}
+    got = score_groups(model, groups, max_length=1024, stats=stats)
+    assert_whole_prompt_scores(model, groups, got)
+    assert stats["prefix_passes"] == 1
+
+
+def test_cached_prefix_with_lora(lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        groups = encoded(tok, mmlu_like("physics", ["What is 2 + 2?", "Which is 4?"]), [" A", " B"])
+        stats: dict = {}
+        got = score_groups(peft_model, groups, max_length=1024, stats=stats)
+        assert_whole_prompt_scores(peft_model, groups, got)
+        assert stats["prefix_passes"] == 1
+    finally:
+        peft_model.unload()
+
+
+def test_prefix_cache_carries_a_prefix_to_the_next_call(lm):
+    model, tok = lm
+    # two batches of one subject: the first's questions also share "Which", so its prefix is a bit longer than the
+    # second's; the second call reuses the kept keys/values, cut to what the two share
+    first = encoded(tok, mmlu_like("physics", ["Which is 4?", "Which is four?"]), [" A", " B two"])
+    second = encoded(tok, mmlu_like("physics", ["What is 2 + 2?", "Pick four.", "2 * 2 = ?"]), [" A", " B two"])
+    kept: dict = {}
+    stats: dict = {}
+    got_first = score_groups(model, first, max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats["prefix_passes"] == 1 and len(kept) == 1 and "prefix_cache_hits" not in stats
+    got = score_groups(model, second, max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats["prefix_passes"] == 1 and stats["prefix_cache_hits"] == 1  # not run again
+    assert_whole_prompt_scores(model, first, got_first)
+    assert_whole_prompt_scores(model, second, got)
+    other = score_groups(model, second, max_length=1024, stats=stats, prefix_cache={})
+    assert stats["prefix_passes"] == 2
+    assert [s for r in other for s, _ in r] == pytest.approx([s for r in got for s, _ in r], abs=1e-5)

@@ -23,6 +23,14 @@ behind one copy of the prefix (a tree: prefix -> each question -> its choices), 
 long as each question's own part (attention in a row is dense, so sharing a short task description would cost
 more than it saves).
 
+Prompts that share a LONG token prefix (5-shot MMLU: the description line and five dev examples, ~80% of every
+prompt of a subject) go further still: the longest common token prefix P of a cluster of contexts (sorted, each
+neighbour sharing at least `min_cached_prefix` tokens) runs through the model ONCE with a key/value cache, and
+the cluster's suffix rows (each context's rest and its packed choices, the block mask above) are scored in
+batches against that cache expanded across the batch: a [B, 1, S, P + S] additive mask (the prefix visible to
+every token, the block structure on the suffix part), positions offset by P. The prefix is cut from the token ids
+of the full contexts (each tokenized whole, as lm-eval does), so a boundary inside a word changes nothing.
+
 Rows are sorted by length; the longest pending row sets a batch's width, and shorter rows are packed several to
 a line of that width (each with its own positions and mask blocks), under a padded-token budget: padding stays
 small on any mix of lengths, and every batch is one forward pass and one transfer of results (no per-token
@@ -36,6 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+MIN_CACHED_PREFIX = 64  # tokens a cluster of contexts must share for its prefix to run once into a KV cache
+PREFIX_CACHE_ENTRIES = 8  # prefixes' keys/values a caller's `prefix_cache` keeps across calls (most recent)
 MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth the wider attention of a shared row
 ROW_TOKENS = 1024  # longest row built from several groups behind one shared prefix
 BATCH_TOKENS = 4096  # padded tokens (rows x longest row) per forward pass
@@ -154,16 +164,59 @@ def _rows(units: list[_Unit], min_shared: int, row_tokens: int) -> list[_Row]:
     return rows
 
 
-def _batches(rows: list[_Row], batch_tokens: int, max_rows: int) -> list[list[list[_Row]]]:
+@dataclass
+class _Cluster:
+    """Units whose contexts all start with `prefix` (a cached prefix: run once, its keys/values reused); `units`
+    hold the contexts' rests after it."""
+
+    prefix: list[int]
+    units: list[_Unit]
+
+
+def _clusters(units: list[_Unit], min_cached: int) -> tuple[list[_Cluster], list[_Unit]]:
+    """Units sorted by context; runs of neighbours that share at least `min_cached` tokens become clusters behind
+    their longest common token prefix (which leaves every context at least its last token: it predicts the
+    choices' first tokens). A neighbour that would cut the cluster's prefix to less than half (another subject
+    that shares only the start of the description line) starts a new cluster instead. Clusters of one unit, and
+    units without such a neighbour, are returned as they are (the packed rows take them)."""
+    clusters: list[_Cluster] = []
+    rest: list[_Unit] = []
+    run: list[_Unit] = []
+    shared = 0
+
+    def flush() -> None:
+        if len(run) >= 2 and shared >= min_cached:
+            clusters.append(_Cluster(run[0].context[:shared], [
+                _Unit(u.context[shared:], u.continuations, u.outputs) for u in run]))
+        else:
+            rest.extend(run)
+
+    for unit in sorted(units, key=lambda u: u.context):
+        if run:
+            common = min(_common_prefix(run[0].context[:shared], unit.context), len(unit.context) - 1)
+            if common >= min_cached and 2 * common >= shared:
+                run.append(unit)
+                shared = common
+                continue
+            flush()
+        run = [unit]
+        shared = len(unit.context) - 1
+    if run:
+        flush()
+    return clusters, rest
+
+
+def _batches(rows: list[_Row], batch_tokens: int, max_rows: int, extra: int = 0) -> list[list[list[_Row]]]:
     """Length buckets, then packing: the longest pending row sets a batch's width T and its number of lines
     (within the token budget); the pending rows, longest first, fill the lines first-fit, several short rows in
     one line when they fit (each keeps its own positions and block of the mask). Padding stays small whatever
-    the mix of lengths; attention is never wider than the longest row."""
+    the mix of lengths; attention is never wider than the longest row. `extra`: tokens of a cached prefix every
+    line also holds (its expanded keys/values and attention columns count against the budget)."""
     pending = sorted(rows, key=lambda r: -r.length())
     batches: list[list[list[_Row]]] = []
     while pending:
         width = pending[0].length()
-        n_lines = max(1, min(max_rows, batch_tokens // max(width, 1)))
+        n_lines = max(1, min(max_rows, batch_tokens // max(width + extra, 1)))
         lines: list[list] = []  # [rows, used tokens]
         rest: list[_Row] = []
         for row in pending:
@@ -203,10 +256,11 @@ class _Layout:
     outputs: list[tuple[int, int]]
 
 
-def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
+def _layout(batch: list[list[_Row]], pad_id: int, offset: int = 0) -> _Layout:
     """Token ids, positions and the block structure of each line (one or more packed rows). A block's tokens
     attend causally within it and to every token of its ancestors: shared prefix <- unit context <- each of its
-    choices. Rows packed in one line share nothing: each starts again at position 0."""
+    choices. Rows packed in one line share nothing: each starts again at position `offset` (the length of a
+    cached prefix in front of every line, else 0); the units' contexts are then the parts after that prefix."""
     T = max(sum(r.length() for r in line) for line in batch)
     lay = _Layout([], [], [], [], [], [], [], [], [], [], [])
     for b, line in enumerate(batch):
@@ -223,7 +277,7 @@ def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
                 prefix_seg = next_seg
                 next_seg += 1
                 ids += row.prefix
-                pos += range(P)
+                pos += range(offset, offset + P)
                 seg += [prefix_seg] * P
                 par += [-1] * P
                 grand += [-1] * P
@@ -232,7 +286,7 @@ def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
                 next_seg += 1
                 rest = unit.context[P:]
                 ids += rest
-                pos += range(P, len(unit.context))
+                pos += range(offset + P, offset + len(unit.context))
                 seg += [ctx_seg] * len(rest)
                 par += [prefix_seg] * len(rest)
                 grand += [-1] * len(rest)
@@ -253,7 +307,7 @@ def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
                     next_seg += 1
                     start = len(ids)
                     ids += body
-                    pos += range(len(unit.context), len(unit.context) + len(body))
+                    pos += range(offset + len(unit.context), offset + len(unit.context) + len(body))
                     seg += [choice_seg] * len(body)
                     par += [ctx_seg] * len(body)
                     grand += [prefix_seg] * len(body)
@@ -265,16 +319,17 @@ def _layout(batch: list[list[_Row]], pad_id: int) -> _Layout:
                         lay.target_cont.append(k)
         n = len(ids)
         lay.input_ids.append(ids + [pad_id] * (T - n))
-        lay.positions.append(pos + [0] * (T - n))
+        lay.positions.append(pos + [offset] * (T - n))
         lay.segments.append(seg + [-1] * (T - n))
         lay.parents.append(par + [-1] * (T - n))
         lay.grands.append(grand + [-1] * (T - n))
     return lay
 
 
-def _attention_mask(segments, parents, grand, dtype):
-    """[B, 1, T, T] additive mask: query t sees key s <= t when s is in t's block, its parent's, or its
-    grandparent's (choice -> unit context -> shared prefix). Padding sees itself only (no empty softmax rows)."""
+def _attention_mask(segments, parents, grand, dtype, cached: int = 0):
+    """[B, 1, T, cached + T] additive mask: query t sees key s <= t when s is in t's block, its parent's, or its
+    grandparent's (choice -> unit context -> shared prefix). Padding sees itself only (no empty softmax rows).
+    The first `cached` key columns (a cached prefix in front of every line) are visible to every query."""
     import torch
 
     T = segments.shape[1]
@@ -286,6 +341,8 @@ def _attention_mask(segments, parents, grand, dtype):
     allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    if cached:
+        mask = torch.cat([torch.zeros(mask.shape[0], T, cached, dtype=dtype, device=mask.device), mask], dim=2)
     return mask.unsqueeze(1)
 
 
@@ -303,16 +360,86 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+def _cache_layer_class():
+    """transformers' plain (full-attention, growing) cache layer, or None where this transformers has none."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None, None
+    return DynamicCache, DynamicLayer
+
+
+def _prefix_cacheable(model) -> bool:
+    """Whether every layer of the model keeps a plain full-attention cache (no sliding window, chunked or shared
+    layers, whose masks the expanded prefix would not reproduce)."""
+    DynamicCache, DynamicLayer = _cache_layer_class()
+    config = getattr(model, "config", None)
+    if DynamicCache is None or config is None:
+        return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config transformers cannot read layer types from
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _run_prefix(model, decoder, prefix: list[int], device):
+    """The prefix through the model once, with the cache on: its keys/values per layer, [1, heads, P, dim]."""
+    import torch
+
+    ids = torch.tensor([prefix], device=device)
+    if decoder is not None:
+        out = decoder(input_ids=ids, use_cache=True)
+    else:
+        try:  # the logits of the prefix are not needed: only the last position's, if the model allows
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        except TypeError:
+            out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _kept_prefix(prefix_cache: dict | None, model, prefix: list[int], min_cached: int):
+    """The longest usable start of `prefix` among the kept prefixes of this model: (its length, its keys/values
+    cut to that length), or (0, None). Usable: at least `min_cached` tokens and half of `prefix` (else running
+    the whole prefix again is worth it). A hit moves to the end (most recent)."""
+    if not prefix_cache:
+        return 0, None
+    best, best_key = 0, None
+    for key in prefix_cache:
+        if key[0] == id(model):
+            n = _common_prefix(key[1], prefix)
+            if n > best:
+                best, best_key = n, key
+    if best_key is None or best < min_cached or 2 * best < len(prefix):
+        return 0, None
+    kv = prefix_cache.pop(best_key)
+    prefix_cache[best_key] = kv
+    return best, [(k[:, :, :best], v[:, :, :best]) for k, v in kv]
+
+
 def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None,
                  batch_tokens: int = BATCH_TOKENS, max_rows: int = MAX_ROWS, min_shared_prefix: int = MIN_SHARED_PREFIX,
-                 row_tokens: int = ROW_TOKENS, pad_id: int = 0, stats: dict | None = None, **tuning
-                 ) -> list[list[tuple[float, bool]]]:
+                 row_tokens: int = ROW_TOKENS, min_cached_prefix: int = MIN_CACHED_PREFIX, pad_id: int = 0,
+                 stats: dict | None = None, prefix_cache: dict | None = None, **tuning) -> list[list[tuple[float, bool]]]:
     """For every continuation of every group, `(sum of its tokens' log-probs, is_greedy)`, in input order.
 
-    Tuning (all optional): `batch_tokens` padded tokens per forward pass, `max_rows` rows per pass,
-    `min_shared_prefix` tokens of common prompt prefix that put several groups in one row (a huge value turns
-    sharing off), `row_tokens` longest such row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a
-    dict) receives counts of tokens fed and passes."""
+    Tuning (all optional): `batch_tokens` padded tokens per forward pass (a cached prefix counts once per line),
+    `max_rows` rows per pass, `min_cached_prefix` tokens of common context prefix that make a cluster of groups
+    run that prefix once into a key/value cache (a huge value turns it off), `min_shared_prefix` tokens of common
+    prompt prefix that put several groups in one row (a huge value turns sharing off), `row_tokens` longest such
+    row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a dict) receives counts: passes, tokens fed,
+    padded tokens, shared_prefix_tokens (prompt tokens not fed again thanks to sharing: shared rows and cached
+    prefixes), prefix_passes and cached_prefix_tokens (prefixes run once into a cache), cache_reused_tokens (the
+    part of shared_prefix_tokens the cache saved).
+
+    `prefix_cache` (a dict the caller keeps, empty at first) carries the last PREFIX_CACHE_ENTRIES prefixes'
+    keys/values from one call to the next: a cluster whose prefix starts with at least half of a kept one's
+    tokens reuses that part instead of running it again (a few-shot run calls this once per batch of questions,
+    all of a subject behind the same examples). Only for calls on the same model with the same weights and
+    adapter state (entries are keyed by the model object, not by its weights); `stats` counts prefix_cache_hits."""
     import torch
 
     if "batch_size" in tuning:
@@ -331,45 +458,86 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
         mask_dtype = torch.float32
     decoder, head = _decoder_and_head(model)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    rows = _rows(units, min_shared_prefix, row_tokens)
+    clusters: list[_Cluster] = []
+    if min_cached_prefix < max_length and len(units) > 1 and _prefix_cacheable(model):
+        clusters, units = _clusters(units, min_cached_prefix)
+
+    def add(key: str, value: int) -> None:
+        if stats is not None:
+            stats[key] = stats.get(key, 0) + value
+
+    def run(batch: list[list[_Row]], prefix_kv=None, P: int = 0) -> None:
+        lay = _layout(batch, pad_id, offset=P)
+        ids = torch.tensor(lay.input_ids, device=device)
+        positions = torch.tensor(lay.positions, device=device)
+        segments = torch.tensor(lay.segments, device=device)
+        parents = torch.tensor(lay.parents, device=device)
+        grand = torch.tensor(lay.grands, device=device)
+        mask = _attention_mask(segments, parents, grand, mask_dtype, cached=P)
+        pred_rows = torch.tensor(lay.pred_rows, device=device)
+        pred_cols = torch.tensor(lay.pred_cols, device=device)
+        kw: dict = {"use_cache": False}
+        if prefix_kv is not None:  # the prefix's keys/values, one view per line (copied once, by the update)
+            DynamicCache, _ = _cache_layer_class()
+            B = ids.shape[0]
+            kw = {"use_cache": True, "cache": DynamicCache(ddp_cache_data=[
+                (k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix_kv])}
+        if decoder is not None:
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+            logits = head(hidden[pred_rows, pred_cols])
+        else:  # a model without a separate body/head: full logits, then pick (slower, same numbers)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kw)
+            logits = out.logits[pred_rows, pred_cols]
+        del kw
+        logits = logits.float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target_pred = torch.tensor(lay.target_pred, device=device)
+        targets = torch.tensor(lay.targets, device=device)
+        target_cont = torch.tensor(lay.target_cont, device=device)
+        token_lp = logprobs[target_pred, targets]
+        missed = (logprobs.argmax(dim=-1)[target_pred] != targets).to(torch.int64)
+        n = len(lay.outputs)
+        sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, target_cont, token_lp)
+        misses = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, target_cont, missed)
+        for (g, j), s, m in zip(lay.outputs, sums.tolist(), misses.tolist()):
+            results[g][j] = (s, m == 0)
+        add("passes", 1)
+        add("tokens", sum(r.length() for line in batch for r in line))
+        add("padded_tokens", ids.numel())
+        add("shared_prefix_tokens", sum(len(r.prefix) * (len(r.units) - 1) for line in batch for r in line))
+
     # no_grad, not inference_mode: optimum-quanto updates its packed weights in place on first use, which
     # inference tensors forbid.
     with torch.no_grad():
-        for batch in _batches(rows, batch_tokens, max_rows):
-            lay = _layout(batch, pad_id)
-            ids = torch.tensor(lay.input_ids, device=device)
-            positions = torch.tensor(lay.positions, device=device)
-            segments = torch.tensor(lay.segments, device=device)
-            parents = torch.tensor(lay.parents, device=device)
-            grand = torch.tensor(lay.grands, device=device)
-            mask = _attention_mask(segments, parents, grand, mask_dtype)
-            pred_rows = torch.tensor(lay.pred_rows, device=device)
-            pred_cols = torch.tensor(lay.pred_cols, device=device)
-            if decoder is not None:
-                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
-                logits = head(hidden[pred_rows, pred_cols])
-            else:  # a model without a separate body/head: full logits, then pick (slower, same numbers)
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-                logits = out.logits[pred_rows, pred_cols]
-            logits = logits.float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            logprobs = torch.log_softmax(logits, dim=-1)
-            target_pred = torch.tensor(lay.target_pred, device=device)
-            targets = torch.tensor(lay.targets, device=device)
-            target_cont = torch.tensor(lay.target_cont, device=device)
-            token_lp = logprobs[target_pred, targets]
-            missed = (logprobs.argmax(dim=-1)[target_pred] != targets).to(torch.int64)
-            n = len(lay.outputs)
-            sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, target_cont, token_lp)
-            misses = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, target_cont, missed)
-            for (g, j), s, m in zip(lay.outputs, sums.tolist(), misses.tolist()):
-                results[g][j] = (s, m == 0)
-            if stats is not None:
-                stats["passes"] = stats.get("passes", 0) + 1
-                stats["tokens"] = stats.get("tokens", 0) + sum(r.length() for line in batch for r in line)
-                stats["padded_tokens"] = stats.get("padded_tokens", 0) + ids.numel()
-                stats["shared_prefix_tokens"] = stats.get("shared_prefix_tokens", 0) + sum(
-                    len(r.prefix) * (len(r.units) - 1) for line in batch for r in line)
+        for cluster in clusters:
+            P, prefix_kv = _kept_prefix(prefix_cache, model, cluster.prefix, min_cached_prefix)
+            if prefix_kv is not None:  # a kept prefix: its first P tokens; the rest goes back to the units
+                cluster = _Cluster(cluster.prefix[:P], [_Unit(cluster.prefix[P:] + u.context, u.continuations,
+                                                              u.outputs) for u in cluster.units])
+                add("prefix_cache_hits", 1)
+                add("cache_reused_tokens", P * len(cluster.units))
+                add("shared_prefix_tokens", P * len(cluster.units))
+            else:
+                P = len(cluster.prefix)
+                prefix_kv = _run_prefix(model, decoder, cluster.prefix, device)
+                if prefix_cache is not None:
+                    prefix_cache[(id(model), tuple(cluster.prefix))] = prefix_kv
+                    while len(prefix_cache) > PREFIX_CACHE_ENTRIES:
+                        prefix_cache.pop(next(iter(prefix_cache)))
+                add("passes", 1)
+                add("prefix_passes", 1)
+                add("tokens", P)
+                add("padded_tokens", P)
+                add("cached_prefix_tokens", P)
+                add("cache_reused_tokens", P * (len(cluster.units) - 1))
+                add("shared_prefix_tokens", P * (len(cluster.units) - 1))
+            rows = _rows(cluster.units, min_shared_prefix, row_tokens)
+            for batch in _batches(rows, batch_tokens, max_rows, extra=P):
+                run(batch, prefix_kv, P)
+            del prefix_kv
+        for batch in _batches(_rows(units, min_shared_prefix, row_tokens), batch_tokens, max_rows):
+            run(batch)
     return results
