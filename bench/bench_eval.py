@@ -178,14 +178,17 @@ def run_ours(model, tok, records: list[dict], batch_size: int, shots: int = 0, d
              ) -> tuple[list[dict], float, dict]:
     """Our side, all of it: `probllm eval` (loglik, auto template, `--shots`/`--dev`) on these records; its
     predictions, wall time and the scorer's counters (tokens fed, passes, cached prefixes)."""
-    from probllm.evaluate.mcqa import EvalOptions, Scorer, Summary, evaluate_records
+    from probllm.evaluate.mcqa import EvalOptions, evaluate_records
+    from probllm.evaluate.scorer import local_scorer
+    from probllm.evaluate.summary import Summary
     from probllm.io import Record, Stats
 
-    scorer = Scorer(model, tok)
     options = EvalOptions(batch_size=batch_size, shots=shots, dev=list(dev or []))
-    t0 = time.perf_counter()
-    preds = list(evaluate_records((Record(r) for r in records), scorer, options, Stats(), Summary()))
-    return preds, time.perf_counter() - t0, scorer.stats
+    with local_scorer(model, tok) as scorer:  # eval's own path: the model layer's HFLM, as `probllm eval` runs it
+        t0 = time.perf_counter()
+        preds = list(evaluate_records((Record(r) for r in records), scorer, options, Stats(), Summary()))
+        seconds = time.perf_counter() - t0
+    return preds, seconds, dict(scorer.stats)
 
 
 def lm_eval_tokens(tok, records: list[dict], shots: int = 0, dev: list | None = None) -> int:

@@ -189,6 +189,10 @@ class HFLM(LM):
         # of passes and tokens go to `scoring_stats`.
         self.scoring_tuning = dict(scoring_tuning or {})
         self._pairs: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        # The keys/values of the last few shared prompt prefixes (few-shot examples), reused from one loglikelihood
+        # call to the next (probllm.lm.hf_scoring's `prefix_cache`): valid while the weights are, which for this
+        # object is its lifetime (one model, one adapter, loaded once).
+        self._prefix_cache: dict = {}
 
     @classmethod
     def from_loaded(cls, model, tokenizer, label: str = "", **settings) -> "HFLM":
@@ -496,7 +500,7 @@ class HFLM(LM):
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._set_threads(1)
         scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=pad, stats=self.scoring_stats,
-                              **self.scoring_tuning)
+                              prefix_cache=self._prefix_cache, **self.scoring_tuning)
         return [scored[g][j] for g, j in where]
 
     async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
