@@ -105,6 +105,9 @@ def retrieval_ms(index: str, k: int = 4) -> tuple[float, float]:
     return statistics.median(times), times[int(0.99 * (len(times) - 1))]
 
 
+UPSTREAM_WINDOW_MS = 500  # the upstream's batching window in the --upstream bench (see upstream_main)
+
+
 def upstream_main(args, levels: list[int]) -> None:
     """The assistant layer (`serve --backend openai`) in front of an upstream `probllm serve`, against the same
     clients straight to the upstream: same questions, same tokens, both at once."""
@@ -113,11 +116,14 @@ def upstream_main(args, levels: list[int]) -> None:
     from probllm.rag.index import build_index
     from servers import probllm_serve
 
-    # The upstream's batch holds both groups, and waits long enough for the layer's requests (which come a few
-    # ms after the direct ones) to join: with static batches, arriving second would otherwise mean waiting for a
-    # whole batch, which measures the arrival order, not the layer (vLLM's continuous batching has no such edge).
+    # The upstream's batch holds both groups, and waits long enough for the layer's requests (which come after
+    # the direct ones) to join: with static batches, arriving second would otherwise mean waiting for a whole
+    # batch, which measures the arrival order, not the layer (vLLM's continuous batching has no such edge). On 2
+    # cores shared by upstream, layer and 128 clients, the layer forwards 64 requests in more than 100 ms (about
+    # 3 ms each, mostly FastAPI's request handling), so a 100 ms window split the burst in 2 of 3 rounds.
     batch = max(args.batch_size, 2 * max(levels))
-    serve_args = ["--batch-size", str(batch), "--max-wait-ms", "100", "--served-model-name", "bench"]
+    serve_args = ["--batch-size", str(batch), "--max-wait-ms", str(UPSTREAM_WINDOW_MS), "--served-model-name",
+                  "bench"]
     if args.model:
         serve_args += ["--model", args.model]
     index = str(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "notes.idx")
@@ -149,7 +155,7 @@ def upstream_main(args, levels: list[int]) -> None:
                 rss.append((f"after round {rnd}", rss_mb(proc.pid)))
 
     lines = [f"The assistant layer (`probllm serve --backend openai`) in front of an upstream `probllm serve` "
-             f"({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {batch} --max-wait-ms 100), against the same number "
+             f"({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {batch} --max-wait-ms {UPSTREAM_WINDOW_MS}), against the same number "
              f"of streaming clients straight to the upstream at the same time (N direct + N through the layer, "
              f"sharing the upstream's batches): {args.requests} requests "
              f"per client, {args.max_tokens} tokens each, greedy. Machine: {os.cpu_count()} cores, Python "
