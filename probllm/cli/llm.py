@@ -12,6 +12,8 @@ from probllm.cli.choices import JudgeMode, ModelBackend, VerdictFrom, value
 from probllm.cli.groups import uses
 from probllm.cli.options import BACKEND, GENERATION
 from probllm.io import EXIT_FAILURE, log, read_records, write_records
+from probllm.corrupt import CorruptOptions
+from probllm.judge import JudgeOptions
 from probllm.lm import MODEL_BACKENDS, BackendConfig, backends_help
 
 hidden_aliases("corrupt", max_tokens="--max-new-tokens", k="--ops-per-record")
@@ -37,16 +39,18 @@ def corrupt(
     files: InputFiles = None,
     backend: dict = None,
     ops: Annotated[str, typer.Option("--ops", help="Operations to pick from, comma-separated.")] =
-        "REMOVE,SUBSTITUTE,INSERT",
+        ",".join(CorruptOptions.ops),
     k: Annotated[int, typer.Option("--ops-per-record", help="Operations applied per record, one after the other.",
-                                   min=1)] = 2,
+                                   min=1)] = CorruptOptions.k,
     question_field: Annotated[Optional[str], typer.Option(
         "--question-field", help="Default: question, message_1 (CAMEL), instruction or prompt.")] = None,
     answer_field: Annotated[Optional[str], typer.Option(
         "--answer-field", help="Default: answer, message_2 (CAMEL), output or response.")] = None,
-    source: Annotated[str, typer.Option("--source", help="`source` of pairs whose input has none.")] = "corrupted",
+    source: Annotated[str, typer.Option("--source", help="`source` of pairs whose input has none.")] = \
+        CorruptOptions.source,
     rejected_tries: Annotated[int, typer.Option("--rejected-tries", help="Attempts per operation when the "
-                                                "output is empty, identical or a refusal.")] = 3,
+                                                "output is empty, identical or a refusal.", min=1)] = \
+        CorruptOptions.tries,
     failed: Annotated[Optional[Path], typer.Option("--failed", help="Also write records that could not be "
                                                    "corrupted, with an `error` field, to this JSONL file.")] = None,
     generation: dict = None,
@@ -65,7 +69,7 @@ def corrupt(
             --model Qwen/Qwen2.5-7B-Instruct --concurrency 64 \\
             camel-physics.jsonl > pairs.jsonl
     """
-    from probllm.corrupt import CorruptOptions, corrupt_records, parse_ops
+    from probllm.corrupt import corrupt_records, parse_ops
 
     with command("corrupt", summary) as stats:
         config = _config(backend, generation, seed)
@@ -95,23 +99,26 @@ def judge(
                                                     "--answer-field (repeat for several files).")] = None,
     b: Annotated[Optional[list[str]], typer.Option("--b", help="Answer set B, joined to A on --key (repeat for "
                                                     "several files).")] = None,
-    key: Annotated[str, typer.Option("--key", help="Join field of --a and --b.")] = "id",
+    key: Annotated[str, typer.Option("--key", help="Join field of --a and --b.")] = JudgeOptions.key,
     mode: Annotated[JudgeMode, typer.Option("--mode", help="pairwise: A vs B, asked in both orders; single: grade "
-                                            "each answer 1-10.")] = JudgeMode.pairwise,
+                                            "each answer 1-10.")] = JudgeMode(JudgeOptions.mode),
     question_field: Annotated[str, typer.Option("--question-field", help="Record field holding the question.")] =
-        "question",
+        JudgeOptions.question_field,
     answer_field: Annotated[str, typer.Option("--answer-field", help="Answer field in --a / --b files.")] =
-        "answer",
-    a_field: Annotated[str, typer.Option("--a-field", help="Answer A in records holding both.")] = "answer_a",
-    b_field: Annotated[str, typer.Option("--b-field", help="Answer B in records holding both.")] = "answer_b",
+        JudgeOptions.answer_field,
+    a_field: Annotated[str, typer.Option("--a-field", help="Answer A in records holding both.")] = \
+        JudgeOptions.a_field,
+    b_field: Annotated[str, typer.Option("--b-field", help="Answer B in records holding both.")] = \
+        JudgeOptions.b_field,
     reference_field: Annotated[str, typer.Option("--reference-field", help="Reference answer; when present the "
-                                                 "reference-guided prompts are used.")] = "reference",
+                                                 "reference-guided prompts are used.")] = \
+        JudgeOptions.reference_field,
     judge_tries: Annotated[int, typer.Option("--judge-tries", help="Attempts when the judge's text holds no "
-                                             "verdict.")] = 3,
+                                             "verdict.", min=1)] = JudgeOptions.tries,
     verdict_from: Annotated[VerdictFrom, typer.Option("--verdict-from", help="generation: the judge writes its "
                                                       "reasoning and verdict; likelihood (hf): score the allowed "
                                                       "verdicts, for small models that ignore the format.")] =
-        VerdictFrom.generation,
+        VerdictFrom(JudgeOptions.verdict_from),
     backend: dict = None,
     generation: dict = None,
     seed: Seed = 0,
@@ -129,7 +136,7 @@ def judge(
             --key id --backend openai --base-url http://localhost:8000/v1 \\
             --model judge --summary judge.json > verdicts.jsonl
     """
-    from probllm.judge import JudgeOptions, JudgeSummary, judge_input, judge_records
+    from probllm.judge import JudgeSummary, judge_input, judge_records
 
     mode, verdict_from = value(mode), value(verdict_from)
     result = JudgeSummary(mode=mode)
