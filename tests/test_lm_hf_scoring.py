@@ -261,3 +261,24 @@ def test_prefix_cache_carries_a_prefix_to_the_next_call(lm):
     other = score_groups(model, second, max_length=1024, stats=stats, prefix_cache={})
     assert stats["prefix_passes"] == 2
     assert [s for r in other for s, _ in r] == pytest.approx([s for r in got for s, _ in r], abs=1e-5)
+
+
+def test_served_prompt_logprobs_share_a_long_prefix_and_equal_each_prompt_alone(tiny_model_dir):
+    """`serve`'s /v1/completions echo log-probs (HFLM.prompt_logprobs): prompts of one request behind a long
+    common prefix (a question's choices after few-shot examples, as lm-eval's local-completions sends them) run
+    the prefix once into a KV cache; every token's log-prob and top token equal each prompt's own pass."""
+    from probllm.lm.hf_backend import HFLM
+
+    lm = HFLM(tiny_model_dir).load()
+    shots = "".join(f"Question: what is {i} plus {i}?\nAnswer: {2 * i}\n\n" for i in range(12))
+    prompts = [lm.encode_prompt(shots + "Question: what is 7 plus 7?\nAnswer:" + c) for c in (" 14", " 15", " 41")]
+    prompts.append(lm.encode_prompt("Unrelated text that shares nothing."))
+    assert len(prompts[0]) > 100
+    together = lm.prompt_logprobs(prompts, top=2)
+    assert lm.scoring_stats["prompt_prefix_passes"] == 1 and lm.scoring_stats["prompt_prefix_reused_tokens"] > 0
+    for toks, got in zip(prompts, together):
+        [alone] = lm.prompt_logprobs([toks], top=2)
+        assert got["token_logprobs"][0] is None and len(got["token_logprobs"]) == len(toks)
+        assert got["token_logprobs"][1:] == pytest.approx(alone["token_logprobs"][1:], abs=1e-4)
+        assert [t[0][0] for t in got["top"][1:]] == [t[0][0] for t in alone["top"][1:]]
+        assert got["next_top"][0][0] == alone["next_top"][0][0]

@@ -482,26 +482,24 @@ class HFLM(LM):
         self.load()
         # Consecutive requests with the same context (a question's choices) form one group: the scorer runs that
         # context once, packs its continuations after it, and sorts and packs the groups into batches itself. A
-        # request repeated within a group (the same question twice in a row) is scored once.
+        # continuation the group already has starts a new group (the same question twice in a row is two
+        # questions, each scored exactly as it is alone).
         groups: list[tuple[list[int], list[list[int]]]] = []
-        where: list[tuple[int, int]] = []  # per request: (group, continuation) of its score
         last_ctx = None
         for context, continuation in requests:
             ctx, cont = self._encode_pair(context, continuation)
             if not cont:
                 raise RequestFailed("empty continuation: nothing to score")
-            if not groups or ctx != last_ctx:
-                groups.append((ctx, []))
+            if groups and ctx == last_ctx and cont not in groups[-1][1]:
+                groups[-1][1].append(cont)
+            else:
+                groups.append((ctx, [cont]))
                 last_ctx = ctx
-            conts = groups[-1][1]
-            if cont not in conts:
-                conts.append(cont)
-            where.append((len(groups) - 1, conts.index(cont)))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
         self._set_threads(1)
         scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=pad, stats=self.scoring_stats,
                               prefix_cache=self._prefix_cache, **self.scoring_tuning)
-        return [scored[g][j] for g, j in where]
+        return [x for g in scored for x in g]
 
     async def choose(self, messages: list[dict], options: list[str], prefix: str = "") -> list[float]:
         """Small local models rarely follow an output format like `[[A]]`; scoring the allowed answers instead
@@ -513,17 +511,41 @@ class HFLM(LM):
     def prompt_logprobs(self, token_lists: list[list[int]], top: int = 1, max_batch_tokens: int = 0) -> list[dict]:
         """Per-token log-probs of whole prompts (what `/v1/completions` with echo returns): for each prompt,
         `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
-        `next_top` after the last one. A pass of the model: run it through `in_model_thread`. One prompt per forward pass by default: padded batches
-        (`max_batch_tokens`) are faster but move float32 sums by ~1e-4 on SmolLM2, and a client comparing
-        against a local evaluation (lm-eval, `eval --backend openai`) should get the same numbers."""
+        `next_top` after the last one. A pass of the model: run it through `in_model_thread`.
+
+        Prompts of one request that share a long token prefix (lm-eval's `local-completions` sends a question's
+        choices together, each behind the same few-shot prompt) run that prefix once into a key/value cache, and
+        each prompt's rest is scored against it (probllm.lm.hf_scoring's clusters and cache). Otherwise one
+        prompt per forward pass by default: padded batches (`max_batch_tokens`) are faster but move float32 sums
+        by ~1e-4 on SmolLM2, and a client comparing against a local evaluation (lm-eval, `eval --backend
+        openai`) should get the same numbers."""
         import torch
+
+        from probllm.lm.hf_scoring import MIN_CACHED_PREFIX, _prefix_cacheable, prompt_clusters
 
         self.load()
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
         results: list = [None] * len(token_lists)
         k = max(1, top)
+        clusters, alone = (prompt_clusters(token_lists, MIN_CACHED_PREFIX) if len(token_lists) > 1 and
+                           _prefix_cacheable(self.lm) else ([], list(range(len(token_lists)))))
         with torch.no_grad():
+            for prefix, members in clusters:
+                out = self.lm(input_ids=torch.tensor([prefix], device=self.lm.device), use_cache=True)
+                prefix_logits = out.logits[0]
+                cache = getattr(out, "cache", None) or out.past_key_values
+                kv = [(layer.keys, layer.values) for layer in cache.layers]
+                stats = self.scoring_stats
+                stats["prompt_prefix_passes"] = stats.get("prompt_prefix_passes", 0) + 1
+                stats["prompt_prefix_reused_tokens"] = (stats.get("prompt_prefix_reused_tokens", 0)
+                                                        + len(prefix) * (len(members) - 1))
+                for i in members:
+                    rest = token_lists[i][len(prefix):]
+                    DynamicCache = type(cache)
+                    logits = self.lm(input_ids=torch.tensor([rest], device=self.lm.device), use_cache=True,
+                                     cache=DynamicCache(ddp_cache_data=kv)).logits[0]
+                    results[i] = _logprob_entry(torch.cat([prefix_logits, logits]), token_lists[i], k)
+            order = sorted(alone, key=lambda i: -len(token_lists[i]))
             start = 0
             while start < len(order):
                 width = len(token_lists[order[start]])
@@ -539,20 +561,24 @@ class HFLM(LM):
                 masked = {"attention_mask": mask.to(self.lm.device)} if len(idx) > 1 else {}
                 logits = self.lm(input_ids=ids.to(self.lm.device), **masked).logits
                 for r, i in enumerate(idx):
-                    toks = token_lists[i]
-                    # log_softmax, as local scoring does: logit - logsumexp differs by ~2e-5 per token in float32.
-                    row = torch.log_softmax(logits[r, : len(toks)].float(), dim=-1)
-                    vals, tops = row.topk(k, dim=-1)
-                    vals, tops = vals.cpu().tolist(), tops.cpu().tolist()
-                    targets = torch.tensor(toks[1:], device=row.device, dtype=torch.long)
-                    picked = row[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu().tolist()
-                    results[i] = {
-                        "token_logprobs": [None] + picked,
-                        "top": [None] + [list(zip(tops[p], vals[p])) for p in range(len(toks) - 1)],
-                        "next_top": list(zip(tops[-1], vals[-1])),
-                    }
+                    results[i] = _logprob_entry(logits[r, : len(token_lists[i])], token_lists[i], k)
         self.requests += 1
         return results
+
+
+def _logprob_entry(logits, toks: list[int], k: int) -> dict:
+    """One prompt's entry of `prompt_logprobs` from its logits at every position ([len(toks), vocab])."""
+    import torch
+
+    # log_softmax, as local scoring does: logit - logsumexp differs by ~2e-5 per token in float32.
+    row = torch.log_softmax(logits.float(), dim=-1)
+    vals, tops = row.topk(k, dim=-1)
+    vals, tops = vals.cpu().tolist(), tops.cpu().tolist()
+    targets = torch.tensor(toks[1:], device=row.device, dtype=torch.long)
+    picked = row[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu().tolist()
+    return {"token_logprobs": [None] + picked,
+            "top": [None] + [list(zip(tops[p], vals[p])) for p in range(len(toks) - 1)],
+            "next_top": list(zip(tops[-1], vals[-1]))}
 
 
 @lru_cache(maxsize=1)

@@ -206,6 +206,16 @@ def _clusters(units: list[_Unit], min_cached: int) -> tuple[list[_Cluster], list
     return clusters, rest
 
 
+def prompt_clusters(prompts: Sequence[Sequence[int]], min_cached: int) -> tuple[list[tuple[list[int], list[int]]],
+                                                                               list[int]]:
+    """Whole prompts (token ids) as `_clusters` groups contexts: [(shared prefix, indices of its prompts)], and the
+    indices left alone. Each prompt keeps at least its last token after the prefix."""
+    units = [_Unit(list(p), [], [(i, 0)]) for i, p in enumerate(prompts)]
+    clusters, rest = _clusters(units, min_cached)
+    return ([(c.prefix, [u.outputs[0][0] for u in c.units]) for c in clusters],
+            sorted(u.outputs[0][0] for u in rest))
+
+
 def _batches(rows: list[_Row], batch_tokens: int, max_rows: int, extra: int = 0) -> list[list[list[_Row]]]:
     """Length buckets, then packing: the longest pending row sets a batch's width T and its number of lines
     (within the token budget); the pending rows, longest first, fill the lines first-fit, several short rows in
