@@ -193,6 +193,7 @@ class HFLM(LM):
         # call to the next (probllm.lm.hf_scoring's `prefix_cache`): valid while the weights are, which for this
         # object is its lifetime (one model, one adapter, loaded once).
         self._prefix_cache: dict = {}
+        self._cacheable: bool | None = None  # whether the model's layers take an expanded prefix cache
 
     @classmethod
     def from_loaded(cls, model, tokenizer, label: str = "", **settings) -> "HFLM":
@@ -252,6 +253,11 @@ class HFLM(LM):
         eos = config.eos_token_id if config is not None else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in eos + [self.tok.eos_token_id] if e is not None}
+
+    @property
+    def _pad_id(self) -> int:
+        """The id that fills rows to a batch's width (masked out, so any id does; 0 without a pad token)."""
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
 
     def describe(self) -> dict:
         """What the loaded model computes with, for summaries: dtype, device, threads, whether it has a chat
@@ -417,7 +423,7 @@ class HFLM(LM):
 
         tok, lm = self.tok, self.lm
         width = max(len(r.prompt_ids) for r in batch)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = self._pad_id
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, r in enumerate(batch):  # left padding: every answer starts at the same column
@@ -495,7 +501,7 @@ class HFLM(LM):
             else:
                 groups.append((ctx, [cont]))
                 last_ctx = ctx
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.tok.eos_token_id or 0)
+        pad = self._pad_id
         self._set_threads(1)
         scored = score_groups(self.lm, groups, max_length=self.max_length, pad_id=pad, stats=self.scoring_stats,
                               prefix_cache=self._prefix_cache, **self.scoring_tuning)
@@ -524,11 +530,13 @@ class HFLM(LM):
         from probllm.lm.hf_scoring import MIN_CACHED_PREFIX, _prefix_cacheable, prompt_clusters
 
         self.load()
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        pad = self._pad_id
         results: list = [None] * len(token_lists)
         k = max(1, top)
+        if self._cacheable is None:  # asked once per model, not per request (it builds a cache to look)
+            self._cacheable = _prefix_cacheable(self.lm)
         clusters, alone = (prompt_clusters(token_lists, MIN_CACHED_PREFIX) if len(token_lists) > 1 and
-                           _prefix_cacheable(self.lm) else ([], list(range(len(token_lists)))))
+                           self._cacheable else ([], list(range(len(token_lists)))))
         with torch.no_grad():
             for prefix, members in clusters:
                 out = self.lm(input_ids=torch.tensor([prefix], device=self.lm.device), use_cache=True)
@@ -539,9 +547,9 @@ class HFLM(LM):
                 stats["prompt_prefix_passes"] = stats.get("prompt_prefix_passes", 0) + 1
                 stats["prompt_prefix_reused_tokens"] = (stats.get("prompt_prefix_reused_tokens", 0)
                                                         + len(prefix) * (len(members) - 1))
+                DynamicCache = type(cache)  # a fresh cache per prompt from the prefix's keys/values
                 for i in members:
                     rest = token_lists[i][len(prefix):]
-                    DynamicCache = type(cache)
                     logits = self.lm(input_ids=torch.tensor([rest], device=self.lm.device), use_cache=True,
                                      cache=DynamicCache(ddp_cache_data=kv)).logits[0]
                     results[i] = _logprob_entry(torch.cat([prefix_logits, logits]), token_lists[i], k)
