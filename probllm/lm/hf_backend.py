@@ -220,6 +220,19 @@ class HFLM(LM):
             self._identity = f"{model_identity(self.model_name, self.adapter).id}|{dtype}"
         return self._identity
 
+    async def aclose(self) -> None:
+        """End the batching worker now, not when its idle timer runs out (a loop closed under a waiting worker
+        prints "Task was destroyed but it is pending" on the user's terminal)."""
+        worker, self._worker = self._worker, None
+        if worker is None or worker.done():
+            return
+        worker.cancel()
+        if worker.get_loop() is asyncio.get_running_loop():
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+
     async def ensure_loaded(self) -> "HFLM":
         """Load on the model thread if not yet loaded (once loaded, no wait behind a running pass)."""
         if self.lm is None:
@@ -519,7 +532,7 @@ class HFLM(LM):
         `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
         `next_top` after the last one. A pass of the model: run it through `in_model_thread`.
 
-        Prompts of one request that share a long token prefix (lm-eval's `local-completions` sends a question's
+        Prompts of one request that share a long token prefix, long enough to be worth it (lm-eval's `local-completions` sends a question's
         choices together, each behind the same few-shot prompt) run that prefix once into a key/value cache, and
         each prompt's rest is scored against it (probllm.lm.hf_scoring's clusters and cache). Otherwise one
         prompt per forward pass by default: padded batches (`max_batch_tokens`) are faster but move float32 sums
@@ -527,7 +540,7 @@ class HFLM(LM):
         openai`) should get the same numbers."""
         import torch
 
-        from probllm.lm.hf_scoring import MIN_CACHED_PREFIX, _prefix_cacheable, prompt_clusters
+        from probllm.lm.hf_scoring import _prefix_cacheable, prompt_clusters
 
         self.load()
         pad = self._pad_id
@@ -535,7 +548,7 @@ class HFLM(LM):
         k = max(1, top)
         if self._cacheable is None:  # asked once per model, not per request (it builds a cache to look)
             self._cacheable = _prefix_cacheable(self.lm)
-        clusters, alone = (prompt_clusters(token_lists, MIN_CACHED_PREFIX) if len(token_lists) > 1 and
+        clusters, alone = (prompt_clusters(token_lists) if len(token_lists) > 1 and
                            self._cacheable else ([], list(range(len(token_lists)))))
         with torch.no_grad():
             for prefix, members in clusters:

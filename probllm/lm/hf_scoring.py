@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 MIN_CACHED_PREFIX = 64  # tokens a cluster of contexts must share for its prefix to run once into a KV cache
+# ... and the prompt tokens the cache saves (prefix x (contexts - 1)) must reach this: a cached prefix moves a
+# score by float rounding (~1e-5 on SmolLM2), worth it for a few-shot block before a subject's questions, not
+# for two or three zero-shot questions that happen to share a passage (those stay exactly as scored whole).
+MIN_CACHED_SAVING = 1024
 PREFIX_CACHE_ENTRIES = 8  # prefixes' keys/values a caller's `prefix_cache` keeps across calls (most recent)
 MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth the wider attention of a shared row
 ROW_TOKENS = 1024  # longest row built from several groups behind one shared prefix
@@ -173,19 +177,23 @@ class _Cluster:
     units: list[_Unit]
 
 
-def _clusters(units: list[_Unit], min_cached: int) -> tuple[list[_Cluster], list[_Unit]]:
+def _clusters(units: list[_Unit], min_cached: int, min_saving: int | None = None,
+              ) -> tuple[list[_Cluster], list[_Unit]]:
     """Units sorted by context; runs of neighbours that share at least `min_cached` tokens become clusters behind
     their longest common token prefix (which leaves every context at least its last token: it predicts the
     choices' first tokens). A neighbour that would cut the cluster's prefix to less than half (another subject
     that shares only the start of the description line) starts a new cluster instead. Clusters of one unit, and
-    units without such a neighbour, are returned as they are (the packed rows take them)."""
+    units without such a neighbour, are returned as they are (the packed rows take them), and so are clusters
+    whose prefix saves fewer than `min_saving` prompt tokens."""
+    if min_saving is None:
+        min_saving = MIN_CACHED_SAVING
     clusters: list[_Cluster] = []
     rest: list[_Unit] = []
     run: list[_Unit] = []
     shared = 0
 
     def flush() -> None:
-        if len(run) >= 2 and shared >= min_cached:
+        if len(run) >= 2 and shared >= min_cached and shared * (len(run) - 1) >= min_saving:
             clusters.append(_Cluster(run[0].context[:shared], [
                 _Unit(u.context[shared:], u.continuations, u.outputs) for u in run]))
         else:
@@ -206,12 +214,12 @@ def _clusters(units: list[_Unit], min_cached: int) -> tuple[list[_Cluster], list
     return clusters, rest
 
 
-def prompt_clusters(prompts: Sequence[Sequence[int]], min_cached: int) -> tuple[list[tuple[list[int], list[int]]],
-                                                                               list[int]]:
+def prompt_clusters(prompts: Sequence[Sequence[int]], min_cached: int = MIN_CACHED_PREFIX,
+                    min_saving: int | None = None) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
     """Whole prompts (token ids) as `_clusters` groups contexts: [(shared prefix, indices of its prompts)], and the
     indices left alone. Each prompt keeps at least its last token after the prefix."""
     units = [_Unit(list(p), [], [(i, 0)]) for i, p in enumerate(prompts)]
-    clusters, rest = _clusters(units, min_cached)
+    clusters, rest = _clusters(units, min_cached, min_saving)
     return ([(c.prefix, [u.outputs[0][0] for u in c.units]) for c in clusters],
             sorted(u.outputs[0][0] for u in rest))
 
@@ -432,13 +440,15 @@ def _kept_prefix(prefix_cache: dict | None, model, prefix: list[int], min_cached
 
 def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None,
                  batch_tokens: int = BATCH_TOKENS, max_rows: int = MAX_ROWS, min_shared_prefix: int = MIN_SHARED_PREFIX,
-                 row_tokens: int = ROW_TOKENS, min_cached_prefix: int = MIN_CACHED_PREFIX, pad_id: int = 0,
+                 row_tokens: int = ROW_TOKENS, min_cached_prefix: int = MIN_CACHED_PREFIX,
+                 min_cached_saving: int | None = None, pad_id: int = 0,
                  stats: dict | None = None, prefix_cache: dict | None = None, **tuning) -> list[list[tuple[float, bool]]]:
     """For every continuation of every group, `(sum of its tokens' log-probs, is_greedy)`, in input order.
 
     Tuning (all optional): `batch_tokens` padded tokens per forward pass (a cached prefix counts once per line),
     `max_rows` rows per pass, `min_cached_prefix` tokens of common context prefix that make a cluster of groups
-    run that prefix once into a key/value cache (a huge value turns it off), `min_shared_prefix` tokens of common
+    run that prefix once into a key/value cache (a huge value turns it off) when it saves at least
+    `min_cached_saving` prompt tokens, `min_shared_prefix` tokens of common
     prompt prefix that put several groups in one row (a huge value turns sharing off), `row_tokens` longest such
     row; `batch_size` (rows per pass) is read as `max_rows`. `stats` (a dict) receives counts: passes, tokens fed,
     padded tokens, shared_prefix_tokens (prompt tokens not fed again thanks to sharing: shared rows and cached
@@ -470,7 +480,7 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     clusters: list[_Cluster] = []
     if min_cached_prefix < max_length and len(units) > 1 and _prefix_cacheable(model):
-        clusters, units = _clusters(units, min_cached_prefix)
+        clusters, units = _clusters(units, min_cached_prefix, min_cached_saving)
 
     def add(key: str, value: int) -> None:
         if stats is not None:
