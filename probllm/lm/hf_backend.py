@@ -226,12 +226,16 @@ class HFLM(LM):
         worker, self._worker = self._worker, None
         if worker is None or worker.done():
             return
+        loop = worker.get_loop()
+        if loop is not asyncio.get_running_loop():  # another thread's loop: Task.cancel is not thread-safe
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(worker.cancel)
+            return
         worker.cancel()
-        if worker.get_loop() is asyncio.get_running_loop():
-            try:
-                await worker
-            except asyncio.CancelledError:
-                pass
+        try:
+            await worker
+        except asyncio.CancelledError:
+            pass
 
     async def ensure_loaded(self) -> "HFLM":
         """Load on the model thread if not yet loaded (once loaded, no wait behind a running pass)."""
@@ -532,9 +536,9 @@ class HFLM(LM):
         `token_logprobs` (None for the first token), the `top` most likely tokens at every position, and
         `next_top` after the last one. A pass of the model: run it through `in_model_thread`.
 
-        Prompts of one request that share a long token prefix, long enough to be worth it (lm-eval's `local-completions` sends a question's
-        choices together, each behind the same few-shot prompt) run that prefix once into a key/value cache, and
-        each prompt's rest is scored against it (probllm.lm.hf_scoring's clusters and cache). Otherwise one
+        Prompts of one request that share a token prefix long enough to be worth caching (lm-eval's
+        `local-completions` sends a question's choices together, each behind the same few-shot prompt) run that
+        prefix once into a key/value cache, and each prompt's rest is scored against it (probllm.lm.hf_scoring's clusters and cache). Otherwise one
         prompt per forward pass by default: padded batches (`max_batch_tokens`) are faster but move float32 sums
         by ~1e-4 on SmolLM2, and a client comparing against a local evaluation (lm-eval, `eval --backend
         openai`) should get the same numbers."""
