@@ -356,7 +356,7 @@ def test_index_from_before_pages_loads_answers_and_updates(tmp_path, embedder):
 
 
 def test_registry_names_every_extracted_suffix():
-    assert set(EXTRACTORS) == {".pdf", ".pptx", ".ipynb", ".tex", ".html", ".htm"}
+    assert set(EXTRACTORS) == {".pdf", ".pptx", ".ipynb", ".tex", ".html", ".htm", ".cnxml"}
     assert [s for s, e in EXTRACTORS.items() if e.paged] == [".pdf", ".pptx"]
     assert os.path.basename(dejavu()) == "DejaVuSans.ttf"
 
@@ -374,3 +374,58 @@ def test_chunks_do_not_cross_pages():
     assert [(c.page, c.heading, c.text) for c in chunks] == [
         (1, w, "Waves\n\nSound is a wave."), (2, w, "Light is one too."),
         (3, ("Optics",), "Optics\n\nLenses bend light.")]
+
+
+# An OpenStax CNXML module as the books' repositories hold them (written here, in their structure): a title,
+# metadata, a section with paragraphs (sub/superscripts, inline MathML, a link), a list, a table with a footnote,
+# a glossary definition, a figure that is only media.
+CNXML = """<document xmlns="http://cnx.rice.edu/cnxml" xmlns:m="http://www.w3.org/1998/Math/MathML">
+<title>Kepler's Laws</title>
+<metadata xmlns:md="http://cnx.rice.edu/mdml"><md:content-id>m00001</md:content-id>
+  <md:title>Kepler's Laws</md:title></metadata>
+<content>
+<para id="p1">Planets move on ellipses with the Sun at one focus; a gas cloud of 10<sup>19</sup> atoms of
+  H<sub>2</sub> is another matter.</para>
+<section id="s1"><title>The third law</title>
+  <para id="p2">The square of the period grows as the cube of the axis:
+    <m:math><m:mrow><m:msup><m:mi>P</m:mi><m:mn>2</m:mn></m:msup><m:mo>=</m:mo><m:msup><m:mi>a</m:mi>
+    <m:mn>3</m:mn></m:msup></m:mrow></m:math>, see <link target-id="t1"/>.</para>
+  <list id="l1"><item>Mercury: 0.24 years</item><item>Earth: 1 year</item></list>
+  <table id="t1" summary="periods"><tgroup cols="2"><colspec colnum="1"/>
+    <thead><row><entry>Planet<footnote id="f1">Ordered by distance</footnote></entry><entry>Period</entry></row></thead>
+    <tbody><row><entry>Mars</entry><entry>1.88 years</entry></row></tbody></tgroup></table>
+  <figure id="fig1"><media id="m1" alt="orbit"><image mime-type="image/jpeg" src="orbit.jpg"/></media></figure>
+</section>
+</content>
+<glossary><definition id="d1"><term>semimajor axis</term><meaning>half the longest diameter of an ellipse</meaning>
+</definition></glossary>
+</document>
+"""
+
+
+def test_openstax_cnxml_is_read_with_its_sections_lists_tables_and_glossary(tmp_path, embedder):
+    notes = tmp_path / "astronomy" / "modules" / "m00001"
+    notes.mkdir(parents=True)
+    (notes / "index.cnxml").write_text(CNXML)
+    (tmp_path / "astronomy" / "bad.cnxml").write_text("<document><para>unclosed</document>")
+    md = EXTRACTORS[".cnxml"].read(str(notes / "index.cnxml")).text
+    assert md.startswith("# Kepler's Laws\n\nPlanets move on ellipses") and "10^19 atoms of H_2" in md
+    assert "\n## The third law\n" in md and "P2=a3" in md.replace(" ", "")
+    assert "- Mercury: 0.24 years\n- Earth: 1 year" in md
+    assert "| Planet Ordered by distance | Period |\n| --- | --- |\n| Mars | 1.88 years |" in md
+    assert "**semimajor axis**: half the longest diameter of an ellipse" in md
+    assert "m00001" not in md and "orbit" not in md  # metadata and media are not course text
+    stats = Stats(command="probllm index")
+    with pytest.raises(RecordError, match="not well-formed CNXML: mismatched tag"):
+        build_index([str(tmp_path / "astronomy")], str(tmp_path / "a.idx"), stats=stats, embedder=embedder)
+    (tmp_path / "astronomy" / "bad.cnxml").unlink()
+    build_index([str(tmp_path / "astronomy")], str(tmp_path / "a.idx"), stats=Stats(command="probllm index"),
+                embedder=embedder, chunk_tokens=64, overlap=0)
+    from probllm.rag.retrieve import Retriever, retrieve_text
+
+    retriever = Retriever(str(tmp_path / "a.idx"))
+    try:
+        hit = retrieve_text(retriever, "How does the orbital period relate to the semimajor axis?", k=1)[0]
+    finally:
+        retriever.close()
+    assert hit["source"].endswith("index.cnxml") and hit["heading"].startswith("Kepler's Laws")

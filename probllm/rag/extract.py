@@ -1,7 +1,8 @@
-"""Course material that is not markdown, turned into what the chunker reads: PDF, PowerPoint, notebooks, LaTeX, HTML.
+"""Course material that is not markdown, turned into what the chunker reads: PDF, PowerPoint, notebooks, LaTeX, HTML,
+OpenStax CNXML.
 
 One registry, `EXTRACTORS` (file suffix -> extractor), is the list of formats `probllm index` reads besides
-markdown, text and JSONL. Each extractor gives an `Extracted`: either markdown text (notebooks, LaTeX, HTML become
+markdown, text and JSONL. Each extractor gives an `Extracted`: either markdown text (notebooks, LaTeX, HTML, CNXML become
 markdown and then follow exactly the markdown path: same block parser, heading paths, chunker) or, for a paged
 format (PDF, slides), the blocks themselves, each with the 1-based page it is on, laid out one after another in
 `text` (the chunks' offsets point into that text). Either way the same chunker packs them, so chunks never cross a
@@ -526,6 +527,96 @@ def read_html(path: str) -> Extracted:
     return Extracted(html_to_markdown(HTML_NOISE.sub(" ", html)) + "\n", markdown=True)
 
 
+# OpenStax CNXML (the source of every OpenStax textbook: <document><title>, <content>, nested <section>s of
+# <para>, <list>, <table>, <definition>, <note>, <figure>, <exercise>; equations in MathML). Containers recurse;
+# these become blocks of their own; anything else with text becomes a paragraph.
+CNXML_SKIPPED = {"metadata", "media", "image", "label", "colspec", "newline", "space"}
+CNXML_SPACED = {"footnote", "para", "item", "list", "note", "caption", "term", "meaning", "entry", "equation", "title"}
+CNXML_HEADED = {"document": 1, "section": 2}  # heading level of a container's <title> (sections nest deeper)
+
+
+def _local(tag: object) -> str:
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _flat(el) -> str:
+    """An element's words on one line; <sup>/<sub> marked the way plain text writes them (10^19, H_2O)."""
+    parts = []
+
+    def walk(e) -> None:
+        name = _local(e.tag)
+        if name in CNXML_SKIPPED:
+            parts.append(e.tail or "")
+            return
+        mark = {"sup": "^", "sub": "_"}.get(name, " " if name in CNXML_SPACED else "")
+        parts.append(mark + (e.text or ""))
+        for child in e:
+            walk(child)
+        parts.append(e.tail or "")
+
+    parts.append(el.text or "")
+    for child in el:
+        walk(child)
+    return " ".join("".join(parts).split())
+
+
+def cnxml_to_markdown(root) -> str:
+    out: list[str] = []
+
+    def walk(el, depth: int) -> None:
+        name = _local(el.tag)
+        if name in CNXML_SKIPPED or name == "title":
+            return
+        if name in ("document", "section"):
+            title = next((c for c in el if _local(c.tag) == "title"), None)
+            level = CNXML_HEADED["document"] if name == "document" else min(6, depth + 1)
+            if title is not None and _flat(title):
+                out.append("#" * level + " " + _flat(title))
+            for child in el:
+                walk(child, level if name == "section" else 1)
+        elif name == "list":
+            items = [_flat(c) for c in el if _local(c.tag) == "item"]
+            out.append("\n".join(f"- {t}" for t in items if t))
+        elif name == "table":
+            rows = [[_flat(e) for e in r if _local(e.tag) == "entry"] for r in el.iter() if _local(r.tag) == "row"]
+            rows = [r for r in rows if any(r)]
+            if rows:
+                width = max(len(r) for r in rows)
+                lines = ["| " + " | ".join(r + [""] * (width - len(r))) + " |" for r in rows]
+                lines.insert(1, "|" + " --- |" * width)
+                out.append("\n".join(lines))
+        elif name == "definition":
+            term = " ".join(_flat(c) for c in el if _local(c.tag) == "term")
+            meaning = " ".join(_flat(c) for c in el if _local(c.tag) == "meaning")
+            out.append(f"**{term}**: {meaning}" if term else meaning)
+        elif name in ("content", "note", "figure", "exercise", "problem", "solution", "example", "glossary",
+                      "div") or any(_local(c.tag) in ("para", "list", "table", "section") for c in el):
+            for child in el:
+                walk(child, depth)
+        else:
+            text = _flat(el)
+            if text:
+                out.append(text)
+
+    walk(root, 0)
+    return "\n\n".join(b for b in out if b) + "\n"
+
+
+def read_cnxml(path: str) -> Extracted:
+    """An OpenStax CNXML module as markdown: its title and sections become headings (what a citation names), its
+    paragraphs, lists, tables and glossary become blocks. Parsed with defusedxml: a course file is not trusted."""
+    from xml.etree.ElementTree import ParseError
+
+    from defusedxml import DefusedXmlException
+    from defusedxml.ElementTree import parse
+
+    try:
+        root = parse(path).getroot()
+    except (ParseError, DefusedXmlException) as e:
+        raise ExtractError(f"not well-formed CNXML: {e}") from None
+    return Extracted(cnxml_to_markdown(root), markdown=True)
+
+
 EXTRACTORS: dict[str, Extractor] = {
     ".pdf": Extractor("PDF", read_pdf, paged=True),
     ".pptx": Extractor("PowerPoint", read_pptx, paged=True),
@@ -533,6 +624,7 @@ EXTRACTORS: dict[str, Extractor] = {
     ".tex": Extractor("LaTeX", read_tex),
     ".html": Extractor("HTML", read_html),
     ".htm": Extractor("HTML", read_html),
+    ".cnxml": Extractor("OpenStax CNXML", read_cnxml),
 }
 
 

@@ -40,7 +40,7 @@ from probllm.rag.extract import EXTRACTION_VERSION, EXTRACTORS, ExtractError, ex
 
 FORMAT = "probllm-rag-index/1"
 MANIFEST = "manifest.json"
-TEXT_SUFFIXES = {".md": True, ".markdown": True, ".mdx": True, ".txt": False, ".text": False, ".rst": False}
+TEXT_SUFFIXES = {".md": True, ".markdown": True, ".mdx": True, ".rmd": True, ".qmd": True, ".txt": False, ".text": False, ".rst": False}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")
 GENERATION_FILE = re.compile(r"^(vectors\.\d+\.bin|chunks\.\d+\.sqlite(-journal|-wal|-shm)?)$")
 DEFAULT_EMBEDDER_LABEL = "all-MiniLM-L6-v2"
