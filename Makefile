@@ -8,6 +8,7 @@ PROBLLM := $(PY) -m probllm
 OUT ?= runs/demo
 MODEL ?=
 SEED ?= 0
+RESULTS ?= docs/results
 
 # Models come from the installed packages, never from a hub at run time.
 export HF_HUB_OFFLINE := 1
@@ -78,13 +79,16 @@ demo-rag: setup
 demo-serve: setup demo-rag
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-serve.sh
 
-# The report's Table 1 (student-only vs all-data DPO): on a GPU, `make experiment MODEL=deepseek-ai/deepseek-math-7b-rl`.
-experiment: setup demo-data
-	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/experiment.sh
+# The report's Table 1 (student-only vs all-data DPO) on the public slices in ../shared/examples (PUBLIC=DIR for
+# another copy), about 45 minutes on 2 CPU cores; on a GPU `make experiment MODEL=deepseek-ai/deepseek-math-7b-rl
+# STEPS=2000 DPO_ARGS=`. Resumable: run it again after an interruption. The page goes to $(RESULTS)/experiment.md.
+experiment: setup
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) RESULTS=$(RESULTS) bash scripts/experiment.sh
 
-# The ablation table (base, +DPO, 8-bit, 4-bit, +RAG) from `eval` summaries.
-ablation: setup
-	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/ablation.sh
+# The ablation (base, +DPO, 8-bit, 4-bit, GGUF q4_0, +RAG) on every public MCQ item, with paired tests against
+# base; needs the experiment's all-data adapter. Resumable. The page goes to $(RESULTS)/ablation.md.
+ablation: setup experiment
+	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) RESULTS=$(RESULTS) bash scripts/ablation.sh
 
 # The reference tools (lm-eval) go into the same venv, held to our pins by constraints.txt.
 bench-setup: setup
