@@ -71,6 +71,17 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def short(path: str) -> str:
+    """A path as its last two parts (mmlu/test, math/test): the last alone is often ambiguous."""
+    return "/".join(Path(path).parts[-2:])
+
+
+def device() -> str:
+    import torch
+
+    return "GPU" if torch.cuda.is_available() else "CPU"
+
+
 def stage_times(run_dir: Path) -> list[tuple[str, int]]:
     done = run_dir / ".done"
     return sorted(((p.name, int(p.read_text().strip() or 0)) for p in done.iterdir()), key=lambda t: t[0]) \
@@ -117,7 +128,9 @@ def experiment(exp: Path) -> tuple[str, list[Path]]:
     config = read_json(exp / "all-data" / "config.json")
     identity = model_identity(config.get("model_path") or config.get("model"))
 
-    out = header("Table 1 on public data: student-only vs all-data DPO (SmolLM2-135M, CPU)", exp, "make experiment")
+    model = config.get("model") or identity.name
+    out = header(f"Table 1 on public data: student-only vs all-data DPO ({Path(str(model)).name}, {device()})", exp,
+                 "make experiment")
     out += ["## Table 1", "",
             "Reward accuracy is the share of pairs whose implicit reward β·(log π − log π_ref) is higher for the "
             "chosen answer; train accuracy is on the student training pairs (the report's column), test on the "
@@ -143,6 +156,9 @@ def experiment(exp: Path) -> tuple[str, list[Path]]:
     out += ["## Data", "", "| role in the report | public stand-in | records in | kept by length | "
             "dropped by decontamination | pairs used |", "| --- | --- | --- | --- | --- | --- |"]
     d = exp / "data"
+    # The sources by their paths in settings.txt (fits.json names a file or folder by its last part alone).
+    inputs = {Path(line.split()[1]).name: short(line.split()[1]) for line in
+              (exp / "settings.txt").read_text(encoding="utf-8").splitlines() if line.startswith("input ")}
     for fits in sorted(d.glob("*.fits.json")):
         f = read_json(fits)
         dec = read_json(d / f"{f['name']}.decontaminate.json")
@@ -151,13 +167,13 @@ def experiment(exp: Path) -> tuple[str, list[Path]]:
         if f["name"].startswith("corrupted."):
             c = read_json(d / f"{f['name'].replace('corrupted.', 'corrupt.', 1)}.json")
             note = f" ({c['counts']['out']} of {c['counts']['in']} corrupted; the rest unchanged by the rules)"
-        out.append(f"| {f['role']} | {f['source']} | {f['in']} | {f['out']} (prompt ≤ {f['limit']} chars) | "
+        out.append(f"| {f['role']} | {inputs.get(f['source'], f['source'])} | {f['in']} | {f['out']} (prompt ≤ {f['limit']} chars) | "
                    f"{dropped} | {dec['counts']['out']}{note} |")
     bench = next(iter(d.glob("*.decontaminate.json")), None)
     if bench:
         items = read_json(bench)["benchmark_items"]
         out += ["", "Decontaminated (13-gram overlap, lm-eval's rule) against the evaluation items of the ablation: "
-                + ", ".join(f"{Path(k).name} {v}" for k, v in items.items())
+                + ", ".join(f"{short(k)} {v}" for k, v in items.items())
                 + f" ({sum(items.values())} items). Split 80/20 by prompt with `probllm split` "
                 f"(student train {summaries['student-only']['pairs']} pairs, test "
                 f"{summaries['student-only'].get('eval_pairs', '?')}); the other sources go to the all-data "
@@ -214,8 +230,10 @@ def rag_coverage(run: Path, notes: list[str]) -> list[str]:
 
 
 def ablation(run: Path, notes: list[str]) -> tuple[str, list[Path]]:
-    out = header("Ablation on public MCQA items: base, +DPO, 8-bit, 4-bit, GGUF q4_0, +RAG (SmolLM2-135M, CPU)",
-                 run, "make ablation")
+    base = read_json(run / "base.json") if (run / "base.json").exists() else {}
+    model = Path(str(base.get("model") or "the default model")).name
+    out = header(f"Ablation on public MCQA items: base, +DPO, quantized, +RAG ({model}, {device()})", run,
+                 "make ablation")
     out += ["## Accuracy", "",
             "`eval --method loglik` with lm-eval's ARC and MMLU prompts, zero-shot; ± is the standard error. Every "
             "row is paired with the base model on the same items: the difference in accuracy (points) with a 95% "

@@ -76,13 +76,17 @@ def test_experiment_writes_table_1_for_both_runs_with_intervals_and_curves(runs)
 
 def test_experiment_resumes_finished_stages_and_refuses_other_settings(runs):
     exp = runs["out"] / "experiment"
-    (exp / ".done" / "rewards-all-data").unlink()  # as if interrupted during the last stage
+    # As if interrupted inside a stage: its stamp is missing. (The split, the cheapest stage to run again: every
+    # stage goes through the same stamp; a training stage's own restart, `dpo --resume`, is tested with dpo.)
+    (exp / ".done" / "split").unlink()
+    train_before = (exp / "student.train.jsonl").read_bytes()
     again = script("experiment", runs["experiment_env"])
     assert again.returncode == 0, again.stderr[-2000:]
-    for done in ("data", "split", "train-student-only", "train-all-data", "rewards-student-only"):
+    for done in ("data", "train-student-only", "rewards-student-only", "train-all-data", "rewards-all-data"):
         assert f"stage {done} already done" in again.stderr
-    assert "experiment: stage rewards-all-data\n" in again.stderr
-    assert "probllm dpo" not in again.stderr  # nothing trained again
+    assert "experiment: stage split\n" in again.stderr
+    assert (exp / "student.train.jsonl").read_bytes() == train_before  # the same seed, the same split
+    assert "probllm dpo" not in again.stderr and "probllm reward-eval" not in again.stderr  # nothing trained again
     other = script("experiment", {**runs["experiment_env"], "STEPS": "3"})
     assert other.returncode != 0
     assert "started with other settings" in other.stderr and "steps=3" in other.stderr
