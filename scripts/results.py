@@ -242,8 +242,11 @@ def ablation(run: Path, notes: list[str]) -> tuple[str, list[Path]]:
     items = run / "items.json"
     if items.exists():
         counts = read_json(items)
-        out += ["## Items", "", "Every item of the public slices, none dropped or changed: "
-                + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" ({sum(counts.values())} in all).", ""]
+        out += ["## Items", "", "The items scored, by source: "
+                + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" ({sum(counts.values())} in all). ARC and "
+                "MMLU items go through unchanged (their own options); GSM8K and MATH get numeric distractors, so a "
+                "MATH item whose answer is not a number (a choice letter, a set) cannot be converted: `mcqify` skips "
+                "it with the reason on stderr, never changing it into another question.", ""]
     out += rag_coverage(run, notes)
     models = []
     for summary in sorted(run.glob("*.json")):

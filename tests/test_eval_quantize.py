@@ -89,6 +89,11 @@ def test_adapter_is_merged_before_quantizing(tiny_model_dir, float_logits, tmp_p
     quantize_to_folder(tiny_model_dir, "torch-int8", str(tmp_path / "q"), adapter=str(tmp_path / "adapter"))
     q = logits(load_model(str(tmp_path / "q"), device="cpu"), tok)
     assert float((q - with_adapter).abs().max()) < float((q - float_logits).abs().max())
+    # GGUF from an adapter: the merged folder carries the tokenizer the GGUF writer reads (make ablation's row
+    # failed without it), and transformers' GGUF loader reads back the adapter's model, not the base.
+    quantize_to_folder(tiny_model_dir, "gguf-q8_0", str(tmp_path / "g"), adapter=str(tmp_path / "adapter"))
+    g = logits(load_model(str(tmp_path / "g"), device="cpu"), tok)
+    assert float((g - with_adapter).abs().max()) < float((g - float_logits).abs().max())
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tiny_model_dir, tmp_path):

@@ -59,6 +59,7 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
     import torch
     from transformers import AutoModelForCausalLM
 
+    from probllm.export.merge import save_merged
     from probllm.models import is_quantized_folder, load_model, load_tokenizer, model_label, resolve_model
 
     if method not in QUANT_METHODS:
@@ -78,7 +79,8 @@ def quantize_to_folder(model: str | None, method: str, output: str, adapter: str
             # float weights and save them first, so every method starts from the same merged model.
             merged_dir = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
             merged = load_model(model, adapter=adapter, dtype="float32", device="cpu", merge_adapter=True)
-            merged.save_pretrained(merged_dir, safe_serialization=True)
+            # With its tokenizer, as export's merge saves it: the GGUF writer reads tokenizer.json from the folder.
+            save_merged(merged, resolve_model(model), merged_dir)
             del merged
             source = str(merged_dir)
         info = QUANT_METHODS[method]
