@@ -80,13 +80,14 @@ demo-serve: setup demo-rag
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) bash scripts/demo-serve.sh
 
 # The report's Table 1 (student-only vs all-data DPO) on the public slices in ../shared/examples (PUBLIC=DIR for
-# another copy), about 45 minutes on 2 CPU cores; on a GPU `make experiment MODEL=deepseek-ai/deepseek-math-7b-rl
+# another copy), about 95 minutes on 2 CPU cores; on a GPU `make experiment MODEL=deepseek-ai/deepseek-math-7b-rl
 # STEPS=2000 DPO_ARGS=`. Resumable: run it again after an interruption. The page goes to $(RESULTS)/experiment.md.
 experiment: setup
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) RESULTS=$(RESULTS) bash scripts/experiment.sh
 
 # The ablation (base, +DPO, 8-bit, 4-bit, GGUF q4_0, +RAG) on every public MCQ item, with paired tests against
-# base; needs the experiment's all-data adapter. Resumable. The page goes to $(RESULTS)/ablation.md.
+# base; needs the experiment's all-data adapter. About 50 minutes on 2 CPU cores for all 1,579 items (LIMIT=50: 18;
+# docs/results/README.md has the command of the recorded run). Resumable. The page goes to $(RESULTS)/ablation.md.
 ablation: setup experiment
 	OUT=$(OUT) SEED=$(SEED) MODEL=$(MODEL) RESULTS=$(RESULTS) bash scripts/ablation.sh
 
