@@ -94,7 +94,8 @@ def test_experiment_resumes_finished_stages_and_refuses_other_settings(runs):
 
 def test_ablation_pairs_every_row_with_base_on_the_same_items(runs):
     page = (runs["results"] / "ablation.md").read_text()
-    table = [line for line in page.splitlines() if line.startswith("| ")]
+    accuracy = page.split("## Accuracy", 1)[1].split("\n## ", 1)[0]  # the first table (RAG coverage follows)
+    table = [line for line in accuracy.splitlines() if line.startswith("| ")]
     labels = [row.strip("|").split("|")[0].strip() for row in table[2:]]
     assert labels == ["base", "+DPO", "+DPO 8-bit (torch-int8)", "+DPO +RAG (top 1)"]
     for row in table[3:]:
