@@ -53,33 +53,15 @@ if [ ! -f "$ADAPTER/adapter_config.json" ]; then
 fi
 mkdir -p "$DIR/.done"
 
-checksum() { find "$@" -type f -print0 | sort -z | xargs -0 cat | sha256sum | cut -c1-16; }
-settings=$(
+WHO=ablation RUN_DIR="$DIR"
+# shellcheck source=scripts/stages.sh
+source "$(dirname "$0")/stages.sh"
+check_settings "$(
   echo "model=${MODEL:-default} seed=$SEED limit=$LIMIT quant8=$QUANT8 quant4=$QUANT4 gguf=$GGUF passages=$PASSAGES"
   echo "adapter $ADAPTER $(checksum "$ADAPTER/adapter_model.safetensors" "$ADAPTER/adapter_config.json")"
   for f in $MMLU $ARC $GSM8K $MATH $NOTES; do echo "input $f $(checksum "$f")"; done
-)
-if [ -f "$DIR/settings.txt" ]; then
-  if [ "$(cat "$DIR/settings.txt")" != "$settings" ]; then
-    echo "ablation: $DIR was started with other settings or inputs; remove it or set another OUT. The difference:" >&2
-    diff <(cat "$DIR/settings.txt") <(echo "$settings") >&2 || true
-    exit 1
-  fi
-else
-  echo "$settings" > "$DIR/settings.txt"
-fi
+)"
 
-stage() {  # stage NAME COMMAND...: run once; the stamp holds the stage's wall seconds.
-  local name="$1"; shift
-  if [ -f "$DIR/.done/$name" ]; then
-    echo "ablation: stage $name already done ($(cat "$DIR/.done/$name") s), skipped" >&2
-    return
-  fi
-  echo "ablation: stage $name" >&2
-  local start; start=$(date +%s)
-  "$@"
-  echo $(( $(date +%s) - start )) > "$DIR/.done/$name"
-}
 model_args=()
 if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
 limit_args=()

@@ -57,35 +57,14 @@ done
 mkdir -p "$EXP/.done" "$EXP/data"
 
 # The run's identity: refuse to continue a run made with other settings or other inputs.
-settings=$(
+WHO=experiment RUN_DIR="$EXP"
+# shellcheck source=scripts/stages.sh
+source "$(dirname "$0")/stages.sh"
+check_settings "$(
   echo "model=${MODEL:-default} steps=$STEPS seed=$SEED split_key=$SPLIT_KEY prompt_chars=$PROMPT_CHARS"
   echo "dpo_args=$DPO_ARGS"
-  for f in "$STUDENT" $EXTRA $QA $AGAINST; do
-    echo "input $f $(find "$f" -type f -print0 | sort -z | xargs -0 cat | sha256sum | cut -c1-16)"
-  done
-)
-if [ -f "$EXP/settings.txt" ]; then
-  if [ "$(cat "$EXP/settings.txt")" != "$settings" ]; then
-    echo "experiment: $EXP was started with other settings or inputs; remove it or set another OUT. Its settings:" >&2
-    diff <(cat "$EXP/settings.txt") <(echo "$settings") >&2 || true
-    exit 1
-  fi
-else
-  echo "$settings" > "$EXP/settings.txt"
-fi
-
-# stage NAME COMMAND...: run once; the stamp holds the stage's wall seconds.
-stage() {
-  local name="$1"; shift
-  if [ -f "$EXP/.done/$name" ]; then
-    echo "experiment: stage $name already done ($(cat "$EXP/.done/$name") s), skipped" >&2
-    return
-  fi
-  echo "experiment: stage $name" >&2
-  local start; start=$(date +%s)
-  "$@"
-  echo $(( $(date +%s) - start )) > "$EXP/.done/$name"
-}
+  for f in "$STUDENT" $EXTRA $QA $AGAINST; do echo "input $f $(checksum "$f")"; done
+)"
 
 against=()
 for a in $AGAINST; do against+=(--against "$a"); done
