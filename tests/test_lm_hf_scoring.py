@@ -180,14 +180,14 @@ def test_cached_prefix_equals_whole_prompts(lm, tuning):
 
 
 def test_default_saving_rule_keeps_small_clusters_exact(lm):
-    """At the default MIN_CACHED_SAVING, two or three questions that share a passage are scored exactly as
-    without any cache (bit for bit: zero-shot numbers stay those of the prompt scored whole), while a few-shot
-    block before enough of a subject's questions runs once into the cache."""
+    """At the default MIN_CACHED_SAVING, two questions that share a passage are scored exactly as without any
+    cache (bit for bit: those numbers stay those of the prompt scored whole), while a few-shot block before enough
+    of a subject's questions runs once into the cache."""
     model, tok = lm
     passage = "Read the passage. " + "The mitochondria is the powerhouse of the cell, it makes energy. " * 4
-    small = encoded(tok, [passage + f"Question {q}?\nAnswer:" for q in ("one", "two", "three")], [" A", " B"])
+    small = encoded(tok, [passage + f"Question {q}?\nAnswer:" for q in ("one", "two")], [" A", " B"])
     saved = len(small[0][0]) - 8
-    assert 64 <= saved and saved * 2 < hf_scoring.MIN_CACHED_SAVING  # shares 64+ tokens, saves too few
+    assert 64 <= saved < hf_scoring.MIN_CACHED_SAVING  # shares 64+ tokens, saves too few
     stats: dict = {}
     got = score_groups(model, small, max_length=1024, stats=stats)
     assert "prefix_passes" not in stats
@@ -273,6 +273,38 @@ def test_cached_prefix_with_lora(lm):
         assert stats["prefix_passes"] == 1
     finally:
         peft_model.unload()
+
+
+def test_zero_shot_description_lines_are_cached_per_subject(lm, monkeypatch):
+    """Zero-shot MMLU: a subject's prompts share only their description line (~15 tokens). At the default rules a
+    batch of 16 of them runs the line once; a batch that mixes two subjects whose lines share "... about college"
+    gets one prefix per subject (the nesting that saves most), and the next call's other subject runs its own line
+    instead of reusing the kept "... about college" part. Scores equal each prompt scored whole."""
+    monkeypatch.setattr(hf_scoring, "MIN_CACHED_SAVING", 192)  # the default, not the mechanism tests' 0
+    model, tok = lm
+    starts = ["Which", "How", "What", "Why", "Where", "When", "Name", "Pick", "Find", "Give", "Is", "Are", "Does",
+              "Can", "Should", "Select"]
+    questions = [f"{w} planet {k}?" for k, w in enumerate(starts)]  # nothing shared after the line
+    line = len(tok.encode("The following are multiple choice questions (with answers) about college physics."))
+    one = encoded(tok, mmlu_like("college physics", questions, shots=0), [" A", " B", " C", " D"])
+    stats: dict = {}
+    kept: dict = {}
+    got = score_groups(model, one, max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats["prefix_passes"] == 1 and line <= stats["cached_prefix_tokens"] <= line + 3
+    assert_whole_prompt_scores(model, one, got)
+    mixed = encoded(tok, mmlu_like("college physics", questions[:8], shots=0)
+                    + mmlu_like("college chemistry", questions[8:], shots=0), [" A", " B", " C", " D"])
+    stats = {}
+    got = score_groups(model, mixed, max_length=1024, stats=stats)
+    assert stats["prefix_passes"] == 2 and stats["cached_prefix_tokens"] >= 2 * line
+    assert_whole_prompt_scores(model, mixed, got)
+    other = encoded(tok, mmlu_like("college chemistry", questions, shots=0), [" A", " B", " C", " D"])
+    stats = {}
+    score_groups(model, other, max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats["prefix_passes"] == 1 and "prefix_cache_hits" not in stats  # its own line, not physics' start
+    stats = {}
+    score_groups(model, one[8:], max_length=1024, stats=stats, prefix_cache=kept)
+    assert stats.get("prefix_cache_hits") == 1 and "prefix_passes" not in stats  # physics' kept line serves
 
 
 def test_prefix_cache_carries_a_prefix_to_the_next_call(lm):

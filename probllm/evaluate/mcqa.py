@@ -126,9 +126,8 @@ def evaluate_records(
             return
         # Longest first (as lm-eval): similar lengths share a batch; a too-big batch fails early. With few-shot
         # examples, prompts with the same examples first go together (the scorer runs them once for several
-        # questions); zero-shot prompts are sorted by length only (a shared task description is not worth it).
-        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"] if options.shots else "",
-                                                         -chunk[k]["tokens"]))
+        # questions); so do zero-shot prompts with the same description line (MMLU: one per subject).
+        order = sorted(range(len(chunk)), key=lambda k: (chunk[k]["group"], -chunk[k]["tokens"]))
         batches = [order[b: b + options.batch_size] for b in range(0, len(order), options.batch_size)]
         results: dict[int, dict] = {}
         interrupted = False

@@ -23,9 +23,11 @@ behind one copy of the prefix (a tree: prefix -> each question -> its choices), 
 long as each question's own part (attention in a row is dense, so sharing a short task description would cost
 more than it saves).
 
-Prompts that share a LONG token prefix (5-shot MMLU: the description line and five dev examples, ~80% of every
-prompt of a subject) go further still: the longest common token prefix P of a cluster of contexts (sorted, each
-neighbour sharing at least `min_cached_prefix` tokens) runs through the model ONCE with a key/value cache, and
+Prompts of a cluster (5-shot MMLU: the description line and five dev examples, ~80% of every prompt of a subject;
+zero-shot MMLU: the description line, ~18%) go further still: the longest common token prefix P of a cluster of
+contexts (sorted, each neighbour sharing at least `min_cached_prefix` tokens, the nesting that saves the most
+tokens: see `_clusters`) runs through the model ONCE with a key/value cache (unlike a shared row, a cached prefix
+costs its rows nothing but P attention columns, so a short one pays too), and
 the cluster's suffix rows (each context's rest and its packed choices, the block mask above) are scored in
 batches against that cache expanded across the batch: a [B, 1, S, P + S] additive mask (the prefix visible to
 every token, the block structure on the suffix part), positions offset by P. The prefix is cut from the token ids
@@ -44,11 +46,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-MIN_CACHED_PREFIX = 64  # tokens a cluster of contexts must share for its prefix to run once into a KV cache
+MIN_CACHED_PREFIX = 12  # tokens a cluster of contexts must share for its prefix to run once into a KV cache: an
+# MMLU description line ("The following are ... about astronomy.") is 13-16 tokens, the part that every subject's
+# line shares ("... about") 11: a subject's zero-shot prompts share a prefix, two subjects' do not.
 # ... and the prompt tokens the cache saves (prefix x (contexts - 1)) must reach this: a cached prefix moves a
-# score by float rounding (~1e-5 on SmolLM2), worth it for a few-shot block before a subject's questions, not
-# for two or three zero-shot questions that happen to share a passage (those stay exactly as scored whole).
-MIN_CACHED_SAVING = 1024
+# score by float rounding (~1e-5 on SmolLM2), worth it for a description line before a batch of a subject's
+# questions (15 x 15 tokens at --batch-size 16; later batches reuse the kept prefix) or a few-shot block, not for
+# two or three questions that happen to share a passage (those stay exactly as scored whole).
+MIN_CACHED_SAVING = 192
 PREFIX_CACHE_ENTRIES = 8  # prefixes' keys/values a caller's `prefix_cache` keeps across calls (most recent)
 MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth the wider attention of a shared row
 ROW_TOKENS = 1024  # longest row built from several groups behind one shared prefix
@@ -179,38 +184,60 @@ class _Cluster:
 
 def _clusters(units: list[_Unit], min_cached: int, min_saving: int | None = None,
               ) -> tuple[list[_Cluster], list[_Unit]]:
-    """Units sorted by context; runs of neighbours that share at least `min_cached` tokens become clusters behind
-    their longest common token prefix (which leaves every context at least its last token: it predicts the
-    choices' first tokens). A neighbour that would cut the cluster's prefix to less than half (another subject
-    that shares only the start of the description line) starts a new cluster instead. Clusters of one unit, and
-    units without such a neighbour, are returned as they are (the packed rows take them), and so are clusters
-    whose prefix saves fewer than `min_saving` prompt tokens."""
+    """Units sorted by context, then cut into the clusters that save the most prompt tokens: a run of neighbours
+    whose contexts all share P >= `min_cached` tokens (P leaves every context at least its last token: it predicts
+    the choices' first tokens) saves P x (units - 1) when P runs once. Runs nest (all of a test's prompts share
+    the start of MMLU's description line, each subject's prompts its whole line, two questions of a subject maybe
+    a passage more): each run is either one cluster behind its common prefix or its sub-runs, whichever saves
+    more, so two subjects in one batch get one prefix each, not the description's first words. Units in no
+    cluster, and clusters saving fewer than `min_saving` tokens, are returned as they are (the packed rows take
+    them)."""
     if min_saving is None:
         min_saving = MIN_CACHED_SAVING
+    order = sorted(units, key=lambda u: u.context)
+    # shared[i]: the tokens units i and i + 1 share, each keeping its last one
+    shared = [min(_common_prefix(a.context, b.context), len(a.context) - 1, len(b.context) - 1)
+              for a, b in zip(order, order[1:])]
+
+    def worth(lo: int, hi: int, P: int) -> int:  # tokens saved by units lo..hi (inclusive) behind P cached ones
+        saving = P * (hi - lo)
+        return saving if P >= min_cached and hi > lo and saving >= min_saving else 0
+
+    def plan(lo: int, hi: int, depth: int = 0) -> tuple[int, list[tuple[int, int, int]]]:
+        """(tokens saved, [(lo, hi, P) clusters]) at best for units lo..hi, all sharing at least min_cached."""
+        if hi == lo:
+            return 0, []
+        P = min(shared[lo:hi])
+        whole = worth(lo, hi, P)
+        if depth > 64:  # runs nested this deep (each level shares more) are one cluster: no recursion limit hit
+            return whole, [(lo, hi, P)] if whole else []
+        parts: list[tuple[int, int, int]] = []
+        split = 0
+        start = lo
+        for k in range(lo, hi + 1):  # sub-runs: cut where neighbours share only P
+            if k == hi or shared[k] == P:
+                if k > start:
+                    saved, sub = plan(start, k, depth + 1)
+                    split += saved
+                    parts += sub
+                start = k + 1
+        if whole >= split and whole:
+            return whole, [(lo, hi, P)]
+        return split, parts
+
     clusters: list[_Cluster] = []
-    rest: list[_Unit] = []
-    run: list[_Unit] = []
-    shared = 0
-
-    def flush() -> None:
-        if len(run) >= 2 and shared >= min_cached and shared * (len(run) - 1) >= min_saving:
-            clusters.append(_Cluster(run[0].context[:shared], [
-                _Unit(u.context[shared:], u.continuations, u.outputs) for u in run]))
-        else:
-            rest.extend(run)
-
-    for unit in sorted(units, key=lambda u: u.context):
-        if run:
-            common = min(_common_prefix(run[0].context[:shared], unit.context), len(unit.context) - 1)
-            if common >= min_cached and 2 * common >= shared:
-                run.append(unit)
-                shared = common
-                continue
-            flush()
-        run = [unit]
-        shared = len(unit.context) - 1
-    if run:
-        flush()
+    chosen: list[tuple[int, int, int]] = []
+    start = 0
+    for k in range(len(order)):  # top-level runs: neighbours sharing at least min_cached tokens
+        if k == len(order) - 1 or shared[k] < min_cached:
+            chosen += plan(start, k)[1]
+            start = k + 1
+    in_cluster = set()
+    for lo, hi, P in chosen:
+        clusters.append(_Cluster(order[lo].context[:P], [
+            _Unit(u.context[P:], u.continuations, u.outputs) for u in order[lo: hi + 1]]))
+        in_cluster.update(range(lo, hi + 1))
+    rest = [u for k, u in enumerate(order) if k not in in_cluster]
     return clusters, rest
 
 
@@ -419,10 +446,12 @@ def _run_prefix(model, decoder, prefix: list[int], device):
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _kept_prefix(prefix_cache: dict | None, model, prefix: list[int], min_cached: int):
+def _kept_prefix(prefix_cache: dict | None, model, prefix: list[int], min_cached: int, users: int = 1):
     """The longest usable start of `prefix` among the kept prefixes of this model: (its length, its keys/values
-    cut to that length), or (0, None). Usable: at least `min_cached` tokens and half of `prefix` (else running
-    the whole prefix again is worth it). A hit moves to the end (most recent)."""
+    cut to that length), or (0, None). Usable: at least `min_cached` tokens, and what it leaves out (fed again
+    with each of the `users` contexts) costs no more than running the whole prefix once (a subject's description
+    line kept from the batch before serves the next batch of that subject; another subject, which shares only
+    "... about college", runs its own). A hit moves to the end (most recent)."""
     if not prefix_cache:
         return 0, None
     best, best_key = 0, None
@@ -431,7 +460,7 @@ def _kept_prefix(prefix_cache: dict | None, model, prefix: list[int], min_cached
             n = _common_prefix(key[1], prefix)
             if n > best:
                 best, best_key = n, key
-    if best_key is None or best < min_cached or 2 * best < len(prefix):
+    if best_key is None or best < min_cached or (len(prefix) - best) * users > len(prefix):
         return 0, None
     kv = prefix_cache.pop(best_key)
     prefix_cache[best_key] = kv
@@ -456,9 +485,9 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     part of shared_prefix_tokens the cache saved).
 
     `prefix_cache` (a dict the caller keeps, empty at first) carries the last PREFIX_CACHE_ENTRIES prefixes'
-    keys/values from one call to the next: a cluster whose prefix starts with at least half of a kept one's
-    tokens reuses that part instead of running it again (a few-shot run calls this once per batch of questions,
-    all of a subject behind the same examples). Only for calls on the same model with the same weights and
+    keys/values from one call to the next: a cluster whose prefix starts with a kept one's tokens reuses
+    that part instead of running it again, unless what it leaves out costs more than a new pass (`_kept_prefix`;
+    an eval calls this once per batch of questions, all of a subject behind the same examples or description). Only for calls on the same model with the same weights and
     adapter state (entries are keyed by the model object, not by its weights); `stats` counts prefix_cache_hits."""
     import torch
 
@@ -533,7 +562,8 @@ def score_groups(model, groups: Sequence[Group], *, max_length: int, device=None
     # inference tensors forbid.
     with torch.no_grad():
         for cluster in clusters:
-            P, prefix_kv = _kept_prefix(prefix_cache, model, cluster.prefix, min_cached_prefix)
+            P, prefix_kv = _kept_prefix(prefix_cache, model, cluster.prefix, min_cached_prefix,
+                                        len(cluster.units))
             if prefix_kv is not None:  # a kept prefix: its first P tokens; the rest goes back to the units
                 cluster = _Cluster(cluster.prefix[:P], [_Unit(cluster.prefix[P:] + u.context, u.continuations,
                                                               u.outputs) for u in cluster.units])
