@@ -15,8 +15,8 @@ from probllm.lm.hf_scoring import encode_pair, model_max_length, score_groups
 @pytest.fixture(autouse=True)
 def cache_small_prefixes(monkeypatch, request):
     """The mechanism tests use prompts a few hundred tokens long: let their prefixes reach the KV cache whatever
-    they save (the default saving rule has its own test, which opts out)."""
-    if "default_saving_rule" not in request.node.name:
+    they save (the default saving rule and the zero-shot description lines have their own tests, which opt out)."""
+    if "default_saving_rule" not in request.node.name and "zero_shot" not in request.node.name:
         monkeypatch.setattr(hf_scoring, "MIN_CACHED_SAVING", 0)
 
 
@@ -184,7 +184,7 @@ def test_default_saving_rule_keeps_small_clusters_exact(lm):
     cache (bit for bit: those numbers stay those of the prompt scored whole), while a few-shot block before enough
     of a subject's questions runs once into the cache."""
     model, tok = lm
-    passage = "Read the passage. " + "The mitochondria is the powerhouse of the cell, it makes energy. " * 4
+    passage = "Read the passage. " + "The mitochondria is the powerhouse of the cell, it makes energy. " * 3
     small = encoded(tok, [passage + f"Question {q}?\nAnswer:" for q in ("one", "two")], [" A", " B"])
     saved = len(small[0][0]) - 8
     assert 64 <= saved < hf_scoring.MIN_CACHED_SAVING  # shares 64+ tokens, saves too few
@@ -275,12 +275,11 @@ def test_cached_prefix_with_lora(lm):
         peft_model.unload()
 
 
-def test_zero_shot_description_lines_are_cached_per_subject(lm, monkeypatch):
+def test_zero_shot_description_lines_are_cached_per_subject(lm):
     """Zero-shot MMLU: a subject's prompts share only their description line (~15 tokens). At the default rules a
     batch of 16 of them runs the line once; a batch that mixes two subjects whose lines share "... about college"
     gets one prefix per subject (the nesting that saves most), and the next call's other subject runs its own line
     instead of reusing the kept "... about college" part. Scores equal each prompt scored whole."""
-    monkeypatch.setattr(hf_scoring, "MIN_CACHED_SAVING", 192)  # the default, not the mechanism tests' 0
     model, tok = lm
     starts = ["Which", "How", "What", "Why", "Where", "When", "Name", "Pick", "Find", "Give", "Is", "Are", "Does",
               "Can", "Should", "Select"]

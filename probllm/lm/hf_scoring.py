@@ -50,10 +50,11 @@ MIN_CACHED_PREFIX = 12  # tokens a cluster of contexts must share for its prefix
 # MMLU description line ("The following are ... about astronomy.") is 13-16 tokens, the part that every subject's
 # line shares ("... about") 11: a subject's zero-shot prompts share a prefix, two subjects' do not.
 # ... and the prompt tokens the cache saves (prefix x (contexts - 1)) must reach this: a cached prefix moves a
-# score by float rounding (~1e-5 on SmolLM2), worth it for a description line before a batch of a subject's
-# questions (15 x 15 tokens at --batch-size 16; later batches reuse the kept prefix) or a few-shot block, not for
-# two or three questions that happen to share a passage (those stay exactly as scored whole).
-MIN_CACHED_SAVING = 192
+# score by float rounding (~1e-5 on SmolLM2), worth it for a description line before half a batch of a subject's
+# questions (15 x 7 tokens: a batch of 16 that holds the end of one subject and the start of the next; later
+# batches reuse the kept prefix) or a few-shot block, not for two questions that happen to share a passage of up
+# to 95 tokens (those stay exactly as scored whole).
+MIN_CACHED_SAVING = 96
 PREFIX_CACHE_ENTRIES = 8  # prefixes' keys/values a caller's `prefix_cache` keeps across calls (most recent)
 MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix is not worth the wider attention of a shared row
 ROW_TOKENS = 1024  # longest row built from several groups behind one shared prefix
@@ -199,20 +200,20 @@ def _clusters(units: list[_Unit], min_cached: int, min_saving: int | None = None
     shared = [min(_common_prefix(a.context, b.context), len(a.context) - 1, len(b.context) - 1)
               for a, b in zip(order, order[1:])]
 
-    def worth(lo: int, hi: int, P: int) -> int:  # tokens saved by units lo..hi (inclusive) behind P cached ones
-        saving = P * (hi - lo)
-        return saving if P >= min_cached and hi > lo and saving >= min_saving else 0
+    def worth(members: list[int], P: int) -> int:  # tokens saved by these units behind P cached tokens
+        saving = P * (len(members) - 1)
+        return saving if P >= min_cached and saving >= min_saving else 0
 
-    def plan(lo: int, hi: int, depth: int = 0) -> tuple[int, list[tuple[int, int, int]]]:
-        """(tokens saved, [(lo, hi, P) clusters]) at best for units lo..hi, all sharing at least min_cached."""
+    def plan(lo: int, hi: int, depth: int = 0) -> tuple[int, list[tuple[list[int], int]]]:
+        """(tokens saved, [(members, P) clusters]) at best for units lo..hi, all sharing at least min_cached."""
         if hi == lo:
             return 0, []
         P = min(shared[lo:hi])
-        whole = worth(lo, hi, P)
+        members = list(range(lo, hi + 1))
+        whole = worth(members, P)
         if depth > 64:  # runs nested this deep (each level shares more) are one cluster: no recursion limit hit
-            return whole, [(lo, hi, P)] if whole else []
-        parts: list[tuple[int, int, int]] = []
-        split = 0
+            return whole, [(members, P)] if whole else []
+        split, parts = 0, []
         start = lo
         for k in range(lo, hi + 1):  # sub-runs: cut where neighbours share only P
             if k == hi or shared[k] == P:
@@ -221,22 +222,28 @@ def _clusters(units: list[_Unit], min_cached: int, min_saving: int | None = None
                     split += saved
                     parts += sub
                 start = k + 1
+        # the units no sub-run took (a subject's questions around a passage that six of them share) keep P
+        taken = {m for sub_members, _ in parts for m in sub_members}
+        left = [m for m in members if m not in taken]
+        if worth(left, P):
+            split += worth(left, P)
+            parts.append((left, P))
         if whole >= split and whole:
-            return whole, [(lo, hi, P)]
+            return whole, [(members, P)]
         return split, parts
 
     clusters: list[_Cluster] = []
-    chosen: list[tuple[int, int, int]] = []
+    chosen: list[tuple[list[int], int]] = []
     start = 0
     for k in range(len(order)):  # top-level runs: neighbours sharing at least min_cached tokens
         if k == len(order) - 1 or shared[k] < min_cached:
             chosen += plan(start, k)[1]
             start = k + 1
     in_cluster = set()
-    for lo, hi, P in chosen:
-        clusters.append(_Cluster(order[lo].context[:P], [
-            _Unit(u.context[P:], u.continuations, u.outputs) for u in order[lo: hi + 1]]))
-        in_cluster.update(range(lo, hi + 1))
+    for members, P in chosen:
+        clusters.append(_Cluster(order[members[0]].context[:P], [
+            _Unit(order[m].context[P:], order[m].continuations, order[m].outputs) for m in members]))
+        in_cluster.update(members)
     rest = [u for k, u in enumerate(order) if k not in in_cluster]
     return clusters, rest
 
