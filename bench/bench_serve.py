@@ -18,6 +18,9 @@ upstream's batches and the comparison is the layer's cost, not the upstream's va
 targets: every request answered, layer tokens/s >= 0.9x direct, added TTFT p50 < 30 ms, layer RSS flat.
 
     flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_serve.py --upstream
+    flock /tmp/probllm-heavy.lock .venv/bin/python bench/bench_serve.py --upstream --layer-workers 2
+
+`--layer-workers N` runs the layer as `serve --workers N` (its RSS is then that of all its processes).
 """
 
 from __future__ import annotations
@@ -46,6 +49,20 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants (`serve --workers N`: uvicorn's supervisor and its workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += rss_mb(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # a worker that just exited
+            continue
+    return total
 
 
 async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -131,10 +148,15 @@ def upstream_main(args, levels: list[int]) -> None:
     r50, r99 = retrieval_ms(index)
     rows, rss = [], []
     with probllm_serve(*serve_args) as (up, up_proc, _):
-        with probllm_serve("--backend", "openai", "--base-url", up, "--model", "bench") as (layer, proc, _):
+        layer_args = ["--backend", "openai", "--base-url", up, "--model", "bench"]
+        if args.layer_workers > 1:
+            layer_args += ["--workers", str(args.layer_workers)]
+        with probllm_serve(*layer_args) as (layer, proc, _):
             asyncio.run(load(up, "bench", 1, 1, 4))
             asyncio.run(load(layer, "bench", 1, 1, 4))
-            rss.append(("after warm-up", rss_mb(proc.pid)))
+            for _ in range(2 * args.layer_workers):  # every worker's connections and first request
+                asyncio.run(load(layer, "bench", 1, 1, 4))
+            rss.append(("after warm-up", tree_rss_mb(proc.pid)))
             for rnd in range(1, args.rounds + 1):
                 for c in levels:
                     # Both groups at once, on the same upstream batches: what differs is the layer alone (run one
@@ -152,9 +174,10 @@ def upstream_main(args, levels: list[int]) -> None:
                         for e in res["errors"][:3]:
                             print(f"  error: {e}", file=sys.stderr)
                 time.sleep(1.0)
-                rss.append((f"after round {rnd}", rss_mb(proc.pid)))
+                rss.append((f"after round {rnd}", tree_rss_mb(proc.pid)))
 
-    lines = [f"The assistant layer (`probllm serve --backend openai`) in front of an upstream `probllm serve` "
+    workers = f" --workers {args.layer_workers}" if args.layer_workers > 1 else ""
+    lines = [f"The assistant layer (`probllm serve --backend openai{workers}`) in front of an upstream `probllm serve` "
              f"({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {batch} --max-wait-ms {UPSTREAM_WINDOW_MS}), against the same number "
              f"of streaming clients straight to the upstream at the same time (N direct + N through the layer, "
              f"sharing the upstream's batches): {args.requests} requests "
@@ -174,7 +197,7 @@ def upstream_main(args, levels: list[int]) -> None:
                      f"{ratio:.2f}x | {d['ttft_p50'] * 1000:.0f} | {r['ttft_p50'] * 1000:.0f} | {added:+.0f} |")
     lines += ["", f"Retrieval (with --index, not in the runs above: the same prompt must reach the upstream both "
                   f"ways): one search of examples/notes p50 {r50:.1f} ms, p99 {r99:.1f} ms, in-process.",
-              "", "Layer RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss),
+              "", "Layer RSS (all its processes): " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss),
               "", "Targets (issue 20): every request answered, layer tokens/s >= 0.9x direct, added TTFT p50 "
                   f"< 30 ms, layer RSS flat: {'met' if ok else 'NOT met'} in this run."]
     table = "\n".join(lines)
@@ -198,6 +221,7 @@ def main() -> None:
     parser.add_argument("--upstream", action="store_true", help="the assistant layer (serve --backend openai) in "
                         "front of an upstream probllm serve, against the same clients straight to the upstream "
                         "(default clients 32,64)")
+    parser.add_argument("--layer-workers", type=int, default=1, help="with --upstream: the layer's --workers")
     args = parser.parse_args()
     if args.upstream:
         upstream_main(args, [int(c) for c in (args.clients if args.clients != "1,8,32" else "32,64").split(",")])
