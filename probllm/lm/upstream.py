@@ -54,6 +54,7 @@ class UpstreamEngine(Engine):
         self._next = 0
         self._card: tuple[float, dict] | None = None
         self._streams = None  # aiohttp.ClientSession for streamed answers (`_stream_session`)
+        self._proxy: tuple = (None, None)  # its proxy and proxy auth, from the environment
         self.requests = 0
         self.failures = 0
 
@@ -194,13 +195,20 @@ class UpstreamEngine(Engine):
 
     def _stream_session(self):
         """The aiohttp session streams are read on (made on first use, inside the server's event loop): one
-        connection pool of `concurrency` kept-alive connections; the environment's proxy settings apply."""
+        connection pool of `concurrency` kept-alive connections; the environment's proxy settings apply, read
+        once here (with `trust_env`, aiohttp reads them, and parses ~/.netrc, again for every request)."""
         if self._streams is None:
             import aiohttp
+            from aiohttp.helpers import get_env_proxy_for_url
+            from yarl import URL
 
+            try:
+                self._proxy = get_env_proxy_for_url(URL(self.base_url))
+            except LookupError:  # no proxy for this URL (none set, or no_proxy names it)
+                self._proxy = (None, None)
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             self._streams = aiohttp.ClientSession(
-                headers=headers, trust_env=True,
+                headers=headers, trust_env=False,
                 # Kept warm between bursts: a burst of students must not reopen them all.
                 connector=aiohttp.TCPConnector(limit=self.concurrency + 2, keepalive_timeout=300),
                 # As httpx's Timeout(timeout): the wait for each read, not for the whole answer.
@@ -215,8 +223,10 @@ class UpstreamEngine(Engine):
         import aiohttp
 
         try:
-            async with self._stream_session().post(f"{self.base_url}/{path}", json=body,
-                                                   headers={"Accept": "text/event-stream"}) as r:
+            session = self._stream_session()
+            proxy, proxy_auth = self._proxy
+            async with session.post(f"{self.base_url}/{path}", json=body, headers={"Accept": "text/event-stream"},
+                                    proxy=proxy, proxy_auth=proxy_auth) as r:
                 if r.status >= 400:
                     raise self._refused(r.status, (await r.read()).decode("utf-8", "replace"))
                 yield _lines(r.content)

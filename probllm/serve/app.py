@@ -70,11 +70,13 @@ class Serving:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def serving(request: Request) -> Serving:
+# Dependencies are coroutines: FastAPI runs a plain `def` dependency in its thread pool, a hand-off to a worker
+# thread and back for every request (two per /v1 request, the most of the layer's cost per request in a burst).
+async def serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     """The API key check (a dependency of the /v1 routes; the chat page and its files need no key)."""
     key = request.app.state.serving.api_key
     if key is None:
