@@ -65,17 +65,15 @@ class Documents:
         return url
 
     def router(self, check_key: Callable | None = None):
-        """The FastAPI router of `GET /documents/{id}`; `check_key(request)` raises when a key is required and
-        missing or wrong."""
-        from fastapi import APIRouter, Request
+        """The FastAPI router of `GET /documents/{id}`; `check_key` (a FastAPI dependency, as the /v1 routes take
+        it) raises when a key is required and missing or wrong."""
+        from fastapi import APIRouter, Depends
         from fastapi.responses import FileResponse, JSONResponse
 
         router = APIRouter()
 
-        @router.get(ROUTE, include_in_schema=False)
-        async def document(doc_id: str, request: Request):
-            if check_key is not None:
-                check_key(request)
+        @router.get(ROUTE, include_in_schema=False, dependencies=[Depends(check_key)] if check_key else [])
+        async def document(doc_id: str):
             found = self.files.get(doc_id)
             if found is None or not os.path.isfile(found.path):
                 from probllm.serve.protocol import error_body
