@@ -29,9 +29,13 @@ def rows(db, table: str) -> list[dict]:
         conn.close()
 
 
+MARKDOWN_MARKS = set("*_`~#>[]()\\")
+
+
 def printable(text: str) -> str:
-    """The untrained tiny model writes control characters, which a page's text does not show."""
-    return "".join(ch for ch in text if ch.isprintable() and not ch.isspace())
+    """The untrained tiny model writes control characters, which a page's text does not show, and sometimes
+    markdown marks (`*a*`), which the page renders (emphasis) instead of showing: compare the rest."""
+    return "".join(ch for ch in text if ch.isprintable() and not ch.isspace() and ch not in MARKDOWN_MARKS)
 
 
 def ask(page, question: str) -> None:
