@@ -225,8 +225,9 @@ def _clusters(units: list[_Unit], min_cached: int, min_saving: int | None = None
         # the units no sub-run took (a subject's questions around a passage that six of them share) keep P
         taken = {m for sub_members, _ in parts for m in sub_members}
         left = [m for m in members if m not in taken]
-        if worth(left, P):
-            split += worth(left, P)
+        left_saving = worth(left, P)
+        if left_saving:
+            split += left_saving
             parts.append((left, P))
         if whole >= split and whole:
             return whole, [(members, P)]
