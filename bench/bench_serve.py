@@ -80,6 +80,19 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
+def provenance() -> str:
+    """When and at which commit a run was made (a table without them cannot be compared with anything)."""
+    import datetime
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return f"Run on {now:%Y-%m-%d %H:%M} UTC at {git('rev-parse', '--short', 'HEAD') or 'an unknown commit'}{dirty}."
+
+
 def summary(requests: int, answered: int, errors: list[str], elapsed: float, tokens: int, ttfts: list[float],
             **more) -> dict:
     ttfts = sorted(ttfts)
@@ -305,7 +318,7 @@ def upstream_main(args, levels: list[int]) -> None:
              f"against the same number of streaming clients straight to the upstream at the same time (N direct + N "
              f"through the layer, sharing the upstream's batches; {starts}; {clients_read}): {args.requests} requests "
              f"per client, {args.max_tokens} tokens each, greedy. Machine: {os.cpu_count()} cores, Python "
-             f"{platform.python_version()}; upstream, layer and clients on the same machine.{pinned}", ""]
+             f"{platform.python_version()}; upstream, layer and clients on the same machine.{pinned} {provenance()}", ""]
 
     def table(arm: str, name: str) -> tuple[list[str], bool]:
         out = [f"| round | clients | answered ({name}) | errors | tokens/s direct | tokens/s {name} | {name} / direct "
@@ -407,7 +420,7 @@ def main() -> None:
     lines = [f"`probllm serve` ({args.model or 'SmolLM2-135M-Instruct'}, --batch-size {args.batch_size}) under "
              f"concurrent streaming chat clients: {args.requests} requests per client, {args.max_tokens} tokens "
              f"each, greedy. Machine: {os.cpu_count()} cores, Python {platform.python_version()}; server and "
-             "clients on the same machine.", "",
+             f"clients on the same machine. {provenance()}", "",
              "| round | clients | answered | errors | TTFT p50 s | TTFT p99 s | tokens/s | vs 1 client |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
