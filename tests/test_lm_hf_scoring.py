@@ -15,8 +15,8 @@ from probllm.lm.hf_scoring import encode_pair, model_max_length, score_groups
 @pytest.fixture(autouse=True)
 def cache_small_prefixes(monkeypatch, request):
     """The mechanism tests use prompts a few hundred tokens long: let their prefixes reach the KV cache whatever
-    they save (the default saving rule and the zero-shot description lines have their own tests, which opt out)."""
-    if "default_saving_rule" not in request.node.name and "zero_shot" not in request.node.name:
+    they save. Tests of the default rules themselves are marked `default_cache_rules`."""
+    if request.node.get_closest_marker("default_cache_rules") is None:
         monkeypatch.setattr(hf_scoring, "MIN_CACHED_SAVING", 0)
 
 
@@ -179,6 +179,7 @@ def test_cached_prefix_equals_whole_prompts(lm, tuning):
         assert stats["passes"] > 2
 
 
+@pytest.mark.default_cache_rules
 def test_default_saving_rule_keeps_small_clusters_exact(lm):
     """At the default MIN_CACHED_SAVING, two questions that share a passage are scored exactly as without any
     cache (bit for bit: those numbers stay those of the prompt scored whole), while a few-shot block before enough
@@ -275,6 +276,7 @@ def test_cached_prefix_with_lora(lm):
         peft_model.unload()
 
 
+@pytest.mark.default_cache_rules
 def test_zero_shot_description_lines_are_cached_per_subject(lm):
     """Zero-shot MMLU: a subject's prompts share only their description line (~15 tokens). At the default rules a
     batch of 16 of them runs the line once; a batch that mixes two subjects whose lines share "... about college"
