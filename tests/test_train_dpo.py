@@ -171,8 +171,10 @@ def test_cli_pipe_contract_and_bad_input(cli, tiny_model_dir, data, tmp_path):
     assert again.code == 2 and "--resume" in again.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": 5, "rejected": "b"}\n')
-    run = cli("dpo", str(bad), "--model", tiny_model_dir, "--out", str(tmp_path / "d"))
+    # The records are checked before the model is looked at: a bad line is the error even with no such model.
+    run = cli("dpo", str(bad), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "d"))
     assert run.code == 65 and f"{bad}:2: field 'chosen'" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "d").exists()
     run = cli("reward-eval", str(data["test"]), "--adapter", str(tmp_path / "c"), "--summary",
               str(tmp_path / "s.json"))
     assert run.code == 0, run.stderr

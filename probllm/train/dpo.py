@@ -87,13 +87,14 @@ def resolve_settings(config_file: str | None = None, **overrides: Any) -> Settin
 # -------------------------------------------------------------------------------------------------------- pairs
 
 
-def to_row(record: dict, has_chat_template: bool) -> dict:
-    """One input record -> a TRL-ready pair (prompt/chosen/rejected only: the trainer needs nothing else)."""
-    return to_trl(normalize_pair(record), has_chat_template)
+def to_row(pair: dict, has_chat_template: bool) -> dict:
+    """One normalised pair -> a TRL-ready pair (prompt/chosen/rejected only: the trainer needs nothing else)."""
+    return to_trl(pair, has_chat_template)
 
 
 def read_pairs(records: Iterable[dict], stats: Stats, has_chat_template: bool, skip_invalid: bool) -> list[dict]:
-    return run.read_rows(records, to_row, stats, has_chat_template, skip_invalid)
+    return [to_row(pair, has_chat_template) for pair in run.read_examples(records, normalize_pair, stats,
+                                                                           skip_invalid)]
 
 
 # ------------------------------------------------------------------------------------- reference log-prob cache
@@ -195,8 +196,8 @@ def _summary(trainer, settings: Settings) -> dict:
     return {"ref_cache_hits": trainer.ref_cache_hits} if settings.precompute_ref else {}
 
 
-METHOD = run.Method(command="dpo", unit="pairs", to_row=to_row, config=make_config, trainer_class=trainer_class,
-                    summary=_summary)
+METHOD = run.Method(command="dpo", unit="pairs", normalize=normalize_pair, to_row=to_row, config=make_config,
+                    trainer_class=trainer_class, summary=_summary)
 
 
 def train(train_records: Iterable[dict], settings: Settings, out: str | os.PathLike, stats: Stats, **kw) -> dict:

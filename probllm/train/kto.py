@@ -44,9 +44,9 @@ def resolve_settings(config_file: str | None = None, **overrides: Any) -> Settin
     return settings
 
 
-def to_row(record: dict, has_chat_template: bool) -> dict:
-    """One unpaired record -> what KTOTrainer takes: prompt, completion (messages or text) and a boolean label."""
-    example = normalize_unpaired(record)
+def to_row(example: dict, has_chat_template: bool) -> dict:
+    """One normalised unpaired example -> what KTOTrainer takes: prompt, completion (messages or text) and a
+    boolean label."""
     return {**to_trl(example, has_chat_template, answers=("completion",)), "label": example["label"]}
 
 
@@ -69,8 +69,8 @@ def label_counts(rows: list[dict]) -> dict:
     return {"desirable": desirable, "undesirable": len(rows) - desirable}
 
 
-METHOD = run.Method(command="kto", unit="examples", to_row=to_row, config=make_config, trainer_class=trainer_class,
-                    counts=label_counts, sequential=True)
+METHOD = run.Method(command="kto", unit="examples", normalize=normalize_unpaired, to_row=to_row,
+                    config=make_config, trainer_class=trainer_class, counts=label_counts, sequential=True)
 
 
 def train(train_records: Iterable[dict], settings: Settings, out: str | os.PathLike, stats: Stats, **kw) -> dict:

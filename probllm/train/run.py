@@ -416,10 +416,10 @@ def check_output(out: str | os.PathLike, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def read_rows(records: Iterable[dict], to_row: Callable[[dict, bool], dict], stats: Stats, has_chat_template: bool,
-              skip_invalid: bool) -> list[dict]:
-    """Input records -> TRL-ready rows (only the fields the trainer needs)."""
-    return list(map_records(records, lambda rec: to_row(rec, has_chat_template), stats, skip_invalid=skip_invalid))
+def read_examples(records: Iterable[dict], normalize: Callable[[dict], dict], stats: Stats,
+                  skip_invalid: bool) -> list[dict]:
+    """Input records -> checked, normalised examples (a bad one is a RecordError naming its line and field)."""
+    return list(map_records(records, normalize, stats, skip_invalid=skip_invalid))
 
 
 def to_dataset(rows: list[dict]):
@@ -431,11 +431,12 @@ def to_dataset(rows: list[dict]):
 @dataclass
 class Method:
     """What a preference method adds to the shared run: its command name, what its input records are called,
-    how one record becomes a TRL row, and its TRL config and trainer."""
+    how one record is checked and becomes a TRL row, and its TRL config and trainer."""
 
     command: str                                       # "dpo"
     unit: str                                          # "pairs": names counts and summary keys
-    to_row: Callable[[dict, bool], dict]               # (record, model has a chat template) -> TRL row
+    normalize: Callable[[dict], dict]                  # input record -> checked example (RecordError if not)
+    to_row: Callable[[dict, bool], dict]               # (example, model has a chat template) -> TRL row
     config: Callable[[TrainSettings, dict], Any]       # (settings, shared TRL arguments) -> TRL config
     trainer_class: Callable[[TrainSettings, str], type]  # (settings, model identity) -> TRL trainer class
     # extra summary fields from the finished trainer and the settings
@@ -465,11 +466,25 @@ def train(
     import shutil
     import warnings
 
+    name, unit = method.command, method.unit
+    # The records are read and checked before anything heavy is imported or any model file is touched: a bad
+    # line is an error in about a second, not after torch and the tokenizer, and it deletes no checkpoints.
+    examples = read_examples(train_records, method.normalize, stats, skip_invalid)
+    if not examples:
+        raise RecordError(f"no usable training {unit}", source="input")
+    eval_examples = None
+    if eval_records is not None:
+        eval_examples = read_examples(eval_records, method.normalize,
+                                      eval_stats or Stats(command=f"probllm {name} --eval"), skip_invalid)
+        if not eval_examples:
+            raise RecordError(f"no usable evaluation {unit}", source="--eval")
+        if eval_stats is not None:
+            eval_stats.written = len(eval_examples)  # "out" = rows used for evaluation
+
     import torch
 
     from probllm.models import load_tokenizer, model_identity, model_label, resolve_model, set_threads
 
-    name, unit = method.command, method.unit
     # transformers 5 renames gradient_checkpointing and warns on every use; the name is still the working one.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     out = Path(out)
@@ -488,9 +503,7 @@ def train(
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(settings.model, padding_side="right")
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    rows = read_rows(train_records, method.to_row, stats, has_template, skip_invalid)
-    if not rows:
-        raise RecordError(f"no usable training {unit}", source="input")
+    rows = [method.to_row(example, has_template) for example in examples]
     stats.notes[unit] = len(rows)
     if method.sequential:
         import random
@@ -498,14 +511,8 @@ def train(
         random.Random(resolved.seed).shuffle(rows)
     counts = method.counts(rows)
     stats.notes.update(counts)
-    eval_rows = None
-    if eval_records is not None:
-        eval_rows = read_rows(eval_records, method.to_row, eval_stats or Stats(command=f"probllm {name} --eval"),
-                              has_template, skip_invalid)
-        if not eval_rows:
-            raise RecordError(f"no usable evaluation {unit}", source="--eval")
-        if eval_stats is not None:
-            eval_stats.written = len(eval_rows)  # "out" = rows used for evaluation
+    eval_rows = None if eval_examples is None else [method.to_row(example, has_template)
+                                                    for example in eval_examples]
 
     checkpoint = _last_checkpoint(out) if resume else None
     if resume and checkpoint is None and is_main_process():
