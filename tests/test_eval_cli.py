@@ -53,7 +53,8 @@ def test_bad_record_names_file_line_and_field(cli, tiny_model_dir, tmp_path):
     assert f"{bad}:2: field 'answer'" in r.stderr and "Traceback" not in r.stderr
     r = cli("eval", "--model", tiny_model_dir, "--skip-invalid", bad)
     assert r.code == 0 and len(r.records) == 2 and "1 invalid" in r.stderr
-    r = cli("eval", "--model", tiny_model_dir, input="{not json\n")
+    # Input that is not JSON lines is found before the model is looked at (here there is none).
+    r = cli("eval", "--model", str(tmp_path / "no-such-model"), input="{not json\n")
     assert r.code == 65 and "<stdin>:1" in r.stderr
     r = cli("eval", "--model", tiny_model_dir, "--shots", "2", input=jsonl(MCQ))
     assert r.code == 2 and "--dev" in r.stderr

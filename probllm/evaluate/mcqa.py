@@ -22,7 +22,7 @@ order.
 from __future__ import annotations
 
 import time
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, Callable, Iterable, Iterator
 
 from probllm.evaluate.extraction import extract_answer
@@ -326,6 +326,13 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
     from probllm.provenance import stamp
 
     main = shard is None or shard.is_main
+    records = read_records(files, stats, skip_invalid)
+    if shard is None:
+        # The first record is read before the model is looked at: input that is not JSON lines (another file, a
+        # garbled pipe) is an error in a second, not after the load. (Not with several processes: they share
+        # the input.)
+        first = next(records, None)
+        records = iter(()) if first is None else chain([first], records)
     if shard is not None and device in ("auto", "cuda"):
         import torch
 
@@ -376,7 +383,6 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
                      "processes": shard.world if shard else 1}
     load_s = time.perf_counter() - t0
     summary.started = time.perf_counter()
-    records = read_records(files, stats, skip_invalid)
     if limit is not None:
         records = islice(records, limit)
     if resume is not None:
