@@ -93,44 +93,26 @@ def provenance() -> str:
     return f"Run on {now:%Y-%m-%d %H:%M} UTC at {git('rev-parse', '--short', 'HEAD') or 'an unknown commit'}{dirty}."
 
 
-def summary(requests: int, answered: int, errors: list[str], elapsed: float, tokens: int, ttfts: list[float],
-            **more) -> dict:
-    ttfts = sorted(ttfts)
-    return {**more, "requests": requests, "answered": answered, "errors": errors, "seconds": elapsed,
-            "tokens": tokens, "tokens_per_s": tokens / elapsed,
-            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
-            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan")}
-
-
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, stagger: float = 0.0,
-               t0: float | None = None) -> dict:
+async def drive(clients: int, requests: int, stagger: float, t0: float | None, ask) -> dict:
     """`clients` clients, each sending `requests` streaming requests one after the other; with `stagger`, client c
-    sends its first request at t0 + c * stagger (students do not click in the same millisecond)."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    sends its first request at t0 + c * stagger (students do not click in the same millisecond). `ask(question)`
+    is an async iterator of the answer's content pieces; the time to first token is taken at the first piece."""
     ttfts: list[float] = []
-    tokens = 0
+    tokens = answered = 0
     errors: list[str] = []
-    answered = 0
 
     async def one_client(c: int) -> None:
         nonlocal tokens, answered
         if stagger:
             await asyncio.sleep(max(0.0, start + c * stagger - time.perf_counter()))
         for r in range(requests):
-            question = QUESTIONS[(c * requests + r) % len(QUESTIONS)]
             sent = time.perf_counter()
             first = None
             try:
-                stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
-                    temperature=0, stream=True)
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        if first is None:
-                            first = time.perf_counter() - sent
-                        tokens += 1
+                async for _ in ask(QUESTIONS[(c * requests + r) % len(QUESTIONS)]):
+                    if first is None:
+                        first = time.perf_counter() - sent
+                    tokens += 1
                 answered += 1
                 if first is not None:
                     ttfts.append(first)
@@ -140,13 +122,37 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     start = time.perf_counter() if t0 is None else t0
     await asyncio.gather(*(one_client(c) for c in range(clients)))
     elapsed = time.perf_counter() - start
-    await client.close()
-    return summary(clients * requests, answered, errors, elapsed, tokens, ttfts, clients=clients)
+    ttfts.sort()
+    return {"clients": clients, "requests": clients * requests, "answered": answered, "errors": errors,
+            "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+            "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else float("nan")}
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, stagger: float = 0.0,
+               t0: float | None = None) -> dict:
+    """`drive` with the official AsyncOpenAI client (`stream=True`, greedy)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+
+    async def ask(question: str):
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+            stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+    try:
+        return await drive(clients, requests, stagger, t0, ask)
+    finally:
+        await client.close()
 
 
 async def stream_load(url: str, model: str, clients: int, requests: int, max_tokens: int, stagger: float = 0.0,
                       t0: float | None = None) -> dict:
-    """As `load`, read the way vLLM's serving benchmark reads a stream (benchmarks/backend_request_func.py):
+    """`drive`, reading streams the way vLLM's serving benchmark does (benchmarks/backend_request_func.py):
     aiohttp, each `data:` line parsed as it arrives, the time to first token taken at the first chunk with
     content. The official client builds pydantic objects for every chunk; 128 streams of it in one process
     make this process the slowest part of a burst's first token, and a stream whose first token arrives a
@@ -156,50 +162,36 @@ async def stream_load(url: str, model: str, clients: int, requests: int, max_tok
 
     import aiohttp
 
-    ttfts: list[float] = []
-    tokens = answered = 0
-    errors: list[str] = []
-
-    async def one_client(session, c: int) -> None:
-        nonlocal tokens, answered
-        if stagger:
-            await asyncio.sleep(max(0.0, start + c * stagger - time.perf_counter()))
-        for r in range(requests):
-            body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[(c * requests + r)
-                                                                                      % len(QUESTIONS)]}],
-                    "max_tokens": max_tokens, "temperature": 0, "stream": True}
-            sent = time.perf_counter()
-            first = None
-            try:
-                async with session.post(f"{url}/chat/completions", json=body) as resp:
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-                    async for raw in resp.content:
-                        line = raw.decode().strip()
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            break
-                        doc = json.loads(data)
-                        if doc.get("error"):
-                            raise RuntimeError(f"error in the stream: {doc['error']}")
-                        if doc.get("choices") and doc["choices"][0]["delta"].get("content"):
-                            if first is None:
-                                first = time.perf_counter() - sent
-                            tokens += 1
-                answered += 1
-                if first is not None:
-                    ttfts.append(first)
-            except Exception as e:  # counted and shown: the bench must see every failure
-                errors.append(f"{e.__class__.__name__}: {e}")
-
-    start = time.perf_counter() if t0 is None else t0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
-        await asyncio.gather(*(one_client(session, c) for c in range(clients)))
-    elapsed = time.perf_counter() - start
-    return summary(clients * requests, answered, errors, elapsed, tokens, ttfts, clients=clients)
+        async def ask(question: str):
+            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True}
+            async with session.post(f"{url}/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    doc = json.loads(data)
+                    if doc.get("error"):
+                        raise RuntimeError(f"error in the stream: {doc['error']}")
+                    if doc.get("choices") and doc["choices"][0]["delta"].get("content"):
+                        yield doc["choices"][0]["delta"]["content"]
+
+        return await drive(clients, requests, stagger, t0, ask)
+
+
+def say(label: str, res: dict, ttft: str) -> None:
+    """One round's line on stderr, with its first errors (the bench must show every failure)."""
+    print(f"{label}: {res['answered']}/{res['requests']} answered, {len(res['errors'])} errors, "
+          f"{res['tokens_per_s']:.1f} tokens/s, TTFT p50 {ttft}", file=sys.stderr)
+    for e in res["errors"][:3]:
+        print(f"  error: {e}", file=sys.stderr)
 
 
 def retrieval_ms(index: str, k: int = 4) -> tuple[float, float]:
@@ -298,11 +290,8 @@ def upstream_main(args, levels: list[int]) -> None:
                                                                   stagger)):
                             res.update(round=rnd, via=via, arm=arm)
                             rows.append(res)
-                            print(f"round {rnd}, {c} clients, {arm} arm, {via}: {res['answered']}/{res['requests']}"
-                                  f" answered, {len(res['errors'])} errors, {res['tokens_per_s']:.1f} tokens/s, "
-                                  f"TTFT p50 {res['ttft_p50'] * 1000:.0f} ms", file=sys.stderr)
-                            for e in res["errors"][:3]:
-                                print(f"  error: {e}", file=sys.stderr)
+                            say(f"round {rnd}, {c} clients, {arm} arm, {via}", res,
+                                f"{res['ttft_p50'] * 1000:.0f} ms")
                 time.sleep(1.0)
                 rss.append((f"after round {rnd}", tree_rss_mb(proc.pid)))
 
@@ -409,11 +398,7 @@ def main() -> None:
                 res = asyncio.run(load(url, "bench", c, args.requests, args.max_tokens))
                 res["round"] = rnd
                 rows.append(res)
-                print(f"round {rnd}, {c} clients: {res['answered']}/{res['requests']} answered, "
-                      f"{len(res['errors'])} errors, {res['tokens_per_s']:.1f} tokens/s, "
-                      f"TTFT p50 {res['ttft_p50']:.2f} s", file=sys.stderr)
-                for e in res["errors"][:3]:
-                    print(f"  error: {e}", file=sys.stderr)
+                say(f"round {rnd}, {c} clients", res, f"{res['ttft_p50']:.2f} s")
             time.sleep(1.0)  # the server gives freed memory back after half a second idle
             rss.append((f"after round {rnd}", rss_mb(proc.pid)))
 
