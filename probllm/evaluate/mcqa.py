@@ -332,7 +332,8 @@ def _run_eval(files, stats: Stats, options: EvalOptions, shard, *, model, adapte
         # garbled pipe) is an error in a second, not after the load. (Not with several processes: they share
         # the input.)
         first = next(records, None)
-        records = iter(()) if first is None else chain([first], records)
+        if first is not None:
+            records = chain([first], records)
     if shard is not None and device in ("auto", "cuda"):
         import torch
 

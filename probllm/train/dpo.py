@@ -84,19 +84,6 @@ def resolve_settings(config_file: str | None = None, **overrides: Any) -> Settin
     return settings
 
 
-# -------------------------------------------------------------------------------------------------------- pairs
-
-
-def to_row(pair: dict, has_chat_template: bool) -> dict:
-    """One normalised pair -> a TRL-ready pair (prompt/chosen/rejected only: the trainer needs nothing else)."""
-    return to_trl(pair, has_chat_template)
-
-
-def read_pairs(records: Iterable[dict], stats: Stats, has_chat_template: bool, skip_invalid: bool) -> list[dict]:
-    return [to_row(pair, has_chat_template) for pair in run.read_examples(records, normalize_pair, stats,
-                                                                           skip_invalid)]
-
-
 # ------------------------------------------------------------------------------------- reference log-prob cache
 
 
@@ -196,7 +183,8 @@ def _summary(trainer, settings: Settings) -> dict:
     return {"ref_cache_hits": trainer.ref_cache_hits} if settings.precompute_ref else {}
 
 
-METHOD = run.Method(command="dpo", unit="pairs", normalize=normalize_pair, to_row=to_row, config=make_config,
+# A normalised pair becomes TRL's prompt/chosen/rejected as it is (the trainer needs nothing else).
+METHOD = run.Method(command="dpo", unit="pairs", normalize=normalize_pair, to_row=to_trl, config=make_config,
                     trainer_class=trainer_class, summary=_summary)
 
 

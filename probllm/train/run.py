@@ -416,10 +416,14 @@ def check_output(out: str | os.PathLike, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def read_examples(records: Iterable[dict], normalize: Callable[[dict], dict], stats: Stats,
-                  skip_invalid: bool) -> list[dict]:
-    """Input records -> checked, normalised examples (a bad one is a RecordError naming its line and field)."""
-    return list(map_records(records, normalize, stats, skip_invalid=skip_invalid))
+def read_examples(records: Iterable[dict], normalize: Callable[[dict], dict], stats: Stats, skip_invalid: bool,
+                  what: str, source: str) -> list[dict]:
+    """Input records -> checked, normalised examples (a bad one is a RecordError naming its line and field; none
+    left is one naming `source`: "no usable WHAT")."""
+    examples = list(map_records(records, normalize, stats, skip_invalid=skip_invalid))
+    if not examples:
+        raise RecordError(f"no usable {what}", source=source)
+    return examples
 
 
 def to_dataset(rows: list[dict]):
@@ -469,15 +473,12 @@ def train(
     name, unit = method.command, method.unit
     # The records are read and checked before anything heavy is imported or any model file is touched: a bad
     # line is an error in about a second, not after torch and the tokenizer, and it deletes no checkpoints.
-    examples = read_examples(train_records, method.normalize, stats, skip_invalid)
-    if not examples:
-        raise RecordError(f"no usable training {unit}", source="input")
+    examples = read_examples(train_records, method.normalize, stats, skip_invalid, f"training {unit}", "input")
     eval_examples = None
     if eval_records is not None:
         eval_examples = read_examples(eval_records, method.normalize,
-                                      eval_stats or Stats(command=f"probllm {name} --eval"), skip_invalid)
-        if not eval_examples:
-            raise RecordError(f"no usable evaluation {unit}", source="--eval")
+                                      eval_stats or Stats(command=f"probllm {name} --eval"), skip_invalid,
+                                      f"evaluation {unit}", "--eval")
         if eval_stats is not None:
             eval_stats.written = len(eval_examples)  # "out" = rows used for evaluation
 
